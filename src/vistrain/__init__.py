@@ -1,0 +1,3 @@
+"""vistrain: a callback-driven PyTorch training engine for vision models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Shared utilities: typing aliases, distributed helpers, logging, timers."""

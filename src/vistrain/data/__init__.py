@@ -1,0 +1,1 @@
+"""Data sets, transforms, pipelines and loaders."""

@@ -1,0 +1,1 @@
+"""The training engine: Trainer, connectors, loss module, optimisation and callbacks."""

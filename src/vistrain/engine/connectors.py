@@ -1,0 +1,186 @@
+"""Connectors: declarative mappings from batches and predictions to function arguments.
+
+A connector says, for every argument a component (model, loss, callback) needs, where
+the value comes from: the data batch (``data_key``) or the model outputs (``pred_key``).
+Keys may be dotted paths into nested dicts, namedtuples, dataclasses or lists, e.g.
+``pred_key("head.boxes")`` or ``data_key("targets.0")``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, TypedDict
+
+from vistrain.common.typing import DictData
+
+Source = Literal["data", "prediction"]
+
+
+class SourceKeyDescription(TypedDict):
+    """Where one argument comes from: a key and its source."""
+
+    key: str
+    source: Source
+
+
+def data_key(key: str) -> SourceKeyDescription:
+    """Take the argument from the data batch at ``key`` (a dotted path is allowed)."""
+    return SourceKeyDescription(key=key, source="data")
+
+
+def pred_key(key: str) -> SourceKeyDescription:
+    """Take the argument from the model outputs at ``key`` (a dotted path is allowed)."""
+    return SourceKeyDescription(key=key, source="prediction")
+
+
+def remap_pred_keys(
+    mapping: Mapping[str, SourceKeyDescription], parent: str
+) -> dict[str, SourceKeyDescription]:
+    """Prefix every prediction key of ``mapping`` with ``parent``.
+
+    Useful when a model's outputs are nested one level deeper than a connector expects.
+    """
+    out: dict[str, SourceKeyDescription] = {}
+    for name, desc in mapping.items():
+        if desc["source"] == "prediction":
+            out[name] = pred_key(f"{parent}.{desc['key']}")
+        else:
+            out[name] = SourceKeyDescription(key=desc["key"], source=desc["source"])
+    return out
+
+
+def _available_keys(obj: Any) -> list[str]:
+    if isinstance(obj, Mapping):
+        return [str(k) for k in obj]
+    fields = getattr(obj, "_fields", None)
+    if fields is not None:
+        return list(fields)
+    dataclass_fields = getattr(obj, "__dataclass_fields__", None)
+    if dataclass_fields is not None:
+        return list(dataclass_fields)
+    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
+        return [str(i) for i in range(len(obj))]
+    return []
+
+
+def get_nested(obj: Any, key: str, what: str = "data") -> Any:
+    """Resolve a (possibly dotted) ``key`` in ``obj``.
+
+    A key present verbatim in a mapping wins over its dotted reading, so keys that
+    contain dots still work.
+
+    Raises:
+        KeyError: If a part of the path is missing; the message names the key, the
+            missing part and the keys that are there.
+    """
+    if isinstance(obj, Mapping) and key in obj:
+        return obj[key]
+    current = obj
+    walked: list[str] = []
+    for part in key.split("."):
+        if isinstance(current, Mapping) and part in current:
+            current = current[part]
+        elif (
+            isinstance(current, Sequence)
+            and not isinstance(current, (str, bytes))
+            and not hasattr(current, "_fields")
+            and part.lstrip("-").isdigit()
+            and -len(current) <= int(part) < len(current)
+        ):
+            current = current[int(part)]
+        elif not isinstance(current, Mapping) and part in _available_keys(current):
+            current = getattr(current, part)
+        else:
+            where = ".".join(walked) or "<root>"
+            raise KeyError(
+                f"Key {key!r} not found in {what}: {part!r} is missing at {where}. "
+                f"Available keys there: {_available_keys(current)}."
+            )
+        walked.append(part)
+    return current
+
+
+def _resolve(
+    mapping: Mapping[str, SourceKeyDescription], prediction: Any, data: Any
+) -> dict[str, Any]:
+    """Collect every argument of ``mapping`` from ``prediction`` and ``data``.
+
+    A list batch (one dict per view) yields, for data keys, the list of each view's value.
+    """
+    out: dict[str, Any] = {}
+    for name, desc in mapping.items():
+        source = desc["source"]
+        if source == "prediction":
+            out[name] = get_nested(prediction, desc["key"], "predictions")
+        elif source == "data":
+            if isinstance(data, list):
+                out[name] = [get_nested(view, desc["key"], "data") for view in data]
+            else:
+                out[name] = get_nested(data, desc["key"], "data")
+        else:
+            raise ValueError(
+                f"Connector entry {name!r} has source {source!r}; use data_key() or pred_key()."
+            )
+    return out
+
+
+def _check_mapping(mapping: Any, cls_name: str) -> None:
+    if not isinstance(mapping, Mapping):
+        raise TypeError(
+            f"{cls_name} expects a dict of argument name to key, got {type(mapping).__name__}."
+        )
+    for name, desc in mapping.items():
+        if not isinstance(desc, Mapping) or "key" not in desc or "source" not in desc:
+            raise TypeError(
+                f"{cls_name} entry {name!r} is {desc!r}; build it with data_key() or pred_key()."
+            )
+        if desc["source"] not in ("data", "prediction"):
+            raise ValueError(
+                f"{cls_name} entry {name!r} has source {desc['source']!r}; "
+                "expected 'data' or 'prediction'."
+            )
+
+
+class DataConnector:
+    """Picks the model's inputs out of a batch.
+
+    Args:
+        key_mapping: Model argument name to batch key (a dotted path is allowed).
+    """
+
+    def __init__(self, key_mapping: Mapping[str, str]) -> None:
+        if not isinstance(key_mapping, Mapping):
+            raise TypeError(
+                "DataConnector expects a dict of model argument to batch key, "
+                f"got {type(key_mapping).__name__}."
+            )
+        self.key_mapping = dict(key_mapping)
+
+    def __call__(self, data: DictData | list[DictData]) -> DictData | list[DictData]:
+        """Return the model's keyword arguments (one dict per view for a list batch)."""
+        if isinstance(data, list):
+            return [self._one(view) for view in data]
+        return self._one(data)
+
+    def _one(self, data: DictData) -> DictData:
+        return {name: get_nested(data, key, "data") for name, key in self.key_mapping.items()}
+
+
+class LossConnector:
+    """Picks a loss's arguments out of predictions and data.
+
+    Args:
+        key_mapping: Loss argument name to a ``data_key`` / ``pred_key`` description.
+    """
+
+    def __init__(self, key_mapping: Mapping[str, SourceKeyDescription]) -> None:
+        _check_mapping(key_mapping, type(self).__name__)
+        self.key_mapping = dict(key_mapping)
+
+    def __call__(self, prediction: Any, data: Any) -> DictData:
+        """Return the keyword arguments for the loss."""
+        return _resolve(self.key_mapping, prediction, data)
+
+
+class CallbackConnector(LossConnector):
+    """Picks a callback's arguments out of predictions and data (same rules as losses)."""

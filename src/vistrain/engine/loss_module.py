@@ -1,0 +1,152 @@
+"""LossModule: weighted loss terms fed by connectors.
+
+Each entry is a dict::
+
+    {"loss": callable, "connector": LossConnector({...}), "weight": 1.0, "name": "det"}
+
+Calling the module with ``(outputs, batch)`` evaluates every loss on the arguments its
+connector extracts, flattens tensor / dict / namedtuple returns to dotted names
+(``det.loss_iou``), weights them and sums them. Metrics stay detached tensors: nothing
+here synchronises with the device, so the per-step cost is a few additions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, TypedDict
+
+import torch
+from torch import Tensor, nn
+from typing_extensions import NotRequired
+
+from vistrain.engine.connectors import LossConnector
+
+
+class LossDefinition(TypedDict):
+    """One loss term of a ``LossModule``."""
+
+    loss: Any
+    connector: LossConnector
+    weight: NotRequired[float | dict[str, float]]
+    name: NotRequired[str]
+
+
+def _flatten(value: Any, prefix: str, owner: str) -> dict[str, Tensor]:
+    """Flatten a loss return value into ``{dotted_name: tensor}``."""
+    if isinstance(value, Tensor):
+        return {prefix: value}
+    items: Any
+    if isinstance(value, Mapping):
+        items = value.items()
+    elif hasattr(value, "_asdict"):
+        items = value._asdict().items()
+    else:
+        raise TypeError(
+            f"Loss {owner!r} returned {type(value).__name__}; a loss must return a Tensor, "
+            "a dict of Tensors or a namedtuple of Tensors."
+        )
+    out: dict[str, Tensor] = {}
+    for key, sub in items:
+        if sub is None:
+            continue
+        out.update(_flatten(sub, f"{prefix}.{key}", owner))
+    return out
+
+
+class LossModule(nn.Module):
+    """Weighted sum of loss terms.
+
+    Args:
+        losses: A loss definition or a list of them (see ``LossDefinition``).
+        exclude_attributes: Flattened names (or their last component) that are logged
+            but not added to the total loss.
+    """
+
+    def __init__(
+        self,
+        losses: LossDefinition | Sequence[LossDefinition],
+        exclude_attributes: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(losses, Mapping):
+            losses = [losses]  # type: ignore[list-item]
+        if not isinstance(losses, Sequence) or len(losses) == 0:
+            raise ValueError("LossModule needs at least one loss definition.")
+        self.losses: list[LossDefinition] = []
+        modules: list[nn.Module] = []
+        names: set[str] = set()
+        for idx, entry in enumerate(losses):
+            if not isinstance(entry, Mapping) or "loss" not in entry or "connector" not in entry:
+                raise ValueError(
+                    f"Loss entry {idx} is {entry!r}; each entry needs 'loss' and 'connector' keys."
+                )
+            if not callable(entry["loss"]):
+                raise TypeError(f"Loss entry {idx}: 'loss' must be callable, got {entry['loss']!r}.")
+            if not isinstance(entry["connector"], LossConnector):
+                raise TypeError(
+                    f"Loss entry {idx}: 'connector' must be a LossConnector, "
+                    f"got {type(entry['connector']).__name__}."
+                )
+            definition = LossDefinition(**entry)  # type: ignore[typeddict-item]
+            name = definition.get("name") or type(definition["loss"]).__name__
+            if name in names:
+                name = f"{name}_{idx}"
+            definition["name"] = name
+            names.add(name)
+            self.losses.append(definition)
+            if isinstance(definition["loss"], nn.Module):
+                modules.append(definition["loss"])
+        self._loss_modules = nn.ModuleList(modules)
+        self.exclude_attributes = set(exclude_attributes or [])
+
+    def _excluded(self, name: str) -> bool:
+        return name in self.exclude_attributes or name.rsplit(".", 1)[-1] in self.exclude_attributes
+
+    def forward(self, outputs: Any, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """Evaluate every term.
+
+        Returns:
+            ``(total_loss, metrics)``: the weighted sum with its graph, and detached
+            per-term tensors plus ``"loss"`` for the total.
+
+        Raises:
+            ValueError: If no term contributes to the total.
+        """
+        total: Tensor | None = None
+        metrics: dict[str, Tensor] = {}
+        for definition in self.losses:
+            name = definition["name"]
+            kwargs = definition["connector"](outputs, batch)
+            terms = _flatten(definition["loss"](**kwargs), name, name)
+            weight = definition.get("weight", 1.0)
+            for term_name, value in terms.items():
+                if isinstance(weight, Mapping):
+                    short = term_name[len(name) + 1 :] if term_name != name else name
+                    w = float(weight.get(short, weight.get(term_name, 1.0)))
+                else:
+                    w = float(weight)
+                weighted = value * w if w != 1.0 else value
+                metrics[term_name] = weighted.detach()
+                if self._excluded(term_name):
+                    continue
+                total = weighted if total is None else total + weighted
+        if total is None:
+            raise ValueError(
+                "LossModule produced no loss to optimise: every term was excluded "
+                f"(exclude_attributes={sorted(self.exclude_attributes)}) or returned nothing."
+            )
+        metrics["loss"] = total.detach()
+        return total, metrics
+
+    def find_loss(self, loss_type: type[Any]) -> list[Any]:
+        """Return every loss object of ``loss_type`` (used by callbacks such as the mode switch)."""
+        return [d["loss"] for d in self.losses if isinstance(d["loss"], loss_type)]
+
+
+def total_as_float(metrics: Mapping[str, Tensor]) -> dict[str, float]:
+    """Convert metric tensors to floats with a single device sync."""
+    if not metrics:
+        return {}
+    keys = list(metrics)
+    values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).cpu().tolist()
+    return dict(zip(keys, values))
