@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_utils import run_distributed
 from torch import nn
 
+from dist_utils import run_distributed
 from vistrain.common import distributed as vdist
 
 

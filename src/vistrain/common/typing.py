@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 from torch import Tensor
 
 DictData = dict[str, Any]
 """A batch or a model output: string keys to tensors, lists or nested data."""
 
-MetricLogs = dict[str, Union[float, int, Tensor]]
+MetricLogs = dict[str, float | int | Tensor]
 """Scalars returned by hooks and evaluators, keyed by their log name."""
 
 DictStrAny = dict[str, Any]

@@ -81,7 +81,9 @@ class LossModule(nn.Module):
                     f"Loss entry {idx} is {entry!r}; each entry needs 'loss' and 'connector' keys."
                 )
             if not callable(entry["loss"]):
-                raise TypeError(f"Loss entry {idx}: 'loss' must be callable, got {entry['loss']!r}.")
+                raise TypeError(
+                    f"Loss entry {idx}: 'loss' must be callable, got {entry['loss']!r}."
+                )
             if not isinstance(entry["connector"], LossConnector):
                 raise TypeError(
                     f"Loss entry {idx}: 'connector' must be a LossConnector, "

@@ -47,12 +47,13 @@ class Callback:
     def __init__(
         self,
         epoch_based: bool = True,
-        train_connector: None | CallbackConnector = None,
-        test_connector: None | CallbackConnector = None,
+        train_connector: CallbackConnector | None = None,
+        test_connector: CallbackConnector | None = None,
     ) -> None:
         if train_connector is not None and not isinstance(train_connector, CallbackConnector):
             raise TypeError(
-                f"train_connector must be a CallbackConnector, got {type(train_connector).__name__}."
+                "train_connector must be a CallbackConnector, "
+                f"got {type(train_connector).__name__}."
             )
         if test_connector is not None and not isinstance(test_connector, CallbackConnector):
             raise TypeError(
@@ -121,7 +122,7 @@ class Callback:
         outputs: DictData,
         batch: DictData,
         batch_idx: int,
-    ) -> None | MetricLogs:
+    ) -> MetricLogs | None:
         """Hook to run at the end of a training batch."""
         return None
 
@@ -144,7 +145,7 @@ class Callback:
     ) -> None:
         """Hook to run at the end of a testing batch."""
 
-    def on_test_epoch_end(self, trainer_state: TrainerState, model: nn.Module) -> None | MetricLogs:
+    def on_test_epoch_end(self, trainer_state: TrainerState, model: nn.Module) -> MetricLogs | None:
         """Hook to run at the end of a testing epoch."""
         return None
 

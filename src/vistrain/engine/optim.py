@@ -1,0 +1,192 @@
+"""Learning-rate schedules that run torch schedulers per step or per epoch in a window.
+
+A schedule is a list of ``LRSchedulerConfig`` entries, each a torch scheduler class with its
+keyword arguments and a window ``[begin, end)`` counted in optimizer steps or in epochs.
+The common case, linear warm-up over the first steps followed by a cosine decay over the
+epochs, is built by ``warmup_cosine``::
+
+    scheduler = LRSchedulerWrapper(optimizer, [
+        LRSchedulerConfig(LinearLR, {"start_factor": 0.01, "total_iters": 500}, 0, 500, False),
+        LRSchedulerConfig(CosineAnnealingLR, {"T_max": 99}, 1, 100, True),
+    ])
+
+Each torch scheduler is constructed when its window opens, so it takes the learning rate
+left by the previous one as its start. The trainer calls ``step_on_batch`` after every
+optimizer step and ``step`` after every epoch. ``state_dict`` captures every constructed
+scheduler and the optimizer's current learning rates, so a resume continues exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler
+
+
+@dataclass
+class LRSchedulerConfig:
+    """One scheduler and the window it runs in.
+
+    Attributes:
+        scheduler: A torch ``LRScheduler`` subclass.
+        kwargs: Its keyword arguments (without the optimizer).
+        begin: First step (or epoch) the scheduler is active.
+        end: First step (or epoch) it is no longer active; None = to the end.
+        epoch_based: Counted in epochs (stepped after each epoch) or in optimizer steps.
+    """
+
+    scheduler: type[LRScheduler]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    begin: int = 0
+    end: int | None = None
+    epoch_based: bool = True
+
+
+class LRSchedulerWrapper:
+    """Runs a list of torch schedulers on one optimizer, each inside its window.
+
+    Args:
+        optimizer: The optimizer whose learning rates are scheduled.
+        schedulers: The scheduler configurations, in the order they apply.
+
+    Raises:
+        ValueError: If a window is empty or negative.
+        TypeError: If an entry is not an ``LRSchedulerConfig`` of a torch scheduler.
+    """
+
+    def __init__(self, optimizer: Optimizer, schedulers: list[LRSchedulerConfig]) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch Optimizer, got {type(optimizer).__name__}.")
+        for idx, cfg in enumerate(schedulers):
+            if not isinstance(cfg, LRSchedulerConfig):
+                raise TypeError(f"schedulers[{idx}] must be an LRSchedulerConfig, got {cfg!r}.")
+            if not (isinstance(cfg.scheduler, type) and issubclass(cfg.scheduler, LRScheduler)):
+                raise TypeError(
+                    f"schedulers[{idx}].scheduler must be a torch LRScheduler class, "
+                    f"got {cfg.scheduler!r}."
+                )
+            if cfg.begin < 0 or (cfg.end is not None and cfg.end <= cfg.begin):
+                raise ValueError(
+                    f"schedulers[{idx}] has window [{cfg.begin}, {cfg.end}); begin must be >= 0 "
+                    "and end > begin (or None)."
+                )
+        self.optimizer = optimizer
+        self.configs = list(schedulers)
+        self.schedulers: list[LRScheduler | None] = [None] * len(schedulers)
+        self._maybe_start(0, epoch_based=False)
+        self._maybe_start(0, epoch_based=True)
+
+    def _active(self, cfg: LRSchedulerConfig, position: int) -> bool:
+        return cfg.begin <= position and (cfg.end is None or position < cfg.end)
+
+    def _maybe_start(self, position: int, epoch_based: bool) -> None:
+        for idx, cfg in enumerate(self.configs):
+            started = self.schedulers[idx] is not None
+            if cfg.epoch_based == epoch_based and not started and self._active(cfg, position):
+                self.schedulers[idx] = cfg.scheduler(self.optimizer, **cfg.kwargs)
+
+    def _advance(self, position: int, epoch_based: bool) -> None:
+        """Step the schedulers whose window contains ``position`` (the step/epoch just done)."""
+        for idx, cfg in enumerate(self.configs):
+            sched = self.schedulers[idx]
+            if cfg.epoch_based != epoch_based or sched is None:
+                continue
+            if self._active(cfg, position - 1) and (cfg.end is None or position < cfg.end):
+                sched.step()
+        self._maybe_start(position, epoch_based)
+
+    def step_on_batch(self, global_step: int) -> None:
+        """Advance step-based schedulers after optimizer step number ``global_step`` (1-based)."""
+        self._advance(global_step, epoch_based=False)
+
+    def step(self, epoch: int) -> None:
+        """Advance epoch-based schedulers after epoch ``epoch`` (0-based) has finished."""
+        self._advance(epoch + 1, epoch_based=True)
+
+    def get_last_lr(self) -> list[float]:
+        """Current learning rate of every parameter group."""
+        return [float(group["lr"]) for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Constructed schedulers' states and the optimizer's current learning rates."""
+        return {
+            "schedulers": [None if s is None else s.state_dict() for s in self.schedulers],
+            "lrs": self.get_last_lr(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore from ``state_dict``; constructs the schedulers that had started.
+
+        Raises:
+            ValueError: If the state was saved for a different number of schedulers.
+        """
+        states = state_dict["schedulers"]
+        if len(states) != len(self.configs):
+            raise ValueError(
+                f"Scheduler state has {len(states)} schedulers but this wrapper has "
+                f"{len(self.configs)}; the schedule configuration changed since the checkpoint."
+            )
+        for idx, (cfg, state) in enumerate(zip(self.configs, states)):
+            if state is None:
+                self.schedulers[idx] = None
+                continue
+            if self.schedulers[idx] is None:
+                self.schedulers[idx] = cfg.scheduler(self.optimizer, **cfg.kwargs)
+            sched = self.schedulers[idx]
+            if sched is not None:
+                sched.load_state_dict(state)
+        for group, lr in zip(self.optimizer.param_groups, state_dict["lrs"]):
+            group["lr"] = lr
+
+
+def warmup_cosine(
+    optimizer: Optimizer,
+    warmup_steps: int,
+    num_epochs: int,
+    warmup_start_factor: float = 0.001,
+    min_lr_factor: float = 0.05,
+    warmup_epochs_done: int = 1,
+) -> LRSchedulerWrapper:
+    """Linear warm-up over ``warmup_steps`` steps, then a per-epoch cosine to the end.
+
+    Args:
+        optimizer: The optimizer.
+        warmup_steps: Optimizer steps of linear warm-up (0 disables it).
+        num_epochs: Total training epochs; the cosine ends there.
+        warmup_start_factor: Learning-rate factor at the first step.
+        min_lr_factor: Final learning rate as a fraction of the base one.
+        warmup_epochs_done: Epoch at which the cosine starts.
+
+    Raises:
+        ValueError: If a count is negative or the cosine would be empty.
+    """
+    if warmup_steps < 0 or num_epochs < 1:
+        raise ValueError(
+            f"warmup_steps={warmup_steps} must be >= 0 and num_epochs={num_epochs} >= 1."
+        )
+    base_lr = float(optimizer.param_groups[0]["lr"])
+    configs: list[LRSchedulerConfig] = []
+    if warmup_steps > 0:
+        configs.append(
+            LRSchedulerConfig(
+                LinearLR,
+                {"start_factor": warmup_start_factor, "total_iters": warmup_steps},
+                begin=0,
+                end=warmup_steps + 1,
+                epoch_based=False,
+            )
+        )
+    start = min(warmup_epochs_done, num_epochs - 1)
+    if num_epochs - start >= 1:
+        configs.append(
+            LRSchedulerConfig(
+                CosineAnnealingLR,
+                {"T_max": max(num_epochs - start, 1), "eta_min": base_lr * min_lr_factor},
+                begin=start,
+                end=num_epochs + 1,
+                epoch_based=True,
+            )
+        )
+    return LRSchedulerWrapper(optimizer, configs)

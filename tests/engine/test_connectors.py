@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+from collections import namedtuple
+
+import pytest
+import torch
+
+from vistrain.engine.connectors import (
+    CallbackConnector,
+    DataConnector,
+    LossConnector,
+    data_key,
+    get_nested,
+    pred_key,
+    remap_pred_keys,
+)
+
+Head = namedtuple("Head", ["boxes", "scores"])
+
+
+def test_dotted_paths_into_dicts_namedtuples_and_lists() -> None:
+    outputs = {"det": Head(boxes=torch.ones(2, 4), scores=torch.zeros(2)), "levels": [1, 2]}
+    batch = {"targets": {"boxes": [torch.zeros(1, 4)]}, "a.b": 5}
+    conn = LossConnector(
+        {
+            "boxes": pred_key("det.boxes"),
+            "lvl": pred_key("levels.1"),
+            "gt": data_key("targets.boxes.0"),
+            "dotted": data_key("a.b"),
+        }
+    )
+    out = conn(outputs, batch)
+    assert torch.equal(out["boxes"], torch.ones(2, 4))
+    assert out["lvl"] == 2
+    assert out["gt"].shape == (1, 4)
+    assert out["dotted"] == 5
+
+
+def test_missing_key_names_key_and_lists_available() -> None:
+    conn = CallbackConnector({"boxes": pred_key("det.boxez")})
+    outputs = {"det": Head(boxes=1, scores=2)}
+    with pytest.raises(KeyError, match=r"det\.boxez.*boxez.*\['boxes', 'scores'\]"):
+        conn(outputs, {})
+    with pytest.raises(KeyError, match=r"'images'.*\['img'\]"):
+        DataConnector({"images": "images"})({"img": 1})
+
+
+def test_list_batches_multi_view() -> None:
+    views = [{"images": 1, "hw": (2, 2)}, {"images": 3, "hw": (4, 4)}]
+    assert DataConnector({"x": "images"})(views) == [{"x": 1}, {"x": 3}]
+    assert LossConnector({"x": data_key("images")})({}, views) == {"x": [1, 3]}
+
+
+def test_remap_pred_keys_and_validation() -> None:
+    mapping = {"a": pred_key("boxes"), "b": data_key("images")}
+    remapped = remap_pred_keys(mapping, "head")
+    assert remapped == {"a": pred_key("head.boxes"), "b": data_key("images")}
+    with pytest.raises(TypeError, match="data_key"):
+        LossConnector({"a": "boxes"})
+    with pytest.raises(ValueError, match="source"):
+        LossConnector({"a": {"key": "x", "source": "model"}})
+    with pytest.raises(TypeError):
+        DataConnector(["x"])
+    assert get_nested({"x": {"y": 1}}, "x.y") == 1

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from collections import namedtuple
+
+import pytest
+import torch
+
+from vistrain.engine.connectors import LossConnector, data_key, pred_key
+from vistrain.engine.loss_module import LossModule, total_as_float
+
+Terms = namedtuple("Terms", ["cls", "box"])
+
+
+def _conn() -> LossConnector:
+    return LossConnector({"p": pred_key("p"), "t": data_key("t")})
+
+
+def test_weighted_terms_flattened_names_and_total() -> None:
+    p = torch.tensor([1.0, 2.0], requires_grad=True)
+    module = LossModule(
+        [
+            {
+                "loss": lambda p, t: ((p - t) ** 2).sum(),
+                "connector": _conn(),
+                "name": "l2",
+                "weight": 0.5,
+            },
+            {
+                "loss": lambda p, t: {"a": p.sum(), "nested": Terms(cls=p.mean(), box=t.sum())},
+                "connector": _conn(),
+                "name": "multi",
+                "weight": {"a": 2.0},
+            },
+        ],
+        exclude_attributes=["box"],
+    )
+    total, metrics = module({"p": p}, {"t": torch.tensor([0.0, 0.0])})
+    assert set(metrics) == {"l2", "multi.a", "multi.nested.cls", "multi.nested.box", "loss"}
+    assert metrics["l2"].item() == pytest.approx(2.5)
+    assert metrics["multi.a"].item() == pytest.approx(6.0)
+    # excluded term is logged but not added
+    assert total.item() == pytest.approx(2.5 + 6.0 + 1.5)
+    assert not metrics["loss"].requires_grad
+    total.backward()
+    assert p.grad is not None
+    assert total_as_float(metrics)["loss"] == pytest.approx(10.0)
+
+
+def test_errors() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        LossModule([])
+    with pytest.raises(ValueError, match="'loss' and 'connector'"):
+        LossModule([{"loss": lambda: 0}])
+    with pytest.raises(TypeError, match="LossConnector"):
+        LossModule([{"loss": lambda: 0, "connector": {"p": "x"}}])
+    bad = LossModule([{"loss": lambda p, t: 3.0, "connector": _conn()}])
+    with pytest.raises(TypeError, match="must return a Tensor"):
+        bad({"p": 1}, {"t": 2})
+    excluded = LossModule(
+        [{"loss": lambda p, t: p, "connector": _conn(), "name": "x"}], exclude_attributes=["x"]
+    )
+    with pytest.raises(ValueError, match="no loss to optimise"):
+        excluded({"p": torch.ones(())}, {"t": 0})
+
+
+def test_loss_modules_are_registered_and_findable() -> None:
+    l1 = torch.nn.L1Loss()
+    module = LossModule(
+        [
+            {
+                "loss": l1,
+                "connector": LossConnector({"input": pred_key("p"), "target": data_key("t")}),
+            }
+        ]
+    )
+    assert module.find_loss(torch.nn.L1Loss) == [l1]
+    assert any(m is l1 for m in module.modules())
+    assert module.losses[0]["name"] == "L1Loss"

@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from trainer_fixtures import (
+    RecordingCallback,
+    ToyModel,
+    toy_connectors,
+    toy_loader,
+    toy_loss_module,
+)
+
+from vistrain.engine.optim import warmup_cosine
+from vistrain.engine.trainer import Trainer
+
+
+def make_trainer(tmp_path, callbacks, **kwargs) -> Trainer:
+    train_conn, test_conn = toy_connectors()
+    kwargs.setdefault("num_epochs", 2)
+    return Trainer(
+        device="cpu",
+        output_dir=str(tmp_path),
+        train_dataloader=kwargs.pop("train_loader", toy_loader(12, 4)),
+        test_dataloader=kwargs.pop("test_loader", toy_loader(8, 4, shuffle=False)),
+        train_data_connector=train_conn,
+        test_data_connector=test_conn,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+def test_epoch_based_hook_order_with_validation(tmp_path) -> None:
+    rec = RecordingCallback()
+    model = ToyModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    make_trainer(tmp_path, [rec], num_epochs=2).fit(model, [opt], None, toy_loss_module())
+    epoch = (
+        ["train_epoch_start"]
+        + ["train_batch_start", "train_batch_end"] * 3
+        + [
+            "train_epoch_end",
+            "test_epoch_start",
+            "test_batch_end",
+            "test_batch_end",
+            "test_epoch_end",
+        ]
+    )
+    assert rec.hooks() == ["setup"] + epoch * 2 + ["fit_end"]
+    # global_step counts optimizer steps; on_train_batch_end sees the step just taken
+    ends = [c for c in rec.calls if c[0] == "train_batch_end"]
+    assert [c[2] for c in ends] == [1, 2, 3, 4, 5, 6]
+    starts = [c for c in rec.calls if c[0] == "train_batch_start"]
+    assert [c[2] for c in starts] == [0, 1, 2, 3, 4, 5]
+    assert [c[3] for c in ends] == [0, 1, 2, 0, 1, 2]
+    assert ("train_epoch_end", 1, 6) in rec.calls
+
+
+def test_step_based_validation_and_step_limit(tmp_path) -> None:
+    rec = RecordingCallback(epoch_based=False)
+    model = ToyModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = make_trainer(
+        tmp_path,
+        [rec],
+        num_epochs=-1,
+        num_steps=5,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+    )
+    trainer.fit(model, opt, None, toy_loss_module())
+    assert trainer.global_step == 5
+    val_steps = [c[2] for c in rec.calls if c[0] == "test_epoch_start"]
+    assert val_steps == [2, 4]
+    # 3 batches per epoch: epoch 0 ends normally, epoch 1 is cut at step 5 without epoch-end hooks
+    assert [c[1:] for c in rec.calls if c[0] == "train_epoch_end"] == [(0, 3)]
+    # after step-based validation, training continues in train mode
+    idx = rec.hooks().index("test_epoch_end")
+    assert rec.hooks()[idx + 1] == "train_batch_start"
+
+
+def test_two_optimizers_count_one_step(tmp_path) -> None:
+    rec = RecordingCallback()
+    model = ToyModel()
+    opt_a = torch.optim.SGD(model.net[0].parameters(), lr=0.1)
+    opt_b = torch.optim.Adam(model.net[3].parameters(), lr=0.01)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = make_trainer(tmp_path, [rec], num_epochs=1, test_loader=None)
+    trainer.fit(model, [opt_a, opt_b], None, toy_loss_module())
+    assert trainer.global_step == 3
+    after = list(model.parameters())
+    assert all(not torch.equal(b, a) for b, a in zip(before, after))
+    assert "test_epoch_start" not in rec.hooks()
+
+
+def test_scalar_logs_jsonl_and_tensorboard(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = ToyModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = warmup_cosine(opt, warmup_steps=2, num_epochs=2)
+    make_trainer(tmp_path, [RecordingCallback()], num_epochs=2, log_every_n_steps=2).fit(
+        model, [opt], [sched], toy_loss_module()
+    )
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as handle:
+        records = [json.loads(line) for line in handle]
+    tags = {r["tag"] for r in records}
+    assert {"train/seen", "val/score", "lr", "epoch"} <= tags
+    for record in records:
+        assert set(record) >= {"tag", "value", "step", "epoch"}
+    val = [r for r in records if r["tag"] == "val/score"]
+    assert [(r["step"], r["epoch"]) for r in val] == [(3, 0), (6, 1)]
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert "val/score" in acc.Tags()["scalars"]
+    events = acc.Scalars("train/seen")
+    assert [e.step for e in events] == [1, 2, 3, 4, 5, 6]
+    assert [e.value for e in events] == [0.0, 1.0, 2.0, 0.0, 1.0, 2.0]
+
+
+def test_validation_does_not_change_training_randomness(tmp_path) -> None:
+    def run(val: bool, out: str) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = ToyModel(dropout=0.5)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        make_trainer(out, [], num_epochs=3, check_val_every_n_epoch=1 if val else None).fit(
+            model, [opt], None, toy_loss_module()
+        )
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(run(True, str(tmp_path / "a")), run(False, str(tmp_path / "b")))
+
+
+def test_invalid_arguments(tmp_path) -> None:
+    with pytest.raises(ValueError, match="num_epochs"):
+        make_trainer(tmp_path, [], num_epochs=0)
+    with pytest.raises(ValueError, match="val_check_interval"):
+        make_trainer(tmp_path, [], val_check_interval=0)
+    with pytest.raises(TypeError, match="callbacks\\[0\\]"):
+        make_trainer(tmp_path, [object()])
+    trainer = make_trainer(tmp_path, [])
+    with pytest.raises(ValueError, match="at least one optimizer"):
+        trainer.fit(ToyModel(), [], None, toy_loss_module())

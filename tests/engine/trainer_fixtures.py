@@ -1,0 +1,134 @@
+"""Small models, data and a recording callback shared by the engine tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from vistrain.engine.callbacks import Callback
+from vistrain.engine.connectors import DataConnector, LossConnector, data_key, pred_key
+from vistrain.engine.loss_module import LossModule
+
+
+class ToyDataset(Dataset[dict[str, Any]]):
+    """Seeded regression samples: x (8,), y (2,)."""
+
+    def __init__(self, num: int = 24, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(num, 8, generator=gen)
+        self.y = self.x[:, :2] * 2.0 - self.x[:, 2:4] + 0.1 * torch.randn(num, 2, generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        return {"x": self.x[idx], "y": self.y[idx], "idx": idx}
+
+
+class ToyModel(nn.Module):
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 2))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pred": self.net(x)}
+
+
+def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((pred - target) ** 2).mean()
+
+
+def toy_loss_module() -> LossModule:
+    return LossModule(
+        [
+            {
+                "loss": mse,
+                "connector": LossConnector({"pred": pred_key("pred"), "target": data_key("y")}),
+                "name": "mse",
+            }
+        ]
+    )
+
+
+def toy_connectors() -> tuple[DataConnector, DataConnector]:
+    return DataConnector({"x": "x"}), DataConnector({"x": "x"})
+
+
+def toy_loader(
+    num: int = 24, batch_size: int = 4, shuffle: bool = True, num_workers: int = 0
+) -> DataLoader[Any]:
+    return DataLoader(
+        ToyDataset(num), batch_size=batch_size, shuffle=shuffle, num_workers=num_workers
+    )
+
+
+class RecordingCallback(Callback):
+    """Records every hook call as (hook, epoch, global_step, extra)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.calls: list[tuple[Any, ...]] = []
+
+    def setup(self) -> None:
+        self.calls.append(("setup",))
+
+    def on_train_epoch_start(self, trainer_state, model, loss_module) -> None:
+        self.calls.append(
+            ("train_epoch_start", trainer_state["current_epoch"], trainer_state["global_step"])
+        )
+        assert "optimizers" in trainer_state and "lr_schedulers" in trainer_state
+
+    def on_train_batch_start(self, trainer_state, model, loss_module, batch, batch_idx) -> None:
+        self.calls.append(
+            (
+                "train_batch_start",
+                trainer_state["current_epoch"],
+                trainer_state["global_step"],
+                batch_idx,
+            )
+        )
+        assert model.training
+
+    def on_train_batch_end(self, trainer_state, model, loss_module, outputs, batch, batch_idx):
+        self.calls.append(
+            (
+                "train_batch_end",
+                trainer_state["current_epoch"],
+                trainer_state["global_step"],
+                batch_idx,
+            )
+        )
+        assert "optimizers" in trainer_state and "metrics" in trainer_state
+        return {"seen": float(batch_idx)}
+
+    def on_train_epoch_end(self, trainer_state, model, loss_module) -> None:
+        self.calls.append(
+            ("train_epoch_end", trainer_state["current_epoch"], trainer_state["global_step"])
+        )
+        assert "optimizers" in trainer_state and "lr_schedulers" in trainer_state
+
+    def on_test_epoch_start(self, trainer_state, model) -> None:
+        self.calls.append(
+            ("test_epoch_start", trainer_state["current_epoch"], trainer_state["global_step"])
+        )
+        assert not model.training
+
+    def on_test_batch_end(
+        self, trainer_state, model, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        self.calls.append(("test_batch_end", batch_idx, dataloader_idx))
+
+    def on_test_epoch_end(self, trainer_state, model):
+        self.calls.append(
+            ("test_epoch_end", trainer_state["current_epoch"], trainer_state["global_step"])
+        )
+        return {"score": 1.0}
+
+    def on_fit_end(self, trainer_state, model) -> None:
+        self.calls.append(("fit_end", trainer_state["global_step"]))
+
+    def hooks(self) -> list[str]:
+        return [c[0] for c in self.calls]
