@@ -1,0 +1,517 @@
+"""YOLOX-specific callbacks: the late mode switch, norm-statistics sync and multi-scale training.
+
+Where they sit in the loop::
+
+    for epoch in epochs:
+        ModeSwitch.on_train_epoch_start   # resumed past switch_epoch? switch before step one
+        for batch in train_loader:
+            RandomResize.on_train_batch_start   # every `interval` steps rank 0 draws a size;
+                                                # every batch is resized to the current size
+            forward, loss, backward, step
+        ModeSwitch.on_train_epoch_end     # end of epoch switch_epoch - 1: drop mosaic/mixup,
+                                          # turn the L1 term on, validate every epoch
+        SyncNorm.on_test_epoch_start      # average norm statistics across ranks, then evaluate
+    SyncNorm.on_save_checkpoint           # same average before the state is saved
+
+All three stay correct under resume: the mode follows from the epoch, the resize size and
+its random generator are callback state, and the norm sync is a pure function of the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset, Subset
+
+from vistrain.common.distributed import broadcast, get_world_size, is_rank_zero, unwrap_model
+from vistrain.common.typing import DictData
+from vistrain.data.const import CommonKeys
+from vistrain.engine.callbacks.base import Callback
+from vistrain.engine.callbacks.trainer_state import TrainerState, TrainingEngine
+from vistrain.engine.loss_module import LossModule
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "YOLOXModeSwitchCallback",
+    "YOLOXSyncNormCallback",
+    "YOLOXSyncRandomResizeCallback",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Mode switch
+# --------------------------------------------------------------------------------------------
+
+
+def _has_multi_sample(dataset: Any) -> bool:
+    """Whether ``dataset`` is a pipe that still runs a multi-sample (mosaic/mixup) stage."""
+    flag = getattr(dataset, "has_multi_sample", False)
+    if callable(flag):
+        flag = flag()
+    return bool(flag) and callable(getattr(dataset, "without_multi_sample", None))
+
+
+def _strip_multi_sample(dataset: Any) -> tuple[Any, bool]:
+    """Return ``dataset`` without its multi-sample stage, looking through common wrappers.
+
+    Handles the pipe itself, ``torch.utils.data.Subset`` (same indices over the stripped
+    pipe) and ``ConcatDataset`` (each part stripped), at any depth.
+
+    Returns:
+        ``(new_dataset, changed)``; ``changed`` is False when no multi-sample stage was found,
+        and then ``new_dataset`` is ``dataset`` itself.
+    """
+    if _has_multi_sample(dataset):
+        return dataset.without_multi_sample(), True
+    if isinstance(dataset, Subset):
+        inner, changed = _strip_multi_sample(dataset.dataset)
+        return (Subset(inner, dataset.indices), True) if changed else (dataset, False)
+    if isinstance(dataset, ConcatDataset):
+        parts = [_strip_multi_sample(part) for part in dataset.datasets]
+        if any(changed for _, changed in parts):
+            return ConcatDataset([part for part, _ in parts]), True
+        return dataset, False
+    return dataset, False
+
+
+def _rebuild_dataloader_fallback(loader: DataLoader[Any], dataset: Dataset[Any]) -> DataLoader[Any]:
+    """A DataLoader over ``dataset`` with every setting of ``loader``.
+
+    Private stand-in for ``vistrain.data.loader.rebuild_dataloader`` while that is missing.
+    The sampler (or batch sampler) object is reused, so its seed and epoch carry over.
+    """
+    kwargs: dict[str, Any] = {
+        "num_workers": loader.num_workers,
+        "collate_fn": loader.collate_fn,
+        "pin_memory": loader.pin_memory,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "multiprocessing_context": loader.multiprocessing_context,
+        "generator": loader.generator,
+        "persistent_workers": loader.persistent_workers,
+        "pin_memory_device": loader.pin_memory_device,
+    }
+    if loader.num_workers > 0:
+        kwargs["prefetch_factor"] = loader.prefetch_factor
+    if hasattr(loader, "in_order"):
+        kwargs["in_order"] = loader.in_order
+    if isinstance(dataset, IterableDataset):
+        return DataLoader(
+            dataset, batch_size=loader.batch_size, drop_last=loader.drop_last, **kwargs
+        )
+    if loader.batch_size is not None:  # automatic batching from batch_size + sampler
+        return DataLoader(
+            dataset,
+            batch_size=loader.batch_size,
+            sampler=loader.sampler,
+            drop_last=loader.drop_last,
+            **kwargs,
+        )
+    if loader.batch_sampler is not None:  # a user-given batch sampler
+        return DataLoader(dataset, batch_sampler=loader.batch_sampler, **kwargs)
+    return DataLoader(dataset, batch_size=None, sampler=loader.sampler, **kwargs)
+
+
+def _rebuild_dataloader(loader: DataLoader[Any], dataset: Dataset[Any]) -> DataLoader[Any]:
+    """Rebuild ``loader`` over ``dataset`` with the data package's helper when it exists."""
+    try:
+        from vistrain.data.loader import rebuild_dataloader  # type: ignore[import-not-found]
+    except ImportError:
+        return _rebuild_dataloader_fallback(loader, dataset)
+    rebuilt: DataLoader[Any] = rebuild_dataloader(loader, dataset)
+    return rebuilt
+
+
+def _find_l1_losses(loss_module: Any) -> list[Any]:
+    """Every loss object in ``loss_module`` that can turn an L1 term on (``enable_l1_loss``)."""
+    found: list[Any] = []
+    seen: set[int] = set()
+    candidates: list[Any] = [entry.get("loss") for entry in getattr(loss_module, "losses", [])]
+    if isinstance(loss_module, nn.Module):
+        candidates.extend(loss_module.modules())
+    for candidate in candidates:
+        if callable(getattr(candidate, "enable_l1_loss", None)) and id(candidate) not in seen:
+            seen.add(id(candidate))
+            found.append(candidate)
+    return found
+
+
+class YOLOXModeSwitchCallback(Callback):
+    """Switch YOLOX training to its final, "no augmentation" mode.
+
+    At the end of epoch ``switch_epoch - 1`` (0-based), so that epochs ``switch_epoch`` and
+    later run in the new mode, it:
+
+    1. rebuilds the training DataLoader over ``dataset.without_multi_sample()`` (mosaic,
+       mixup and their affine dropped; every loader setting kept) and hands it to the engine
+       with ``train_module.set_train_dataloader``;
+    2. calls ``enable_l1_loss()`` on each ``YOLOXHeadLoss`` in the loss module;
+    3. sets validation to every epoch with ``train_module.set_check_val_every_n_epoch(1)``.
+
+    Beyond the reference, the mode follows from the epoch: if an epoch starts at or after
+    ``switch_epoch`` and the switch has not happened in this process (a resumed run), it
+    switches in ``on_train_epoch_start``, before the first step. The engine is expected to
+    train the current epoch on a loader set during ``on_train_epoch_start``. Switching is
+    idempotent.
+
+    Args:
+        *args: Passed to ``Callback``.
+        switch_epoch: Number of epochs trained in the strong-augmentation mode (>= 1).
+        **kwargs: Passed to ``Callback``.
+
+    Raises:
+        ValueError: If ``switch_epoch`` is below 1.
+        TypeError: If ``switch_epoch`` is not an int.
+    """
+
+    def __init__(self, *args: Any, switch_epoch: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if isinstance(switch_epoch, bool) or not isinstance(switch_epoch, int):
+            raise TypeError(
+                f"switch_epoch must be an int, got {type(switch_epoch).__name__} {switch_epoch!r}."
+            )
+        if switch_epoch < 1:
+            raise ValueError(
+                f"switch_epoch={switch_epoch} is invalid; it is the number of epochs trained with "
+                "strong augmentation before the switch, so it must be >= 1."
+            )
+        self.switch_epoch = switch_epoch
+        self.switched = False
+
+    def on_train_epoch_start(
+        self, trainer_state: TrainerState, model: nn.Module, loss_module: LossModule
+    ) -> None:
+        """Switch before the first step when the run starts (resumes) past ``switch_epoch``."""
+        if not self.switched and trainer_state["current_epoch"] >= self.switch_epoch:
+            self.switch(trainer_state, loss_module)
+
+    def on_train_epoch_end(
+        self, trainer_state: TrainerState, model: nn.Module, loss_module: LossModule
+    ) -> None:
+        """Switch at the end of epoch ``switch_epoch - 1``."""
+        if not self.switched and trainer_state["current_epoch"] >= self.switch_epoch - 1:
+            self.switch(trainer_state, loss_module)
+
+    def switch(self, trainer_state: TrainerState, loss_module: LossModule | None) -> None:
+        """Do the switch now (data, loss, validation interval); a no-op once done.
+
+        Raises:
+            ValueError: If the trainer state carries no ``train_module`` to hand changes to.
+        """
+        if self.switched:
+            return
+        engine = trainer_state.get("train_module")
+        if engine is None:
+            raise ValueError(
+                "YOLOXModeSwitchCallback needs trainer_state['train_module'] (the engine with "
+                "set_train_dataloader / set_check_val_every_n_epoch); run it under the vistrain "
+                "Trainer or the Lightning bridge."
+            )
+        epoch = trainer_state["current_epoch"]
+        self._switch_data(trainer_state, engine)
+        self._switch_loss(loss_module)
+        engine.set_check_val_every_n_epoch(1)
+        self.switched = True
+        if is_rank_zero():
+            logger.info(
+                "YOLOX mode switch at epoch %d: no multi-sample augmentation, L1 loss on, "
+                "validation every epoch.",
+                epoch,
+            )
+
+    @staticmethod
+    def _switch_data(trainer_state: TrainerState, engine: TrainingEngine) -> None:
+        loader = trainer_state.get("train_dataloader")
+        if loader is None:
+            if is_rank_zero():
+                logger.warning(
+                    "YOLOXModeSwitchCallback: no train_dataloader in the trainer state; the "
+                    "training data keeps its augmentations."
+                )
+            return
+        dataset, changed = _strip_multi_sample(loader.dataset)
+        if not changed:
+            if is_rank_zero():
+                logger.warning(
+                    "YOLOXModeSwitchCallback: the training dataset (%s) has no multi-sample "
+                    "stage (no MultiSampleDataPipe with has_multi_sample=True, directly or in "
+                    "a Subset/ConcatDataset); the training data is left unchanged.",
+                    type(loader.dataset).__name__,
+                )
+            return
+        engine.set_train_dataloader(_rebuild_dataloader(loader, dataset))
+
+    @staticmethod
+    def _switch_loss(loss_module: LossModule | None) -> None:
+        losses = _find_l1_losses(loss_module)
+        if not losses:
+            if is_rank_zero():
+                logger.warning(
+                    "YOLOXModeSwitchCallback: no YOLOXHeadLoss (a loss with enable_l1_loss) in "
+                    "the loss module; the L1 term stays off."
+                )
+            return
+        for loss in losses:
+            if getattr(loss, "loss_l1", None) is None:
+                loss.enable_l1_loss()
+
+
+# --------------------------------------------------------------------------------------------
+# Norm statistics sync
+# --------------------------------------------------------------------------------------------
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+)
+
+
+def norm_float_tensors(model: nn.Module) -> list[Tensor]:
+    """The floating parameters and buffers of every normalisation layer of ``model``.
+
+    Covers batch, instance, sync-batch, group and layer norms (running mean/var, affine
+    weight/bias). Integer buffers such as ``num_batches_tracked`` are left out. Shared
+    tensors appear once. DDP / compile wrappers are looked through.
+    """
+    tensors: list[Tensor] = []
+    seen: set[int] = set()
+    for module in unwrap_model(model).modules():
+        if not isinstance(module, NORM_TYPES):
+            continue
+        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            if tensor is None or not tensor.is_floating_point() or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            tensors.append(tensor)
+    return tensors
+
+
+def _collective_device(fallback: torch.device) -> torch.device:
+    """Where a collective's tensors must live for the current backend."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if dist.get_backend() == "gloo":
+        return torch.device("cpu")
+    return fallback
+
+
+@torch.no_grad()
+def all_reduce_norm(model: nn.Module) -> None:
+    """Collective: replace each norm layer's floating state by its mean over the ranks.
+
+    One flat ``all_reduce`` over every tensor (accumulated in at least float32), then each
+    tensor is written back in place with its own dtype, so optimizers and EMA copies keep
+    pointing at the same storage. Integer counters are untouched. Without a process group
+    (or with one rank) it does nothing.
+    """
+    if not dist.is_available() or not dist.is_initialized() or get_world_size() == 1:
+        return
+    tensors = norm_float_tensors(model)
+    if not tensors:
+        # Every rank has the same model, so every rank returns here: no collective is skipped.
+        return
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    device = _collective_device(tensors[0].device)
+    flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=dtype) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.div_(get_world_size())
+    offset = 0
+    for tensor in tensors:
+        numel = tensor.numel()
+        tensor.copy_(flat[offset : offset + numel].view_as(tensor))
+        offset += numel
+
+
+class YOLOXSyncNormCallback(Callback):
+    """Average normalisation statistics across ranks before evaluation and checkpoints.
+
+    Each rank's BatchNorm running statistics drift apart under DDP (every rank sees other
+    images); YOLOX evaluates and saves their mean. ``on_test_epoch_start`` (before every
+    validation/test epoch) and ``on_save_checkpoint`` (a collective hook the engine calls
+    before collecting the state to save, so saved statistics equal evaluated ones) both run
+    ``all_reduce_norm`` on the model. On one process both do nothing and log nothing.
+
+    Args:
+        epoch_based: Whether the callback counts in epochs.
+        train_connector: Unused; kept for the common callback signature.
+        test_connector: Unused; kept for the common callback signature.
+    """
+
+    def on_test_epoch_start(self, trainer_state: TrainerState, model: nn.Module) -> None:
+        """Collective: average norm states across ranks before testing."""
+        all_reduce_norm(model)
+
+    def on_save_checkpoint(self, trainer_state: TrainerState, model: nn.Module) -> None:
+        """Collective: average norm states across ranks before the state is saved."""
+        all_reduce_norm(model)
+
+
+# --------------------------------------------------------------------------------------------
+# Synchronised random resize
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_size_list(size_list: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    if isinstance(size_list, (str, bytes)) or not isinstance(size_list, Sequence):
+        raise TypeError(f"size_list must be a list of (h, w) tuples, got {size_list!r}.")
+    if len(size_list) == 0:
+        raise ValueError("size_list is empty; give at least one (h, w) size, e.g. [(640, 640)].")
+    sizes: list[tuple[int, int]] = []
+    for size in size_list:
+        if (
+            not isinstance(size, Sequence)
+            or len(size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+        ):
+            raise ValueError(
+                f"size_list entry {size!r} is invalid; each entry must be a (h, w) pair of "
+                "positive ints."
+            )
+        sizes.append((int(size[0]), int(size[1])))
+    return sizes
+
+
+def _scale_hw(hw: Any, scale_y: float, scale_x: float) -> Any:
+    """Scale one ``(h, w)`` entry (tuple, list or tensor), keeping its type."""
+    if isinstance(hw, Tensor):  # (2,) or (B, 2); python-scalar factors, no host-device copy
+        scaled_hw = hw.to(torch.float64, copy=True)
+        scaled_hw[..., 0] *= scale_y
+        scaled_hw[..., 1] *= scale_x
+        return scaled_hw.round_().to(hw.dtype)
+    scaled = (round(hw[0] * scale_y), round(hw[1] * scale_x))
+    return list(scaled) if isinstance(hw, list) else scaled
+
+
+def resize_view(view: DictData, size: tuple[int, int]) -> None:
+    """Resize one batch dict in place to ``size`` = (h, w).
+
+    Images are resized bilinearly (``align_corners=False``); every ``input_hw`` entry and
+    every box (xyxy pixels) is scaled by the same factors. Nothing here synchronises with
+    the device. A view already at ``size`` is left untouched.
+    """
+    images = view[CommonKeys.images]
+    height, width = int(images.shape[-2]), int(images.shape[-1])
+    if (height, width) == size:
+        return
+    scale_y, scale_x = size[0] / height, size[1] / width
+    if images.is_floating_point():
+        resized = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+    else:
+        resized = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False)
+        resized = resized.round_().to(images.dtype)
+    view[CommonKeys.images] = resized
+    if CommonKeys.input_hw in view:
+        input_hw = view[CommonKeys.input_hw]
+        if isinstance(input_hw, Tensor):
+            view[CommonKeys.input_hw] = _scale_hw(input_hw, scale_y, scale_x)
+        else:
+            view[CommonKeys.input_hw] = [_scale_hw(hw, scale_y, scale_x) for hw in input_hw]
+    if CommonKeys.boxes2d in view:
+        scaled_boxes = []
+        for boxes in view[CommonKeys.boxes2d]:
+            boxes = boxes.clone()
+            boxes[..., 0::2] *= scale_x
+            boxes[..., 1::2] *= scale_y
+            scaled_boxes.append(boxes)
+        view[CommonKeys.boxes2d] = scaled_boxes
+
+
+class YOLOXSyncRandomResizeCallback(Callback):
+    """Multi-scale training: resize every training batch to a size drawn every few steps.
+
+    In ``on_train_batch_start``, when ``(global_step + 1) % interval == 0``, a size is drawn
+    from ``size_list`` with ``random.choice`` on the callback's own seeded generator, and
+    rank 0's draw is broadcast so every rank trains at the same size (every rank draws, so
+    the generators stay equal on all ranks). Then, every batch, the images of each view
+    (a dict batch, or each dict of a list batch) are resized in place to the current size,
+    ``input_hw`` and ``boxes2d`` scaled to match. Before the first draw the size is the last
+    entry of ``size_list``. The current size and the generator state are the callback state,
+    so a resumed run draws exactly the sizes an uninterrupted one would.
+
+    Args:
+        *args: Passed to ``Callback``.
+        size_list: Candidate ``(h, w)`` sizes.
+        interval: Draw a new size every ``interval`` steps (>= 1).
+        seed: Seed of the callback's generator (beyond the reference; default 0).
+        **kwargs: Passed to ``Callback``.
+
+    Raises:
+        ValueError: If ``size_list`` is empty or has an entry that is not two positive ints,
+            or if ``interval`` is below 1.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        size_list: Sequence[Sequence[int]],
+        interval: int,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.size_list = _parse_size_list(size_list)
+        if isinstance(interval, bool) or not isinstance(interval, int):
+            raise TypeError(f"interval must be an int, got {type(interval).__name__} {interval!r}.")
+        if interval < 1:
+            raise ValueError(f"interval={interval} is invalid; draw every interval >= 1 steps.")
+        self.interval = interval
+        self._rng = random.Random(seed)
+        self.size: tuple[int, int] = self.size_list[-1]
+
+    def on_train_batch_start(
+        self,
+        trainer_state: TrainerState,
+        model: nn.Module,
+        loss_module: LossModule,
+        batch: DictData,
+        batch_idx: int,
+    ) -> None:
+        """Collective every ``interval`` steps: maybe draw a size, then resize the batch."""
+        if (trainer_state["global_step"] + 1) % self.interval == 0:
+            drawn = self._rng.choice(self.size_list)
+            self.size = tuple(broadcast(drawn, src=0))  # type: ignore[assignment]
+        views = batch if isinstance(batch, list) else [batch]
+        for view in views:
+            resize_view(view, self.size)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Current size and generator state (plain lists and numbers)."""
+        version, internal, gauss_next = self._rng.getstate()
+        return {
+            "size": list(self.size),
+            "rng_version": version,
+            "rng_internal": list(internal),
+            "rng_gauss_next": gauss_next,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the size and generator saved by ``state_dict``.
+
+        Raises:
+            ValueError: If the state lacks a key or its size is not a (h, w) pair.
+        """
+        missing = {"size", "rng_version", "rng_internal", "rng_gauss_next"} - set(state_dict)
+        if missing:
+            raise ValueError(
+                f"YOLOXSyncRandomResizeCallback state is missing {sorted(missing)}; pass a dict "
+                "made by its state_dict()."
+            )
+        (self.size,) = _parse_size_list([tuple(state_dict["size"])])
+        self._rng.setstate(
+            (
+                state_dict["rng_version"],
+                tuple(state_dict["rng_internal"]),
+                state_dict["rng_gauss_next"],
+            )
+        )
