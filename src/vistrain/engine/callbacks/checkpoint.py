@@ -1,0 +1,394 @@
+"""Callback for model checkpointing.
+
+Where it sits in the loop (see ``vistrain.engine.trainer``)::
+
+    setup()                       rank 0: make <save_prefix>/checkpoints, remove stale temp files
+    for epoch ...:
+        on_train_epoch_start      attribute a finished validation to the checkpoint it validated
+        for batch ...:
+            on_train_batch_start  (same, after a step-based validation)
+            ... optimizer step; global_step += 1
+            on_train_batch_end    step-based: save when global_step % checkpoint_period == 0
+            (step-based validation)
+        on_train_epoch_end        epoch-based: save when (epoch + 1) % checkpoint_period == 0
+        (validation)              on_test_epoch_end remembers the step it ran at
+    on_fit_end                    attribute the last validation, wait for pending writes
+
+Files, all written by rank 0 through ``vistrain.engine.checkpointing`` (crash-consistent):
+``epoch=<E>-step=<S>.ckpt`` (periodic), ``last.ckpt`` (hard link to the newest periodic file)
+and, with ``monitor``, ``best.ckpt`` (hard link to the best validated one) and ``best.json``
+(its value, so a resume from the checkpoint that became best afterwards still knows it).
+
+Best-checkpoint rule: validation runs *after* the save hooks, so a validation evaluates the
+weights of the newest checkpoint when no optimizer step happened between that save and the
+validation. Its ``monitor`` value is credited to that checkpoint at the next hook. A validation
+at a step without a checkpoint (periods that do not line up) credits no file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from vistrain.common.distributed import get_rank, unwrap_model
+from vistrain.common.typing import DictData, MetricLogs
+from vistrain.engine.callbacks.base import Callback
+from vistrain.engine.callbacks.trainer_state import TrainerState
+from vistrain.engine.checkpointing import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    AsyncCheckpointWriter,
+    cleanup_stale_temp_files,
+    link_checkpoint,
+    remove_files,
+    save_checkpoint,
+    write_bytes_atomic,
+)
+from vistrain.engine.loss_module import LossModule
+
+logger = logging.getLogger(__name__)
+
+LAST_NAME = "last.ckpt"
+BEST_NAME = "best.ckpt"
+BEST_RECORD_NAME = "best.json"
+
+
+def writer_has_spare_cpu(model: nn.Module) -> bool:
+    """Whether a background writer would run beside training rather than steal its CPU time.
+
+    True when the model trains on an accelerator (the CPU mostly waits), or when the cores this
+    process may use outnumber the compute threads of all local training processes. Measured
+    with ``benchmarks/checkpoint.py`` on 2 cores: with 1 compute thread the background write
+    hides almost all of its cost; with 2 threads it slows training by more than a blocking
+    save costs, so blocking is chosen there.
+    """
+    if any(param.device.type != "cpu" for param in model.parameters()):
+        return True
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    local_procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return cores - torch.get_num_threads() * local_procs >= 1
+
+
+class CheckpointCallback(Callback):
+    """Callback for model checkpointing.
+
+    Saves the complete training state (``train_module.checkpoint_state()``: model, optimizers,
+    schedulers, callbacks, loop position, RNG states) every ``checkpoint_period`` epochs, or
+    steps when ``epoch_based=False``. The state is collected on every rank (a collective), and
+    rank 0 alone writes it.
+
+    Args:
+        *args: Passed to ``Callback`` (``epoch_based``, connectors).
+        save_prefix: Output folder; files go to ``<save_prefix>/checkpoints``.
+        checkpoint_period: Save every this many epochs (or steps). Defaults to 1.
+        max_to_keep: Keep only the newest this many periodic files; an old one is deleted
+            only after the new one is durable. ``None`` keeps all. ``last.ckpt`` and
+            ``best.ckpt`` are hard links and survive the deletion of their source.
+        monitor: Key of the validation logs (as the evaluator returns them, e.g. ``"Det/AP"``)
+            that selects ``best.ckpt``. ``None`` disables it.
+        mode: ``"max"`` or ``"min"``: whether a higher or lower ``monitor`` value is better.
+        async_save: Write in a background thread after a CPU snapshot on the training thread
+            (``True``), or block training for the whole write (``False``). ``None`` (default)
+            decides at the first save: asynchronous when the writer has a spare core (see
+            ``writer_has_spare_cpu``), blocking otherwise.
+        **kwargs: Passed to ``Callback``.
+
+    Raises:
+        ValueError: For a period or ``max_to_keep`` below 1, an empty ``save_prefix`` or a
+            ``mode`` other than ``"min"``/``"max"``.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        save_prefix: str,
+        checkpoint_period: int = 1,
+        max_to_keep: int | None = None,
+        monitor: str | None = None,
+        mode: str = "max",
+        async_save: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(save_prefix, (str, os.PathLike)) or not os.fspath(save_prefix):
+            raise ValueError(f"save_prefix must be a non-empty path, got {save_prefix!r}.")
+        if isinstance(checkpoint_period, bool) or not isinstance(checkpoint_period, int):
+            raise TypeError(
+                f"checkpoint_period must be an int, got {type(checkpoint_period).__name__}."
+            )
+        if checkpoint_period < 1:
+            raise ValueError(
+                f"checkpoint_period={checkpoint_period} is invalid; use 1 or more "
+                "(epochs, or steps with epoch_based=False)."
+            )
+        if max_to_keep is not None and (
+            isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
+        ):
+            raise ValueError(f"max_to_keep={max_to_keep!r} is invalid; use None or an int >= 1.")
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode={mode!r} is invalid; use 'min' or 'max'.")
+        if monitor is not None and not isinstance(monitor, str):
+            raise TypeError(f"monitor must be a str or None, got {type(monitor).__name__}.")
+        self.save_prefix = os.fspath(save_prefix)
+        self.output_dir = os.path.join(self.save_prefix, "checkpoints")
+        self.checkpoint_period = checkpoint_period
+        self.max_to_keep = max_to_keep
+        self.monitor = monitor
+        self.mode = mode
+        self.async_save = async_save
+        self._use_async: bool | None = async_save
+        self._writer: AsyncCheckpointWriter | None = None
+        self._saved: list[str] = []  # periodic file names, oldest first
+        self._last_step: int | None = None  # global step of the newest periodic file
+        self._best: dict[str, Any] | None = None  # {"value", "file", "global_step"}
+        self._val_step: int | None = None  # step of a validation not yet credited
+        self._warned_missing = False
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self) -> None:
+        """Rank 0: create the checkpoint folder and delete leftovers of interrupted writes."""
+        if get_rank() != 0:
+            return
+        os.makedirs(self.output_dir, exist_ok=True)
+        removed = cleanup_stale_temp_files(self.output_dir)
+        if removed:
+            logger.info("Removed %d stale temporary checkpoint file(s).", len(removed))
+
+    def on_train_epoch_start(
+        self, trainer_state: TrainerState, model: nn.Module, loss_module: LossModule
+    ) -> None:
+        """Credit a validation that ran after the previous epoch's save."""
+        if self._val_step is not None:
+            self._credit_validation(trainer_state)
+
+    def on_train_batch_start(
+        self,
+        trainer_state: TrainerState,
+        model: nn.Module,
+        loss_module: LossModule,
+        batch: DictData,
+        batch_idx: int,
+    ) -> None:
+        """Credit a step-based validation (a single attribute test otherwise)."""
+        if self._val_step is not None:
+            self._credit_validation(trainer_state)
+
+    def on_train_batch_end(
+        self,
+        trainer_state: TrainerState,
+        model: nn.Module,
+        loss_module: LossModule,
+        outputs: DictData,
+        batch: DictData,
+        batch_idx: int,
+    ) -> MetricLogs | None:
+        """Step-based: save when ``global_step`` is a multiple of the period (collective)."""
+        if not self.epoch_based and trainer_state["global_step"] % self.checkpoint_period == 0:
+            self._save(trainer_state, model, epoch_finished=False, batch_idx=batch_idx)
+        return None
+
+    def on_train_epoch_end(
+        self, trainer_state: TrainerState, model: nn.Module, loss_module: LossModule
+    ) -> None:
+        """Epoch-based: save when ``(epoch + 1)`` is a multiple of the period (collective)."""
+        if self._val_step is not None:
+            self._credit_validation(trainer_state)
+        if self.epoch_based and (trainer_state["current_epoch"] + 1) % self.checkpoint_period == 0:
+            self._save(trainer_state, model, epoch_finished=True, batch_idx=None)
+
+    def on_test_epoch_end(self, trainer_state: TrainerState, model: nn.Module) -> MetricLogs | None:
+        """Remember the step of this validation; its logs are read at the next training hook."""
+        if self.monitor is not None:
+            self._val_step = trainer_state["global_step"]
+        return None
+
+    def on_fit_end(self, trainer_state: TrainerState, model: nn.Module) -> None:
+        """Credit the last validation and wait until every write is durable (re-raising errors)."""
+        if self._val_step is not None:
+            self._credit_validation(trainer_state)
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.close()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Retention list and best record, so a resumed run keeps deleting and ranking right."""
+        return {
+            "saved": list(self._saved),
+            "last_step": self._last_step,
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "best": None if self._best is None else dict(self._best),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``state_dict()``; also adopt a newer ``best.json`` that this state predates.
+
+        A checkpoint can become best only after it was written (validation follows the save),
+        so its own state lacks that result; ``best.json`` carries it. The record is used only
+        if its step is not beyond the restored checkpoint's, so a resume from an older
+        checkpoint ignores results of the abandoned later run.
+        """
+        self._saved = [str(name) for name in state_dict.get("saved", [])]
+        self._last_step = state_dict.get("last_step")
+        same_metric = (
+            state_dict.get("monitor") == self.monitor and state_dict.get("mode") == self.mode
+        )
+        best = state_dict.get("best")
+        self._best = dict(best) if same_metric and isinstance(best, dict) else None
+        if self.monitor is None or self._last_step is None:
+            return
+        record = self._read_best_record()
+        if (
+            record is not None
+            and record.get("monitor") == self.monitor
+            and record.get("mode") == self.mode
+            and isinstance(record.get("global_step"), int)
+            and record["global_step"] <= self._last_step
+            and isinstance(record.get("value"), (int, float))
+            and self._is_better(float(record["value"]))
+        ):
+            self._best = {
+                "value": float(record["value"]),
+                "file": record.get("file"),
+                "global_step": record["global_step"],
+            }
+
+    # ------------------------------------------------------------------ internals
+    def _read_best_record(self) -> dict[str, Any] | None:
+        path = os.path.join(self.output_dir, BEST_RECORD_NAME)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                record = json.load(handle)
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def _is_better(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self._best is None:
+            return True
+        best = float(self._best["value"])
+        return value > best if self.mode == "max" else value < best
+
+    def _credit_validation(self, trainer_state: TrainerState) -> None:
+        """Give the pending validation's value to the checkpoint it evaluated, if any."""
+        val_step, self._val_step = self._val_step, None
+        if (
+            self.monitor is None
+            or val_step is None
+            or not self._saved
+            or self._last_step != val_step
+            or trainer_state["global_step"] != val_step
+        ):
+            return
+        val_logs = trainer_state.get("val_logs") or {}
+        if self.monitor not in val_logs:
+            if not self._warned_missing and get_rank() == 0:
+                self._warned_missing = True
+                warnings.warn(
+                    f"CheckpointCallback: monitor={self.monitor!r} is not in the validation "
+                    f"logs (available: {sorted(val_logs)}); best.ckpt is not updated. Use one "
+                    "of the available keys.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return
+        value = float(val_logs[self.monitor])
+        if not self._is_better(value):
+            return
+        self._best = {"value": value, "file": self._saved[-1], "global_step": val_step}
+        if get_rank() != 0:
+            return
+        src = os.path.join(self.output_dir, self._saved[-1])
+        record = {"monitor": self.monitor, "mode": self.mode, **self._best}
+        data = json.dumps(record, indent=1).encode("utf-8")
+
+        def update_best() -> None:
+            link_checkpoint(src, os.path.join(self.output_dir, BEST_NAME))
+            write_bytes_atomic(data, os.path.join(self.output_dir, BEST_RECORD_NAME))
+
+        if self._writer is not None:
+            self._writer.run(update_best)  # after the pending write of ``src``
+        else:
+            update_best()
+
+    def _collect_state(
+        self,
+        trainer_state: TrainerState,
+        model: nn.Module,
+        epoch_finished: bool,
+        batch_idx: int | None,
+    ) -> dict[str, Any]:
+        """Collective: the engine's full state, or a minimal one without an engine."""
+        train_module = trainer_state.get("train_module")
+        if train_module is not None:
+            return train_module.checkpoint_state()
+        if batch_idx is None:
+            batches_done = trainer_state.get("num_train_batches") or 0
+        else:
+            batches_done = trainer_state.get("batches_done", batch_idx + 1)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "epoch": trainer_state["current_epoch"],
+            "epoch_finished": epoch_finished,
+            "batches_done": batches_done,
+            "global_step": trainer_state["global_step"],
+            "state_dict": unwrap_model(model).state_dict(),
+            "optimizers": [opt.state_dict() for opt in trainer_state.get("optimizers", [])],
+            "lr_schedulers": [s.state_dict() for s in trainer_state.get("lr_schedulers", [])],
+            "callbacks": {type(self).__name__: self.state_dict()},
+            "val_logs": dict(trainer_state.get("val_logs") or {}),
+        }
+
+    def _save(
+        self,
+        trainer_state: TrainerState,
+        model: nn.Module,
+        epoch_finished: bool,
+        batch_idx: int | None,
+    ) -> None:
+        """Record the new file, collect the state on every rank, write it on rank 0."""
+        step = trainer_state["global_step"]
+        name = f"epoch={trainer_state['current_epoch']}-step={step}.ckpt"
+        if name in self._saved:
+            self._saved.remove(name)
+        self._saved.append(name)
+        self._last_step = step
+        expired: list[str] = []
+        if self.max_to_keep is not None and len(self._saved) > self.max_to_keep:
+            expired = self._saved[: -self.max_to_keep]
+            self._saved = self._saved[-self.max_to_keep :]
+        # The state is taken after the bookkeeping so the file records itself as kept.
+        state = self._collect_state(trainer_state, model, epoch_finished, batch_idx)
+        if get_rank() != 0:
+            return
+        path = os.path.join(self.output_dir, name)
+        last = os.path.join(self.output_dir, LAST_NAME)
+        expired_paths = [os.path.join(self.output_dir, old) for old in expired]
+        if self._use_async is None:
+            self._use_async = writer_has_spare_cpu(model)
+            logger.info(
+                "CheckpointCallback: %s saving (pass async_save to choose).",
+                "asynchronous" if self._use_async else "blocking",
+            )
+        if self._use_async:
+            if self._writer is None:
+                self._writer = AsyncCheckpointWriter()
+            self._writer.save(state, path, links=[last], delete=expired_paths)
+        else:
+            save_checkpoint(state, path)
+            link_checkpoint(path, last)
+            remove_files(expired_paths)
