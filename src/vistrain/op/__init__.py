@@ -1,0 +1,1 @@
+"""Operators: box geometry and detection building blocks (plain torch, no torchvision)."""

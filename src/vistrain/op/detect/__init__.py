@@ -1,0 +1,1 @@
+"""Detection operators: YOLOX backbone, neck, head, SimOTA assigner and loss."""
