@@ -45,6 +45,10 @@ _WRAPPER_TYPES = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 class _TreeSnapshot:
     """Identity snapshot of every parameter, buffer and submodule slot of module trees.
 
+    It records each module's ``_parameters``/``_buffers``/``_modules`` dicts, their sizes
+    and the object in every entry, so replacing a tensor, a submodule or a whole dict
+    makes it stale.
+
     ``is_stale`` is a handful of C-level ``map`` calls (no Python loop per tensor), so it
     is cheap enough to run before every update.
     """
@@ -63,6 +67,11 @@ class _TreeSnapshot:
         objects: list[Any] = []
         for root in roots:
             for module in root.modules():
+                attrs = module.__dict__
+                for attr in ("_parameters", "_buffers", "_modules"):
+                    owners.append(attrs)
+                    keys.append(attr)
+                    objects.append(attrs[attr])
                 for slot in (module._parameters, module._buffers, module._modules):
                     slots.append(slot)
                     for key, obj in slot.items():
@@ -89,7 +98,7 @@ class _PairCache:
         copy_src: The model's matching non-floating buffers.
         cross_device: True when the EMA copy is pinned to its own device, so model
             tensors are moved (and cast) to the EMA tensor's device before the update.
-        snapshot: Identity snapshot of both module trees when the pairs were built.
+        snapshot: Identity snapshot of the adapter's module tree when the pairs were built.
     """
 
     lerp_groups: list[tuple[list[Tensor], list[Tensor]]]
@@ -281,7 +290,7 @@ class ModelEMAAdapter(nn.Module):
             copy_ema=copy_ema,
             copy_src=copy_src,
             cross_device=cross_device,
-            snapshot=_TreeSnapshot.of(self.model, self.ema_model),
+            snapshot=_TreeSnapshot.of(self),
         )
 
     # --------------------------------------------------------------------------- routing
