@@ -1,0 +1,178 @@
+"""A small image classifier on generated stripe patterns; trains in seconds on a CPU.
+
+Each class is a stripe orientation (0, 45, 90, 135 degrees) with a random phase,
+frequency, tint and noise, so the task needs spatial features but no download.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from vistrain.common.distributed import is_distributed
+from vistrain.engine.callbacks.checkpoint import CheckpointCallback
+from vistrain.engine.callbacks.ema import EMACallback
+from vistrain.engine.callbacks.evaluator import EvaluatorCallback
+from vistrain.engine.callbacks.logging import LoggingCallback
+from vistrain.engine.connectors import (
+    CallbackConnector,
+    DataConnector,
+    LossConnector,
+    data_key,
+    pred_key,
+)
+from vistrain.engine.loss_module import LossModule
+from vistrain.engine.optim import warmup_cosine
+from vistrain.eval.classification import ClassificationEvaluator
+from vistrain.model.adapter import ModelEMAAdapter
+from vistrain.zoo.base import Experiment
+
+DESCRIPTION = "CNN classifier on generated stripe images (4 classes), top-1/top-5 accuracy"
+NUM_CLASSES = 4
+
+
+@dataclass
+class Params:
+    """Parameters of the toy classifier (``--set KEY=VALUE``)."""
+
+    num_epochs: int = 4
+    batch_size: int = 32
+    image_size: int = 32
+    num_train_images: int = 1024
+    num_val_images: int = 256
+    num_workers: int = 0
+    seed: int = 0
+    lr: float = 0.05
+    checkpoint_period: int = 1
+    val_every: int = 1
+    log_every: int = 10
+    ema: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError for values no run can use."""
+        for name in ("num_epochs", "batch_size", "image_size", "num_train_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.num_val_images < 1 or self.num_workers < 0 or self.lr <= 0:
+            raise ValueError("num_val_images must be >= 1, num_workers >= 0 and lr > 0")
+
+
+class StripesDataset(Dataset[dict[str, Any]]):
+    """Deterministic stripe images: ``images`` (3, S, S) in [0, 1], ``labels`` class index."""
+
+    def __init__(self, num_images: int, image_size: int, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.labels = torch.randint(0, NUM_CLASSES, (num_images,), generator=gen)
+        coords = torch.arange(image_size, dtype=torch.float32)
+        yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+        angle = self.labels.float() * (math.pi / NUM_CLASSES)
+        freq = 0.3 + 0.4 * torch.rand(num_images, generator=gen)
+        phase = 2 * math.pi * torch.rand(num_images, generator=gen)
+        proj = (
+            xx[None] * torch.cos(angle)[:, None, None] + yy[None] * torch.sin(angle)[:, None, None]
+        )
+        stripes = torch.sin(proj * freq[:, None, None] + phase[:, None, None])
+        tint = 0.5 + 0.5 * torch.rand(num_images, 3, 1, 1, generator=gen)
+        noise = 0.3 * torch.randn(num_images, 3, image_size, image_size, generator=gen)
+        self.images = (0.5 + 0.4 * stripes[:, None] * tint + noise).clamp(0, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        return {"images": self.images[idx], "labels": self.labels[idx]}
+
+
+class SmallCNN(nn.Module):
+    """Three conv blocks and a linear classifier."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = [3, 16, 32, 64]
+        for c_in, c_out in itertools.pairwise(channels):
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
+            ]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels[-1], num_classes)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        """Class logits of a batch of images."""
+        return {"logits": self.head(self.features(images).mean(dim=(2, 3)))}
+
+
+def _loader(dataset: Dataset[Any], params: Params, train: bool) -> DataLoader[Any]:
+    sampler: Any = None
+    if is_distributed():
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=train, seed=params.seed)
+    gen = torch.Generator().manual_seed(params.seed)
+    return DataLoader(
+        dataset,
+        batch_size=params.batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        num_workers=params.num_workers,
+        generator=gen if train else None,
+        drop_last=False,
+    )
+
+
+def build(params: Params, output_dir: str) -> Experiment:
+    """Build the toy classification run."""
+    train_set = StripesDataset(params.num_train_images, params.image_size, params.seed)
+    val_set = StripesDataset(params.num_val_images, params.image_size, params.seed + 1)
+    net = SmallCNN()
+    model: nn.Module = ModelEMAAdapter(net, decay=0.99) if params.ema else net
+    optimizer = torch.optim.SGD(net.parameters(), lr=params.lr, momentum=0.9, weight_decay=5e-4)
+    train_loader = _loader(train_set, params, train=True)
+    scheduler = warmup_cosine(
+        optimizer, warmup_steps=len(train_loader) // 2, num_epochs=params.num_epochs
+    )
+    loss_module = LossModule(
+        {
+            "loss": nn.CrossEntropyLoss(),
+            "connector": LossConnector({"input": pred_key("logits"), "target": data_key("labels")}),
+            "name": "ce",
+        }
+    )
+    evaluator = ClassificationEvaluator(num_classes=NUM_CLASSES)
+    callbacks = [
+        LoggingCallback(refresh_rate=params.log_every),
+        EvaluatorCallback(
+            evaluator=evaluator,
+            test_connector=CallbackConnector(
+                {"logits": pred_key("logits"), "labels": data_key("labels")}
+            ),
+        ),
+        CheckpointCallback(save_prefix=output_dir, checkpoint_period=params.checkpoint_period),
+    ]
+    if params.ema:
+        callbacks.insert(0, EMACallback())
+    return Experiment(
+        model=model,
+        loss_module=loss_module,
+        optimizers=[optimizer],
+        lr_schedulers=[scheduler],
+        train_dataloader=train_loader,
+        test_dataloader=_loader(val_set, params, train=False),
+        train_data_connector=DataConnector({"images": "images"}),
+        test_data_connector=DataConnector({"images": "images"}),
+        callbacks=callbacks,
+        trainer_kwargs={
+            "num_epochs": params.num_epochs,
+            "check_val_every_n_epoch": params.val_every,
+            "log_every_n_steps": params.log_every,
+        },
+    )
+
+
+__all__ = ["DESCRIPTION", "Params", "build"]
