@@ -199,7 +199,10 @@ class Trainer:
 
     # ----------------------------------------------------------------- engine API
     def set_train_dataloader(self, dataloader: DataLoader[Any]) -> None:
-        """Train on ``dataloader`` from the next epoch on (the current epoch is not cut)."""
+        """Train on ``dataloader`` from the next epoch start on (a running epoch is not cut).
+
+        Called from ``on_train_epoch_start``, the new loader already serves that epoch.
+        """
         if not isinstance(dataloader, DataLoader):
             raise TypeError(f"Expected a DataLoader, got {type(dataloader).__name__}.")
         self._pending_train_dataloader = dataloader
@@ -341,9 +344,6 @@ class Trainer:
     ) -> None:
         epoch = start_epoch
         while (self.num_epochs == -1 or epoch < self.num_epochs) and not self._stop():
-            if self._pending_train_dataloader is not None:
-                self.train_dataloader = self._pending_train_dataloader
-                self._pending_train_dataloader = None
             self.current_epoch = epoch
             self.epoch_finished = False
             self.batches_done = skip_batches
@@ -356,7 +356,14 @@ class Trainer:
     def _epoch_iterator(
         self, skip_batches: int, resume: tuple[dict[str, Any], dict[str, Any]] | None
     ) -> Iterator[Any]:
-        """Start the epoch's data iterator; on a mid-epoch resume, replay and skip batches."""
+        """Start the epoch's data iterator; on a mid-epoch resume, replay and skip batches.
+
+        A dataloader handed over with ``set_train_dataloader`` (before or during
+        ``on_train_epoch_start``) is adopted here, so it serves the whole epoch.
+        """
+        if self._pending_train_dataloader is not None:
+            self.train_dataloader = self._pending_train_dataloader
+            self._pending_train_dataloader = None
         loader = self.train_dataloader
         if loader is None:
             raise RuntimeError("No training dataloader.")
