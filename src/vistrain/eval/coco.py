@@ -358,8 +358,9 @@ class COCODetectEvaluator(Evaluator):
         num_classes = len(self.category_ids)
         bad = (class_column < 0) | (class_column >= num_classes) | (class_column % 1 != 0)
         if bad.any():
+            shown = [int(v) if v % 1 == 0 else v for v in class_column[bad][:5].tolist()]
             raise ValueError(
-                f"pred_classes holds {class_column[bad][:5].tolist()}; class indices must be "
+                f"pred_classes holds {shown}; class indices must be "
                 f"integers in [0, {num_classes}) indexing the sorted category ids "
                 f"{self.category_ids} of {self.annotation_file!r}."
             )
@@ -477,8 +478,8 @@ class COCODetectEvaluator(Evaluator):
         )
         num_dets = sum(rows.shape[0] for rows in self._dets.values())
         title = (
-            f"COCO box evaluation: {len(self._dets)} of {len(self._image_ids)} images with "
-            f"predictions, {num_dets} detections ({os.path.basename(self.annotation_file)})"
+            f"COCO box evaluation: {len(self._dets)} of {len(self._image_ids)} images "
+            f"processed, {num_dets} detections ({os.path.basename(self.annotation_file)})"
         )
         note = "'-': no ground truth in that category or size range (COCO reports -1)."
         return f"{title}\n{table}\n{summary}\n{note}"
