@@ -343,12 +343,6 @@ def test_native_trainer_switches_data_loss_and_validation(tmp_path) -> None:
     assert head.enable_calls == 1 and trainer.check_val_every_n_epoch == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Trainer adopts a loader set in on_train_epoch_start only from the next epoch; "
-    "the lead's fix (adopt the pending loader after on_train_epoch_start) makes this pass: "
-    "then drop this marker.",
-)
 def test_native_trainer_resume_after_switch_trains_switched_from_first_step(tmp_path) -> None:
     ckpt = str(tmp_path / "epoch2.ckpt")
     run_trainer(tmp_path / "a", Recorder(save_at_epoch_end=2, path=ckpt), num_epochs=3)
@@ -357,3 +351,57 @@ def test_native_trainer_resume_after_switch_trains_switched_from_first_step(tmp_
     assert rec.strong == {3: {False}, 4: {False}}
     assert "head.loss_l1" in rec.metric_names[3]
     assert rec.validated == [3, 4] and head.enable_calls == 1
+
+
+# ------------------------------------------------- with the real data pipe, loader and loss
+
+
+class ImageData(Dataset[dict[str, Any]]):
+    """Eight 32x48 images with one box each, in the keys the YOLOX transforms use."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        image = torch.full((3, 32, 48), float(idx * 20))
+        return {
+            "images": image,
+            "input_hw": (32, 48),
+            "original_hw": (32, 48),
+            "boxes2d": torch.tensor([[4.0, 4.0, 20.0, 24.0]]),
+            "boxes2d_classes": torch.tensor([idx % 2]),
+        }
+
+
+def test_real_pipe_loader_and_head_loss_are_switched() -> None:
+    from vistrain.data.loader import build_train_dataloader
+    from vistrain.data.pipe import MultiSampleDataPipe
+    from vistrain.data.presets import yolox_train_pipe
+    from vistrain.op.detect.yolox import YOLOXHeadLoss
+
+    pipe = yolox_train_pipe(ImageData(), image_size=(64, 64), mixup_prob=0.0)
+    loader = build_train_dataloader(pipe, batch_size=4, seed=5, distributed=False)
+    head = YOLOXHeadLoss(num_classes=2)
+    losses = LossModule(
+        [{"loss": head, "connector": LossConnector({"x": data_key("images")}), "name": "det"}]
+    )
+    engine = FakeEngine()
+    YOLOXModeSwitchCallback(switch_epoch=1).on_train_epoch_end(
+        state(0, loader, engine), nn.Identity(), losses
+    )
+    new = engine.loaders[0]
+    assert isinstance(new.dataset, MultiSampleDataPipe) and not new.dataset.has_multi_sample
+    assert pipe.has_multi_sample  # the old pipe is not changed
+    assert new.dataset.transforms == pipe.transforms
+    assert new.sampler is loader.sampler and new.generator is loader.generator
+    assert new.worker_init_fn is loader.worker_init_fn and new.collate_fn is loader.collate_fn
+    # Without mosaic every sample is a single image, resized and padded to 64x64: its one box
+    # keeps its shape (scaled by ~4/3, maybe flipped, never zoomed or rotated by the affine).
+    batch = next(iter(new))
+    assert tuple(batch["images"].shape) == (4, 3, 64, 64)
+    for boxes in batch["boxes2d"]:
+        assert boxes.shape == (1, 4)
+        torch.testing.assert_close(
+            boxes[0, 2:] - boxes[0, :2], torch.tensor([64.0, 80.0]) / 3, atol=0.5, rtol=0
+        )
+    assert head.loss_l1 is not None and engine.val_every == [1]

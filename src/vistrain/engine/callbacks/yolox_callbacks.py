@@ -28,11 +28,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import ConcatDataset, Subset
 
 from vistrain.common.distributed import broadcast, get_world_size, is_rank_zero, unwrap_model
 from vistrain.common.typing import DictData
 from vistrain.data.const import CommonKeys
+from vistrain.data.loader import rebuild_dataloader
 from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.trainer_state import TrainerState, TrainingEngine
 from vistrain.engine.loss_module import LossModule
@@ -80,54 +81,6 @@ def _strip_multi_sample(dataset: Any) -> tuple[Any, bool]:
             return ConcatDataset([part for part, _ in parts]), True
         return dataset, False
     return dataset, False
-
-
-def _rebuild_dataloader_fallback(loader: DataLoader[Any], dataset: Dataset[Any]) -> DataLoader[Any]:
-    """A DataLoader over ``dataset`` with every setting of ``loader``.
-
-    Private stand-in for ``vistrain.data.loader.rebuild_dataloader`` while that is missing.
-    The sampler (or batch sampler) object is reused, so its seed and epoch carry over.
-    """
-    kwargs: dict[str, Any] = {
-        "num_workers": loader.num_workers,
-        "collate_fn": loader.collate_fn,
-        "pin_memory": loader.pin_memory,
-        "timeout": loader.timeout,
-        "worker_init_fn": loader.worker_init_fn,
-        "multiprocessing_context": loader.multiprocessing_context,
-        "generator": loader.generator,
-        "persistent_workers": loader.persistent_workers,
-        "pin_memory_device": loader.pin_memory_device,
-    }
-    if loader.num_workers > 0:
-        kwargs["prefetch_factor"] = loader.prefetch_factor
-    if hasattr(loader, "in_order"):
-        kwargs["in_order"] = loader.in_order
-    if isinstance(dataset, IterableDataset):
-        return DataLoader(
-            dataset, batch_size=loader.batch_size, drop_last=loader.drop_last, **kwargs
-        )
-    if loader.batch_size is not None:  # automatic batching from batch_size + sampler
-        return DataLoader(
-            dataset,
-            batch_size=loader.batch_size,
-            sampler=loader.sampler,
-            drop_last=loader.drop_last,
-            **kwargs,
-        )
-    if loader.batch_sampler is not None:  # a user-given batch sampler
-        return DataLoader(dataset, batch_sampler=loader.batch_sampler, **kwargs)
-    return DataLoader(dataset, batch_size=None, sampler=loader.sampler, **kwargs)
-
-
-def _rebuild_dataloader(loader: DataLoader[Any], dataset: Dataset[Any]) -> DataLoader[Any]:
-    """Rebuild ``loader`` over ``dataset`` with the data package's helper when it exists."""
-    try:
-        from vistrain.data.loader import rebuild_dataloader  # type: ignore[import-not-found]
-    except ImportError:
-        return _rebuild_dataloader_fallback(loader, dataset)
-    rebuilt: DataLoader[Any] = rebuild_dataloader(loader, dataset)
-    return rebuilt
 
 
 def _find_l1_losses(loss_module: Any) -> list[Any]:
@@ -247,7 +200,7 @@ class YOLOXModeSwitchCallback(Callback):
                     type(loader.dataset).__name__,
                 )
             return
-        engine.set_train_dataloader(_rebuild_dataloader(loader, dataset))
+        engine.set_train_dataloader(rebuild_dataloader(loader, dataset))
 
     @staticmethod
     def _switch_loss(loss_module: LossModule | None) -> None:
