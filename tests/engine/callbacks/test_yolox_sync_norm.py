@@ -4,6 +4,7 @@ import logging
 import os
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -61,8 +62,21 @@ def _sync_hooks(rank: int, world_size: int) -> dict[str, Any]:
     return out
 
 
-def test_sync_norm_averages_norm_state_across_two_ranks() -> None:
-    results = run_distributed(_sync_hooks, 2)
+def _both(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
+    """One 2-process run for both distributed tests (each spawn costs seconds)."""
+    return {
+        "hooks": _sync_hooks(rank, world_size),
+        "trainer": _trainer_checkpoint(rank, world_size, out_dir),
+    }
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory) -> list[dict[str, Any]]:
+    return run_distributed(_both, 2, str(tmp_path_factory.mktemp("sync_norm")))
+
+
+def test_sync_norm_averages_norm_state_across_two_ranks(two_rank_results) -> None:
+    results = [r["hooks"] for r in two_rank_results]
     for hook in ("on_test_epoch_start", "on_save_checkpoint"):
         r0, r1 = results[0][hook], results[1][hook]
         assert r0["same_storage"] and r1["same_storage"]
@@ -176,8 +190,8 @@ def _trainer_checkpoint(rank: int, world_size: int, out_dir: str) -> dict[str, A
     return {"before": saver.local_before, "saved": saver.saved}
 
 
-def test_checkpoint_holds_synced_statistics_two_ranks(tmp_path) -> None:
-    r0, r1 = run_distributed(_trainer_checkpoint, 2, str(tmp_path))
+def test_checkpoint_holds_synced_statistics_two_ranks(two_rank_results) -> None:
+    r0, r1 = (r["trainer"] for r in two_rank_results)
     for key in ("running_mean", "running_var"):
         assert not torch.equal(r0["before"][key], r1["before"][key])  # ranks saw other data
         expected = (r0["before"][key] + r1["before"][key]) / 2
