@@ -67,7 +67,8 @@ def get_nested(obj: Any, key: str, what: str = "data") -> Any:
     """Resolve a (possibly dotted) ``key`` in ``obj``.
 
     A key present verbatim in a mapping wins over its dotted reading, so keys that
-    contain dots still work.
+    contain dots still work. The empty key ``""`` is the whole object (for a model that
+    returns a bare tensor).
 
     Raises:
         KeyError: If a part of the path is missing; the message names the key, the
@@ -75,6 +76,8 @@ def get_nested(obj: Any, key: str, what: str = "data") -> Any:
     """
     if isinstance(obj, Mapping) and key in obj:
         return obj[key]
+    if key == "":
+        return obj
     current = obj
     walked: list[str] = []
     for part in key.split("."):

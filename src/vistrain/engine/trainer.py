@@ -396,8 +396,10 @@ class Trainer:
         if connector is None:
             raise RuntimeError("No train data connector.")
         batch_idx = skip_batches
+        on_cpu = self.device.type == "cpu"
         for batch in iterator:
-            batch = move_to_device(batch, self.device)
+            if not on_cpu:  # loaders yield CPU tensors: nothing to move on a CPU run
+                batch = move_to_device(batch, self.device)
             state["global_step"] = self.global_step
             state["batches_done"] = self.batches_done
             for callback in self.callbacks:

@@ -131,7 +131,7 @@ def build(params: Params, output_dir: str) -> Experiment:
     train_set = StripesDataset(params.num_train_images, params.image_size, params.seed)
     val_set = StripesDataset(params.num_val_images, params.image_size, params.seed + 1)
     net = SmallCNN()
-    model: nn.Module = ModelEMAAdapter(net, decay=0.99) if params.ema else net
+    model: nn.Module = ModelEMAAdapter(net, decay=0.95) if params.ema else net
     optimizer = torch.optim.SGD(net.parameters(), lr=params.lr, momentum=0.9, weight_decay=5e-4)
     train_loader = _loader(train_set, params, train=True)
     scheduler = warmup_cosine(
