@@ -11,9 +11,9 @@ evaluated three ways:
 - ``pycocotools``: the same with the official implementation.
 
 Loading the annotation file is excluded from all three (it happens once per run, not per
-evaluation). Each timing is the median of ``--repeats`` runs. The script checks that the
-three produce identical statistics and prints times and ratios. Goal: vistrain <= 1.2x
-raw faster-coco-eval.
+evaluation). Runs are interleaved; each timing is the median of ``--repeats`` runs
+(pycocotools: every other one). The script checks that the three produce identical
+statistics and prints times and ratios. Goal: vistrain <= 1.2x raw faster-coco-eval.
 
 Run: ``.venv/bin/python benchmarks/coco_eval.py [--images 500] [--dets-per-image 100]``
 """
@@ -113,13 +113,10 @@ def to_results(detections: list) -> list[dict[str, Any]]:
     return results
 
 
-def median_time(func: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = func()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+def timed(func: Callable[..., Any], *args: Any) -> tuple[float, Any]:
+    start = time.perf_counter()
+    out = func(*args)
+    return time.perf_counter() - start, out
 
 
 def main() -> None:
@@ -172,19 +169,19 @@ def main() -> None:
             coco_eval.summarize()
         return np.asarray(coco_eval.stats[:12])
 
-    # loadRes edits its input in place: each timed run gets a fresh copy, made untimed.
-    def timed_with_copy(func: Callable[[list], np.ndarray], repeats: int) -> tuple[float, Any]:
-        times, out = [], None
-        for _ in range(repeats):
-            res = copy.deepcopy(results)
-            elapsed, out = median_time(lambda res=res: func(res), 1)
-            times.append(elapsed)
-        return statistics.median(times), out
-
+    # The three run interleaved, so a busy machine slows them alike; loadRes edits its
+    # input in place, so each baseline run gets a fresh copy of the results (made untimed).
     run_vistrain()  # warm-up (imports, allocator)
-    t_vis, s_vis = median_time(run_vistrain, args.repeats)
-    t_fast, s_fast = timed_with_copy(run_fast, args.repeats)
-    t_py, s_py = timed_with_copy(run_py, max(1, args.repeats // 2))
+    times: dict[str, list[float]] = {"vistrain": [], "fast": [], "py": []}
+    for repeat in range(args.repeats):
+        elapsed, s_vis = timed(run_vistrain)
+        times["vistrain"].append(elapsed)
+        elapsed, s_fast = timed(run_fast, copy.deepcopy(results))
+        times["fast"].append(elapsed)
+        if repeat % 2 == 0:
+            elapsed, s_py = timed(run_py, copy.deepcopy(results))
+            times["py"].append(elapsed)
+    t_vis, t_fast, t_py = (statistics.median(times[k]) for k in ("vistrain", "fast", "py"))
 
     # faster-coco-eval's C++ accumulates in another order than numpy: pycocotools may differ
     # in the last bit or so of a mean; that is the 1e-12 tolerance below.

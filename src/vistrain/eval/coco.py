@@ -348,7 +348,14 @@ class COCODetectEvaluator(Evaluator):
             if tensor.is_floating_point():
                 dtype = torch.promote_types(dtype, tensor.dtype)
         parts = [
-            torch.cat((box.to(dtype), score.to(dtype)[:, None], cls.to(dtype)[:, None]), dim=1)
+            torch.cat(
+                (
+                    box.to(dtype),
+                    score.to(box.device, dtype)[:, None],
+                    cls.to(box.device, dtype)[:, None],
+                ),
+                dim=1,
+            )
             for box, score, cls in zip(boxes, scores, classes)
         ]
         stacked = parts[0] if len(parts) == 1 else torch.cat(parts)
