@@ -251,7 +251,7 @@ def test_bad_annotation_files(tmp_path: Path) -> None:
 def test_bad_predictions_are_clear_errors(gt_file: str) -> None:
     evaluator = COCODetectEvaluator(gt_file)
     box, score = torch.tensor([[0.0, 0.0, 5.0, 5.0]]), torch.tensor([0.9])
-    with pytest.raises(ValueError, match="Image id 11 is not in"):
+    with pytest.raises(ValueError, match=r"Image ids \[11\] are not in"):
         evaluator.process_batch(11, box, score, torch.tensor([0]))
     with pytest.raises(ValueError, match=r"\[3\].*\[1, 3, 7\]"):
         evaluator.process_batch(10, box, score, torch.tensor([3]))

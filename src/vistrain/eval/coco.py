@@ -309,6 +309,13 @@ class COCODetectEvaluator(Evaluator):
             )
         if not image_ids:
             return
+        unknown = [i for i in image_ids if i not in self._image_ids]
+        if unknown:
+            raise ValueError(
+                f"Image ids {unknown} are not in the COCO annotation file "
+                f"{self.annotation_file!r}; coco_image_id must hold the 'id' of an entry of "
+                "its 'images' list."
+            )
         counts = []
         for image_id, box, score, cls in zip(image_ids, boxes, scores, classes):
             num = box.shape[0] if box.ndim == 2 else -1
@@ -322,12 +329,6 @@ class COCODetectEvaluator(Evaluator):
         self._check_classes(rows[:, _CLASS])
         start = 0
         for image_id, num in zip(image_ids, counts):
-            if image_id not in self._image_ids:
-                raise ValueError(
-                    f"Image id {image_id} is not in the COCO annotation file "
-                    f"{self.annotation_file!r}; coco_image_id must hold the 'id' of an entry "
-                    "of its 'images' list."
-                )
             if image_id not in self._dets:
                 image_rows = rows[start : start + num]
                 image_rows[:, _W:_SCORE] -= image_rows[:, _X:_W]  # xyxy -> xywh
