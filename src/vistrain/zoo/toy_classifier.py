@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from vistrain.common.distributed import is_distributed
+from vistrain.common.distributed import get_rank, get_world_size
 from vistrain.engine.callbacks.checkpoint import CheckpointCallback
 from vistrain.engine.callbacks.ema import EMACallback
 from vistrain.engine.callbacks.evaluator import EvaluatorCallback
@@ -53,6 +53,7 @@ class Params:
     val_every: int = 1
     log_every: int = 10
     ema: bool = True
+    norm: str = "batch"
 
     def validate(self) -> None:
         """Raise ValueError for values no run can use."""
@@ -61,6 +62,8 @@ class Params:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.num_val_images < 1 or self.num_workers < 0 or self.lr <= 0:
             raise ValueError("num_val_images must be >= 1, num_workers >= 0 and lr > 0")
+        if self.norm not in ("batch", "group"):
+            raise ValueError(f"norm={self.norm!r} must be 'batch' or 'group'")
 
 
 class StripesDataset(Dataset[dict[str, Any]]):
@@ -90,9 +93,13 @@ class StripesDataset(Dataset[dict[str, Any]]):
 
 
 class SmallCNN(nn.Module):
-    """Three conv blocks and a linear classifier."""
+    """Three conv blocks and a linear classifier.
 
-    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+    ``norm="group"`` makes a step independent of how the batch is split across processes,
+    so N processes with batch B/N train exactly like one process with batch B.
+    """
+
+    def __init__(self, num_classes: int = NUM_CLASSES, norm: str = "batch") -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels = [3, 16, 32, 64]
@@ -111,17 +118,23 @@ class SmallCNN(nn.Module):
 
 
 def _loader(dataset: Dataset[Any], params: Params, train: bool) -> DataLoader[Any]:
-    sampler: Any = None
-    if is_distributed():
-        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=train, seed=params.seed)
-    gen = torch.Generator().manual_seed(params.seed)
+    """A loader whose global sample order does not depend on the number of processes.
+
+    One process uses the same seeded permutation as N processes do together, so a batch B
+    on one process holds the same samples as N batches of B/N on N processes.
+    """
+    sampler: torch.utils.data.DistributedSampler[Any] = torch.utils.data.DistributedSampler(
+        dataset,
+        num_replicas=get_world_size(),
+        rank=get_rank(),
+        shuffle=train,
+        seed=params.seed,
+    )
     return DataLoader(
         dataset,
         batch_size=params.batch_size,
-        shuffle=train and sampler is None,
         sampler=sampler,
         num_workers=params.num_workers,
-        generator=gen if train else None,
         drop_last=False,
     )
 
@@ -130,7 +143,7 @@ def build(params: Params, output_dir: str) -> Experiment:
     """Build the toy classification run."""
     train_set = StripesDataset(params.num_train_images, params.image_size, params.seed)
     val_set = StripesDataset(params.num_val_images, params.image_size, params.seed + 1)
-    net = SmallCNN()
+    net = SmallCNN(norm=params.norm)
     model: nn.Module = ModelEMAAdapter(net, decay=0.95) if params.ema else net
     optimizer = torch.optim.SGD(net.parameters(), lr=params.lr, momentum=0.9, weight_decay=5e-4)
     train_loader = _loader(train_set, params, train=True)
