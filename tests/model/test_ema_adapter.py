@@ -234,19 +234,37 @@ def test_update_sees_tensors_replaced_by_assign_load() -> None:
             torch.testing.assert_close(value.double(), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_update_sees_replaced_submodule_and_buffer() -> None:
+def test_update_sees_replaced_submodule() -> None:
     torch.manual_seed(0)
     adapter = ModelEMAAdapter(Net(), decay=0.5)
     adapter.update(1)
     adapter.model.fc = nn.Linear(100, 3)
+    ema_fc = adapter.ema_model.fc.weight.detach().clone()
+    adapter.update(2)
+    expected = 0.5 * ema_fc + 0.5 * adapter.model.fc.weight.detach()
+    torch.testing.assert_close(adapter.ema_model.fc.weight, expected)
+
+
+def test_update_sees_replaced_buffer() -> None:
+    adapter = ModelEMAAdapter(Net(), decay=0.5)
+    adapter.update(1)
     adapter.model.bn.running_mean = torch.full((4,), 8.0)
     ema_mean = adapter.ema_model.bn.running_mean.clone()
-    ema_fc = adapter.ema_model.fc.weight.detach().clone()
-    adapter.update(4)
+    adapter.update(2)
     torch.testing.assert_close(adapter.ema_model.bn.running_mean, 0.5 * ema_mean + 4.0)
-    torch.testing.assert_close(
-        adapter.ema_model.fc.weight, 0.5 * ema_fc + 0.5 * adapter.model.fc.weight.detach()
-    )
+
+
+@pytest.mark.parametrize("side", ["model", "ema_model"])
+def test_update_sees_buffers_swapped_without_setattr(side: str) -> None:
+    # Module._apply (what .to()/.cuda() run) writes new buffers straight into the module
+    # dicts, of the model or of the EMA copy; no registration hook fires.
+    adapter = ModelEMAAdapter(Net(), decay=0.5)
+    adapter.update(1)
+    getattr(adapter, side).bn._apply(lambda t: t.clone())
+    adapter.model.bn.running_var.fill_(3.0)
+    ema_var = adapter.ema_model.bn.running_var.clone()
+    adapter.update(2)
+    torch.testing.assert_close(adapter.ema_model.bn.running_var, 0.5 * ema_var + 1.5)
 
 
 def test_adapter_to_dtype_moves_both_and_keeps_updating() -> None:

@@ -14,9 +14,9 @@ integer buffers (e.g. BatchNorm's ``num_batches_tracked``) are copied, never ave
 Why it is fast: the tensor pairs are collected once (by name, so reordered or shared
 modules cannot mismatch them), grouped by device and dtype, and averaged with one fused
 multi-tensor ``torch._foreach_lerp_`` per group. The update reads and writes each tensor
-once, like a copy, and needs no device sync. Before each update a cheap identity check
-over the module tree's parameter/buffer/submodule slots detects replaced tensors (e.g.
-``load_state_dict(..., assign=True)``, a swapped submodule) and rebuilds the pairs.
+once, like a copy, and needs no device sync. Before each update a cheap check detects
+replaced tensors (``load_state_dict(..., assign=True)``, a swapped submodule or buffer,
+``.to()`` of a submodule) and rebuilds the pairs.
 
 Why it resumes exactly: the EMA copy and the update counter are registered in the
 adapter, so they travel in ``adapter.state_dict()`` and thus in every checkpoint.
@@ -28,12 +28,19 @@ import copy
 import math
 import numbers
 import operator
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import Self
 
 from vistrain.common.distributed import unwrap_model
@@ -41,51 +48,76 @@ from vistrain.common.distributed import unwrap_model
 _WRAPPER_TYPES = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 
 
+_TREE_VERSION = [0]
+"""Bumped whenever a module inside an EMA adapter registers a parameter, buffer or child."""
+
+_WATCHED_MODULES: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_HOOKS: list[RemovableHandle] = []
+
+
+def _on_registration(module: nn.Module, name: str, value: Any) -> None:
+    """Global registration hook: assigning ``module.x = ...`` in a watched tree bumps the version.
+
+    Covers replaced submodules, parameters and buffers (``setattr``, ``register_*``,
+    ``load_state_dict(..., assign=True)``); other modules cost one set lookup.
+    """
+    if module in _WATCHED_MODULES:
+        _TREE_VERSION[0] += 1
+
+
+def _watch_modules(root: nn.Module) -> None:
+    """Watch every module of ``root`` for registrations (installs the hooks once)."""
+    if not _HOOKS:
+        _HOOKS.extend(
+            (
+                register_module_parameter_registration_hook(_on_registration),
+                register_module_buffer_registration_hook(_on_registration),
+                register_module_module_registration_hook(_on_registration),
+            )
+        )
+    _WATCHED_MODULES.update(root.modules())
+
+
 @dataclass
-class _TreeSnapshot:
-    """Identity snapshot of every parameter, buffer and submodule slot of module trees.
+class _SlotWatch:
+    """Detects replaced tensors of an adapter cheaply enough to run before every update.
 
-    It records each module's ``_parameters``/``_buffers``/``_modules`` dicts, their sizes
-    and the object in every entry, so replacing a tensor, a submodule or a whole dict
-    makes it stale.
+    Two complementary checks:
 
-    ``is_stale`` is a handful of C-level ``map`` calls (no Python loop per tensor), so it
-    is cheap enough to run before every update.
+    * ``setattr``-style replacements (a new submodule, parameter or buffer) are seen by
+      global registration hooks, which bump ``_TREE_VERSION``: one integer compare here.
+    * ``Module._apply`` (``.to()``, ``.double()`` on a submodule) swaps buffers (and, with
+      ``torch.__future__`` flags, parameters) by writing the module dicts directly,
+      without hooks. So the ``_parameters``/``_buffers`` entries of the trained model and
+      the ``_buffers`` of the EMA copy are compared by identity, in C-level ``map`` calls
+      over objects the update touches anyway. EMA parameters keep their identity under
+      ``_apply``; conversions of the whole adapter drop the pairs in ``_apply`` itself.
     """
 
-    slots: list[dict[str, Any]]
-    sizes: list[int]
+    version: int
     owners: list[dict[str, Any]]
     keys: list[str]
     objects: list[Any]
 
     @classmethod
-    def of(cls, *roots: nn.Module) -> _TreeSnapshot:
-        slots: list[dict[str, Any]] = []
+    def of(cls, model: nn.Module, ema_model: nn.Module) -> _SlotWatch:
         owners: list[dict[str, Any]] = []
         keys: list[str] = []
         objects: list[Any] = []
-        for root in roots:
-            for module in root.modules():
-                attrs = module.__dict__
-                for attr in ("_parameters", "_buffers", "_modules"):
-                    owners.append(attrs)
-                    keys.append(attr)
-                    objects.append(attrs[attr])
-                for slot in (module._parameters, module._buffers, module._modules):
-                    slots.append(slot)
-                    for key, obj in slot.items():
-                        owners.append(slot)
-                        keys.append(key)
-                        objects.append(obj)
-        return cls(slots, [len(s) for s in slots], owners, keys, objects)
+        slots = [d for m in model.modules() for d in (m._parameters, m._buffers)]
+        slots += [m._buffers for m in ema_model.modules()]
+        for slot in slots:
+            for key, obj in slot.items():
+                owners.append(slot)
+                keys.append(key)
+                objects.append(obj)
+        return cls(_TREE_VERSION[0], owners, keys, objects)
 
     def is_stale(self) -> bool:
-        """True if any slot gained/lost an entry or now holds a different object."""
-        if list(map(len, self.slots)) != self.sizes:
+        """True if a watched module registered something or a slot holds a new object."""
+        if _TREE_VERSION[0] != self.version:
             return True
-        current = map(dict.get, self.owners, self.keys)
-        return any(map(operator.is_not, current, self.objects))
+        return any(map(operator.is_not, map(dict.get, self.owners, self.keys), self.objects))
 
 
 @dataclass
@@ -98,14 +130,14 @@ class _PairCache:
         copy_src: The model's matching non-floating buffers.
         cross_device: True when the EMA copy is pinned to its own device, so model
             tensors are moved (and cast) to the EMA tensor's device before the update.
-        snapshot: Identity snapshot of the adapter's module tree when the pairs were built.
+        watch: Detects replaced tensors, so the pairs are rebuilt before they go stale.
     """
 
     lerp_groups: list[tuple[list[Tensor], list[Tensor]]]
     copy_ema: list[Tensor]
     copy_src: list[Tensor]
     cross_device: bool
-    snapshot: _TreeSnapshot
+    watch: _SlotWatch
 
 
 def _named_tensors(module: nn.Module) -> dict[str, Tensor]:
@@ -228,7 +260,7 @@ class ModelEMAAdapter(nn.Module):
             )
         weight = 1.0 - self.decay_at(int(step))
         pairs = self._pairs
-        if pairs is None or pairs.snapshot.is_stale():
+        if pairs is None or pairs.watch.is_stale():
             pairs = self._pairs = self._build_pairs()
         with torch.no_grad():
             for ema_tensors, model_tensors in pairs.lerp_groups:
@@ -285,12 +317,13 @@ class ModelEMAAdapter(nn.Module):
             else:
                 copy_ema.append(ema_tensor)
                 copy_src.append(model_tensor)
+        _watch_modules(self)
         return _PairCache(
             lerp_groups=list(groups.values()),
             copy_ema=copy_ema,
             copy_src=copy_src,
             cross_device=cross_device,
-            snapshot=_TreeSnapshot.of(self),
+            watch=_SlotWatch.of(self.model, self.ema_model),
         )
 
     # --------------------------------------------------------------------------- routing
