@@ -111,3 +111,17 @@ def test_image_size_disagreeing_with_json_is_an_error(tmp_path: Path) -> None:
     ann.write_text(json.dumps(coco))
     with pytest.raises(ValueError, match=r"a\.png.*16x20"):
         COCODataset(ann, tmp_path / "img")[0]
+
+
+def test_cache_images_serves_later_reads_from_memory(tmp_path: Path) -> None:
+    ann = _write(tmp_path, [(10, "a.png", 16, 20)])
+    ds = COCODataset(ann, tmp_path / "img", cache_images=True)
+    first = ds[0]
+    first[K.original_images][:] = 0  # a caller scribbling on its sample...
+    (tmp_path / "img" / "a.png").unlink()
+    again = ds[0]  # ...neither reaches the cache nor needs the file any more
+    assert int(again[K.original_images].max()) == 7
+    assert torch.equal(again[K.boxes2d], first[K.boxes2d])
+    uncached = COCODataset(ann, tmp_path / "img", check_images=False)
+    with pytest.raises(FileNotFoundError, match=r"a\.png"):
+        uncached[0]

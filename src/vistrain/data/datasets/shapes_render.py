@@ -111,6 +111,7 @@ def render_shapes_image(
     max_objects: int = 6,
     min_scale: float = 0.06,
     max_scale: float = 0.45,
+    noise_std: float = 4.0,
 ) -> tuple[np.ndarray, list[RenderedObject]]:
     """Draw one image: a textured background and 1 to ``max_objects`` filled shapes.
 
@@ -151,5 +152,6 @@ def render_shapes_image(
             objects.append(RenderedObject(class_index, box, pixels))
             full_pixels.append(pixels)
             break
-    image += rng.normal(0.0, 4.0, image.shape).astype(np.float32)
+    if noise_std > 0:
+        image += rng.normal(0.0, noise_std, image.shape).astype(np.float32)
     return np.clip(image + 0.5, 0, 255).astype(np.uint8), objects
