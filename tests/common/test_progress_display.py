@@ -1,0 +1,220 @@
+from __future__ import annotations
+
+import io
+import logging
+import os
+import select
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import vistrain.common.logging as vlog
+from vistrain.common.logging import (
+    ProgressDisplay,
+    RichProgressDisplay,
+    create_progress_display,
+    progress_mode,
+    setup_logger,
+)
+
+PROGRAM = textwrap.dedent(
+    """
+    import torch
+    from vistrain.engine.callbacks.logging import LoggingCallback
+
+    callback = LoggingCallback(refresh_rate=10)
+    callback.setup()
+    state = {"current_epoch": 0, "num_epochs": 1, "global_step": 0, "num_steps": -1,
+             "train_dataloader": None, "num_train_batches": 30, "test_dataloader": None,
+             "num_test_batches": [5]}
+    callback.on_train_epoch_start(state, None, None)
+    for batch_idx in range(30):
+        batch = {"images": torch.zeros(2, 3, 4, 4)}
+        callback.on_train_batch_start(state, None, None, batch, batch_idx)
+        state["global_step"] += 1
+        state["metrics"] = {"loss": torch.tensor(1.0 / (batch_idx + 1))}
+        callback.on_train_batch_end(state, None, None, {}, batch, batch_idx)
+    callback.on_test_epoch_start(state, None)
+    for batch_idx in range(5):
+        callback.on_test_batch_end(state, None, {}, {}, batch_idx)
+    callback.on_test_epoch_end(state, None)
+    callback.on_fit_end(state, None)
+    print("DONE")
+    """
+)
+
+
+def child_env(term: str) -> dict[str, str]:
+    env = dict(os.environ, TERM=term, COLUMNS="160", LINES="40")
+    for name in (
+        "VISTRAIN_PROGRESS",
+        "FORCE_COLOR",
+        "NO_COLOR",
+        "TTY_COMPATIBLE",
+        "TTY_INTERACTIVE",
+    ):
+        env.pop(name, None)
+    return env
+
+
+def run_in_pty(script: Path, term: str) -> str:
+    """Run ``script`` with stdout and stderr on a pseudo-terminal; return what it printed."""
+    master, slave = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=slave, stderr=slave, env=child_env(term)
+    )
+    os.close(slave)
+    chunks = []
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(master)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0, b"".join(chunks).decode(errors="replace")
+    return b"".join(chunks).decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("progress") / "program.py"
+    path.write_text(PROGRAM)
+    return path
+
+
+def test_terminal_gets_a_live_bar_and_a_pipe_gets_plain_lines(script: Path) -> None:
+    tty = run_in_pty(script, "xterm-256color")
+    assert "\x1b[" in tty  # cursor and colour control of the live display
+    assert "━" in tty  # rich's bar
+    assert "Epoch 1" in tty and "DONE" in tty
+
+    piped = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env=child_env("xterm-256color"),
+        timeout=120,
+        check=True,
+    )
+    out = piped.stdout
+    assert "\x1b" not in out and "\r" not in out and "━" not in out
+    assert all(ch == "\n" or ch.isprintable() for ch in out)
+    body = out.splitlines()
+    assert body[-1] == "DONE"
+    messages = [line.split("] ", 1)[1] for line in body[:-1]]
+    assert all(line.startswith("[") for line in body[:-1])
+    assert messages[0].startswith("Epoch 1: 1/30, ETA: ")
+    assert messages[0].endswith("(first batch)")
+    assert [m.split(",")[0] for m in messages] == [
+        "Epoch 1: 1/30",
+        "Epoch 1: 10/30",
+        "Epoch 1: 20/30",
+        "Epoch 1: 30/30",
+        "Testing 5/5",
+    ]
+    assert f"loss: {sum(1 / k for k in range(21, 31)) / 10:.4f}" in messages[-2]
+
+
+def test_dumb_terminal_gets_plain_lines(script: Path) -> None:
+    out = run_in_pty(script, "dumb")
+    assert "\x1b" not in out and "━" not in out
+    assert "Epoch 1: 30/30" in out
+
+
+class FakeStream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+def test_progress_mode_detection_and_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VISTRAIN_PROGRESS", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    assert progress_mode(FakeStream(tty=True)) == "rich"
+    assert progress_mode(FakeStream(tty=False)) == "plain"
+    monkeypatch.setenv("TERM", "dumb")
+    assert progress_mode(FakeStream(tty=True)) == "plain"
+    monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.setenv("VISTRAIN_PROGRESS", "plain")
+    assert progress_mode(FakeStream(tty=True)) == "plain"
+    monkeypatch.setenv("VISTRAIN_PROGRESS", "rich")
+    assert progress_mode(FakeStream(tty=False)) == "rich"
+    display = create_progress_display()
+    assert isinstance(display, RichProgressDisplay) and display.live
+    monkeypatch.setenv("VISTRAIN_PROGRESS", "fancy")
+    with pytest.raises(ValueError, match="VISTRAIN_PROGRESS='fancy'"):
+        progress_mode(FakeStream(tty=True))
+    with pytest.raises(ValueError, match="mode='bar'"):
+        create_progress_display("bar")
+
+
+def test_other_ranks_draw_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vlog, "get_rank", lambda: 1)
+    display = create_progress_display("rich")
+    assert type(display) is ProgressDisplay and not display.live
+
+
+@pytest.fixture
+def restore_logger() -> Iterator[logging.Logger]:
+    logger = logging.getLogger("vistrain")
+    saved = (logger.level, logger.propagate, list(logger.handlers))
+    yield logger
+    for handler in list(logger.handlers):
+        if handler not in saved[2]:
+            logger.removeHandler(handler)
+            handler.close()
+    logger.setLevel(saved[0])
+    logger.propagate = saved[1]
+
+
+def test_setup_logger_levels_file_and_idempotence(
+    restore_logger: logging.Logger, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log_file = tmp_path / "logs" / "run.log"
+    logger = setup_logger(log_file=log_file)
+    setup_logger(log_file=log_file)  # reconfiguring must not duplicate handlers
+    assert logger is restore_logger and logger.level == logging.INFO
+    logging.getLogger("vistrain.engine.x").info("hello %d", 3)
+    logger.debug("hidden")
+    out = capsys.readouterr().out
+    assert out.count("hello 3") == 1 and "hidden" not in out
+    assert out.startswith("[") and "INFO] hello 3" in out
+    assert log_file.read_text().count("hello 3") == 1
+    with pytest.raises(ValueError, match="Unknown log level 'LOUD'"):
+        setup_logger("LOUD")
+
+
+def test_setup_logger_on_other_ranks_warns_only(
+    restore_logger: logging.Logger,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(vlog, "get_rank", lambda: 1)
+    logger = setup_logger("DEBUG", log_file=tmp_path / "rank1.log")
+    logger.info("progress")
+    logger.warning("careful")
+    out = capsys.readouterr().out
+    assert "progress" not in out
+    assert "[rank 1] careful" in out
+    assert not (tmp_path / "rank1.log").exists()  # only rank 0 writes files
