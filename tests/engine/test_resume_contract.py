@@ -22,6 +22,16 @@ from vistrain.engine.trainer import Trainer
 from vistrain.model.adapter import ModelExpEMAAdapter
 
 NUM_EPOCHS = 3
+CASES = [(0, False), (2, False), (2, True)]  # (num_workers, loader with its own generator)
+
+
+class NoisyToyDataset(ToyDataset):
+    """Random augmentation drawn from torch's RNG: in workers it depends on the worker seeds."""
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        sample = super().__getitem__(idx)
+        sample["x"] = sample["x"] + 0.1 * torch.randn(8)
+        return sample
 
 
 class ValScore(Callback):
@@ -46,6 +56,7 @@ class ValScore(Callback):
 def _run(
     out: str,
     num_workers: int,
+    generator: bool,
     num_epochs: int = NUM_EPOCHS,
     num_steps: int = -1,
     ckpt_path: str | None = None,
@@ -55,7 +66,13 @@ def _run(
     model = ModelExpEMAAdapter(ToyModel(dropout=0.3), decay=0.9, warmup_steps=3)
     opt = torch.optim.SGD(model.model.parameters(), lr=0.05, momentum=0.9)
     sched = LRSchedulerWrapper(opt, [LRSchedulerConfig(StepLR, {"step_size": 1, "gamma": 0.7})])
-    train = DataLoader(ToyDataset(20, seed=3), batch_size=4, shuffle=True, num_workers=num_workers)
+    train = DataLoader(
+        NoisyToyDataset(20, seed=3),
+        batch_size=4,
+        shuffle=True,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(7) if generator else None,
+    )
     test = DataLoader(ToyDataset(8, seed=4), batch_size=4, shuffle=False)
     ckpt_cb = (
         CheckpointCallback(save_prefix=out, checkpoint_period=1, async_save=False)
@@ -103,33 +120,37 @@ def _assert_identical(a: tuple[Any, Any], b: tuple[Any, Any]) -> None:
     assert opt_a["param_groups"][0]["lr"] == opt_b["param_groups"][0]["lr"]
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_epoch_checkpoint_resume_is_bit_identical(tmp_path, num_workers: int) -> None:
-    straight = _run(str(tmp_path / "straight"), num_workers)
+@pytest.mark.parametrize(("num_workers", "generator"), CASES)
+def test_epoch_checkpoint_resume_is_bit_identical(
+    tmp_path, num_workers: int, generator: bool
+) -> None:
+    straight = _run(str(tmp_path / "straight"), num_workers, generator)
     part = str(tmp_path / "part")
-    _run(part, num_workers, num_epochs=1)
+    _run(part, num_workers, generator, num_epochs=1)
     ckpt = os.path.join(part, "checkpoints", "last.ckpt")
-    resumed = _run(part, num_workers, ckpt_path=ckpt)
+    resumed = _run(part, num_workers, generator, ckpt_path=ckpt)
     _assert_identical(straight, resumed)
     assert _logs(str(tmp_path / "straight")) == _logs(part)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_mid_epoch_step_checkpoint_resume_is_bit_identical(tmp_path, num_workers: int) -> None:
-    straight = _run(str(tmp_path / "straight"), num_workers, step_period=7)
+@pytest.mark.parametrize(("num_workers", "generator"), CASES)
+def test_mid_epoch_step_checkpoint_resume_is_bit_identical(
+    tmp_path, num_workers: int, generator: bool
+) -> None:
+    straight = _run(str(tmp_path / "straight"), num_workers, generator, step_period=7)
     part = str(tmp_path / "part")
     # 5 batches per epoch: step 7 is the middle of the second epoch
-    _run(part, num_workers, num_steps=7, step_period=7)
+    _run(part, num_workers, generator, num_steps=7, step_period=7)
     ckpt = os.path.join(part, "checkpoints", "epoch=1-step=7.ckpt")
     assert torch.load(ckpt, weights_only=False)["batches_done"] == 2
-    resumed = _run(part, num_workers, ckpt_path=ckpt, step_period=7)
+    resumed = _run(part, num_workers, generator, ckpt_path=ckpt, step_period=7)
     _assert_identical(straight, resumed)
     assert _logs(str(tmp_path / "straight")) == _logs(part)
 
 
 def test_resume_from_unfitting_checkpoint_changes_nothing(tmp_path) -> None:
     out = str(tmp_path / "run")
-    _run(out, 0, num_epochs=1)
+    _run(out, 0, False, num_epochs=1)
     torch.manual_seed(0)
     other = torch.nn.Linear(3, 3)
     before = {k: v.clone() for k, v in other.state_dict().items()}

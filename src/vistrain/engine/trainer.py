@@ -253,7 +253,7 @@ class Trainer:
             cb_state = callback.state_dict()
             if cb_state:
                 callback_states[key] = cb_state
-        rng = all_gather_object(capture_rng_state())
+        rng = all_gather_object(self._capture_rng())
         epoch_rng = all_gather_object(self._epoch_start_rng)
         return {
             "format": CHECKPOINT_FORMAT,
@@ -371,14 +371,32 @@ class Trainer:
         if sampler is not None and hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.current_epoch)
         if resume is not None:
-            restore_rng_state(resume[0])
-        self._epoch_start_rng = capture_rng_state()
+            self._restore_rng(resume[0])
+        self._epoch_start_rng = self._capture_rng()
         iterator = iter(loader)
         for _ in range(skip_batches):
             next(iterator)
         if resume is not None:
-            restore_rng_state(resume[1])
+            self._restore_rng(resume[1])
         return iterator
+
+    def _loader_generator(self) -> torch.Generator | None:
+        generator = getattr(self.train_dataloader, "generator", None)
+        return generator if isinstance(generator, torch.Generator) else None
+
+    def _capture_rng(self) -> dict[str, Any]:
+        """Global generators plus the training loader's own generator (worker seeds)."""
+        state = capture_rng_state()
+        generator = self._loader_generator()
+        if generator is not None:
+            state["loader_generator"] = generator.get_state()
+        return state
+
+    def _restore_rng(self, state: dict[str, Any]) -> None:
+        restore_rng_state(state)
+        generator = self._loader_generator()
+        if generator is not None and "loader_generator" in state:
+            generator.set_state(state["loader_generator"])
 
     def _train_epoch(
         self,
@@ -581,7 +599,7 @@ class Trainer:
         rank_rng = rng_states[rank] if same_world and rank < len(rng_states) else None
         if ckpt.get("epoch_finished", True):
             if rank_rng is not None:
-                restore_rng_state(rank_rng)
+                self._restore_rng(rank_rng)
             self.current_epoch = epoch + 1
             logger.info("Resumed from %s at the start of epoch %d.", ckpt_path, epoch + 1)
             return epoch + 1, 0, None
