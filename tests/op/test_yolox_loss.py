@@ -332,3 +332,40 @@ def test_normaliser_is_the_positive_count_averaged_over_ranks() -> None:
     mean = sum(counts) / 2
     for loss_obj, raw_obj, _ in results:
         assert loss_obj == pytest.approx(raw_obj / mean, rel=1e-5)
+
+
+def test_documented_loss_module_wiring_and_l1_metric_name() -> None:
+    from vistrain.engine.connectors import LossConnector, data_key, pred_key
+    from vistrain.engine.loss_module import LossModule
+    from vistrain.op.detect.yolox import YOLOXOut
+
+    head_loss = YOLOXHeadLoss(num_classes=2)
+    module = LossModule(
+        {
+            "loss": head_loss,
+            "connector": LossConnector(
+                {
+                    "cls_outs": pred_key("cls_score"),
+                    "reg_outs": pred_key("bbox_pred"),
+                    "obj_outs": pred_key("objectness"),
+                    "target_boxes": data_key("boxes2d"),
+                    "target_class_ids": data_key("boxes2d_classes"),
+                    "images_hw": data_key("input_hw"),
+                }
+            ),
+        }
+    )
+    cls, reg, obj = _maps(1, 64, 2, requires_grad=True)
+    outputs = YOLOXOut(cls, reg, obj)
+    batch = {
+        "boxes2d": [torch.tensor([[12.0, 12.0, 44.0, 44.0]])],
+        "boxes2d_classes": [torch.tensor([1])],
+        "input_hw": [torch.tensor([64, 64])],  # tensors work as well as tuples
+    }
+    total, metrics = module(outputs, batch)
+    assert not any("l1" in k for k in metrics)
+    head_loss.enable_l1_loss()
+    total_l1, metrics = module(outputs, batch)
+    l1_names = [k for k in metrics if "l1" in k]
+    assert l1_names == ["YOLOXHeadLoss.loss_l1"]
+    assert total_l1.item() == pytest.approx(total.item() + metrics[l1_names[0]].item(), rel=1e-5)

@@ -167,7 +167,10 @@ def _check_levels(
 
 def _hw_tensor(images_hw: Any, batch: int, device: torch.device, name: str) -> Tensor:
     """``images_hw`` (list of (h, w) or a (B, 2) tensor) as a float ``(B, 2)`` tensor."""
-    hw = torch.as_tensor(images_hw, dtype=torch.float32, device=device)
+    if isinstance(images_hw, (list, tuple)) and images_hw and isinstance(images_hw[0], Tensor):
+        hw = torch.stack([torch.as_tensor(x) for x in images_hw]).to(device, torch.float32)
+    else:
+        hw = torch.as_tensor(images_hw, dtype=torch.float32, device=device)
     if hw.shape != (batch, 2):
         raise ValueError(
             f"{name} has shape {tuple(hw.shape)}; expected one (h, w) pair per image "
@@ -376,6 +379,7 @@ class YOLOXHeadLoss(nn.Module):
         return torch.cat(((centre - points) / stride, torch.log(size / stride + 1e-8)), dim=-1)
 
 
+@torch.no_grad()
 def postprocess_detections(
     outputs: YOLOXOut,
     strides: Sequence[int],
