@@ -257,6 +257,11 @@ class YOLOXHeadLoss(nn.Module):
             )
         counts = []
         for i, (boxes, classes) in enumerate(zip(target_boxes, target_class_ids)):
+            if not isinstance(boxes, Tensor) or not isinstance(classes, Tensor):
+                raise TypeError(
+                    f"Image {i}: boxes and class ids must be tensors, got "
+                    f"{type(boxes).__name__} and {type(classes).__name__}."
+                )
             if boxes.dim() != 2 or boxes.shape[-1] != 4 or classes.shape != boxes.shape[:1]:
                 raise ValueError(
                     f"Image {i}: boxes {tuple(boxes.shape)} and classes {tuple(classes.shape)}; "
