@@ -267,6 +267,21 @@ def test_update_sees_buffers_swapped_without_setattr(side: str) -> None:
     torch.testing.assert_close(adapter.ema_model.bn.running_var, 0.5 * ema_var + 1.5)
 
 
+def test_update_sees_parameters_overwritten_on_conversion() -> None:
+    adapter = ModelEMAAdapter(Net(), decay=0.5)
+    adapter.update(1)
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        adapter.model.fc._apply(lambda t: t.clone())  # new Parameter objects, no hook
+        with torch.no_grad():
+            adapter.model.fc.weight.fill_(2.0)
+        ema_fc = adapter.ema_model.fc.weight.detach().clone()
+        adapter.update(2)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    torch.testing.assert_close(adapter.ema_model.fc.weight, 0.5 * ema_fc + 1.0)
+
+
 def test_adapter_to_dtype_moves_both_and_keeps_updating() -> None:
     torch.manual_seed(0)
     adapter = ModelEMAAdapter(Net(), decay=0.5)

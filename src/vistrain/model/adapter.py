@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.__future__ import get_overwrite_module_params_on_conversion
 from torch.nn.modules.module import (
     register_module_buffer_registration_hook,
     register_module_module_registration_hook,
@@ -79,45 +80,62 @@ def _watch_modules(root: nn.Module) -> None:
 
 
 @dataclass
-class _SlotWatch:
-    """Detects replaced tensors of an adapter cheaply enough to run before every update.
+class _Slots:
+    """Entries of module dicts (``_parameters`` or ``_buffers``) and the objects they held."""
 
-    Two complementary checks:
-
-    * ``setattr``-style replacements (a new submodule, parameter or buffer) are seen by
-      global registration hooks, which bump ``_TREE_VERSION``: one integer compare here.
-    * ``Module._apply`` (``.to()``, ``.double()`` on a submodule) swaps buffers (and, with
-      ``torch.__future__`` flags, parameters) by writing the module dicts directly,
-      without hooks. So the ``_parameters``/``_buffers`` entries of the trained model and
-      the ``_buffers`` of the EMA copy are compared by identity, in C-level ``map`` calls
-      over objects the update touches anyway. EMA parameters keep their identity under
-      ``_apply``; conversions of the whole adapter drop the pairs in ``_apply`` itself.
-    """
-
-    version: int
     owners: list[dict[str, Any]]
     keys: list[str]
     objects: list[Any]
 
     @classmethod
+    def of(cls, dicts: list[dict[str, Any]]) -> _Slots:
+        slots = cls([], [], [])
+        for owner in dicts:
+            for key, obj in owner.items():
+                slots.owners.append(owner)
+                slots.keys.append(key)
+                slots.objects.append(obj)
+        return slots
+
+    def changed(self) -> bool:
+        """True if any entry now holds another object (C-level ``map``, no Python loop)."""
+        return any(map(operator.is_not, map(dict.get, self.owners, self.keys), self.objects))
+
+
+@dataclass
+class _SlotWatch:
+    """Detects replaced tensors of an adapter cheaply enough to run before every update.
+
+    Right after an optimizer step the CPU caches are cold, so the check touches as few
+    objects as it can. Two complementary parts:
+
+    * ``setattr``-style replacements (a new submodule, parameter or buffer, also through
+      ``load_state_dict(..., assign=True)``) are seen by global registration hooks that
+      bump ``_TREE_VERSION``: one integer compare here.
+    * ``Module._apply`` (``.to()``, ``.double()`` of a submodule) writes new buffers
+      straight into the module dicts, without hooks, so the buffer entries of the model
+      and of the EMA copy are compared by identity. Parameters keep their identity under
+      ``_apply`` (their ``.data`` is swapped) unless
+      ``torch.__future__.set_overwrite_module_params_on_conversion(True)``; only then are
+      the model's parameter entries compared too. Converting the whole adapter drops the
+      pairs in ``ModelEMAAdapter._apply`` itself.
+    """
+
+    version: int
+    buffers: _Slots
+    params: _Slots
+
+    @classmethod
     def of(cls, model: nn.Module, ema_model: nn.Module) -> _SlotWatch:
-        owners: list[dict[str, Any]] = []
-        keys: list[str] = []
-        objects: list[Any] = []
-        slots = [d for m in model.modules() for d in (m._parameters, m._buffers)]
-        slots += [m._buffers for m in ema_model.modules()]
-        for slot in slots:
-            for key, obj in slot.items():
-                owners.append(slot)
-                keys.append(key)
-                objects.append(obj)
-        return cls(_TREE_VERSION[0], owners, keys, objects)
+        buffer_dicts = [m._buffers for m in (*model.modules(), *ema_model.modules())]
+        param_dicts = [m._parameters for m in model.modules()]
+        return cls(_TREE_VERSION[0], _Slots.of(buffer_dicts), _Slots.of(param_dicts))
 
     def is_stale(self) -> bool:
         """True if a watched module registered something or a slot holds a new object."""
-        if _TREE_VERSION[0] != self.version:
+        if _TREE_VERSION[0] != self.version or self.buffers.changed():
             return True
-        return any(map(operator.is_not, map(dict.get, self.owners, self.keys), self.objects))
+        return get_overwrite_module_params_on_conversion() and self.params.changed()
 
 
 @dataclass
