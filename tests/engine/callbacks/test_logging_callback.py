@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import vistrain.common.timer as timer_module
 import vistrain.engine.callbacks.logging as logging_module
@@ -227,45 +228,66 @@ def test_test_progress_lines(clock: FakeClock, lines: list[str]) -> None:
     ]
 
 
-class CountingTensor(torch.Tensor):
-    """Counts reads of tensor values on the host (what would sync a GPU)."""
+class CountHostReads(TorchFunctionMode):
+    """Counts reads of tensor values on the host (each would sync a GPU)."""
 
-    host_reads = 0
-    _reads = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__bool__}
+    _reads = {
+        torch.Tensor.item,
+        torch.Tensor.tolist,
+        torch.Tensor.__float__,
+        torch.Tensor.__int__,
+        torch.Tensor.__bool__,
+    }
 
-    @classmethod
-    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func in cls._reads:
-            CountingTensor.host_reads += 1
-        return super().__torch_function__(func, types, args, kwargs or {})
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in self._reads:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
-def test_no_host_reads_or_log_calls_between_log_steps(clock: FakeClock, lines: list[str]) -> None:
+@pytest.mark.parametrize("python_number", [False, True])
+def test_no_host_reads_or_log_calls_between_log_steps(
+    clock: FakeClock, lines: list[str], python_number: bool
+) -> None:
     callback = make_callback(refresh_rate=5)
     state = make_state(num_train_batches=100)
 
     def metrics(step: int) -> dict[str, Any]:
-        return {
-            "loss": torch.tensor(float(step)).as_subclass(CountingTensor),
-            "loss_cls": torch.tensor(1.0).as_subclass(CountingTensor),
-        }
+        values: dict[str, Any] = {"loss": torch.tensor(float(step)), "loss_cls": torch.tensor(1.0)}
+        if python_number:  # the per-key path must not read tensors either
+            values["lr_scale"] = 0.5
+        if step >= 3:  # a key appearing mid-window
+            values["loss_l1"] = torch.tensor(2.0)
+        return values
 
     callback.on_train_epoch_start(state, None, None)  # type: ignore[arg-type]
-    train(callback, state, clock, 1, metrics=metrics)  # the first-batch line reads once
-    CountingTensor.host_reads = 0
+    train(callback, state, clock, 1, metrics=metrics)  # the first-batch line reads its values
     lines.clear()
-    train(callback, state, clock, 3, metrics=metrics)  # batches 2..4: not log steps
-    assert CountingTensor.host_reads == 0
-    assert lines == []
-    logs = train(callback, state, clock, 1, metrics=metrics)  # batch 5: log step
-    assert CountingTensor.host_reads == 1  # one transfer for all metrics
+    with CountHostReads() as reads:
+        train(callback, state, clock, 3, metrics=metrics)  # batches 2..4: not log steps
+        assert reads.count == 0
+        assert lines == []
+        logs = train(callback, state, clock, 1, metrics=metrics)  # batch 5: log step
+        assert reads.count == 1  # one transfer for all metrics
     assert len(lines) == 1
-    assert logs[0] == pytest.approx({"loss": 3.0, "loss_cls": 1.0})
+    expected = {"loss": 3.0, "loss_cls": 1.0, "loss_l1": 2.0}
+    if python_number:
+        expected["lr_scale"] = 0.5
+    assert logs[0] == pytest.approx(expected)
 
 
-def test_resume_mid_window_returns_the_same_averages(clock: FakeClock) -> None:
+@pytest.mark.parametrize("python_number", [False, True])
+def test_resume_mid_window_returns_the_same_averages(clock: FakeClock, python_number: bool) -> None:
     def metrics(step: int) -> dict[str, Any]:
-        return {"loss": torch.tensor(0.1 * step + 1 / 3), "acc": 0.5 * step}
+        acc = 0.5 * step
+        return {
+            "loss": torch.tensor(0.1 * step + 1 / 3),
+            "acc": acc if python_number else torch.tensor(acc, dtype=torch.float64),
+        }
 
     straight = make_callback(refresh_rate=4)
     state = make_state(num_train_batches=10)

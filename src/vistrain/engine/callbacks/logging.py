@@ -104,6 +104,131 @@ def _to_floats(values: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class _MetricWindow:
+    """Running sums of the metrics since the last logged line, kept where the metrics live.
+
+    The common case, the same keys every step as 0-d tensors on one device, costs one
+    ``torch.stack`` and one in-place add into a float64 vector. Other steps (keys that
+    change, Python numbers) fall back to one sum per key. Nothing is read on the host until
+    ``snapshot()`` is converted by the caller. Sums are added in step order whatever the
+    path, so a window restored from a checkpoint continues bit for bit.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}  # steps per key, except those in the vector
+        self._sums: dict[str, Tensor | float] = {}  # keys not held in the vector
+        self._keys: tuple[str, ...] | None = None
+        self._vector: Tensor | None = None
+        self._vector_steps = 0
+        self._not_vectorisable: tuple[str, ...] | None = None
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Number of steps that contributed to each key's sum."""
+        if self._keys is None or not self._vector_steps:
+            return self._counts
+        merged = dict(self._counts)
+        for key in self._keys:
+            merged[key] = merged.get(key, 0) + self._vector_steps
+        return merged
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        """Add one step's metrics (no host read, no sync)."""
+        keys = tuple(metrics)
+        if keys == self._keys and self._vector is not None:
+            # detach: a metric that still requires grad must not chain steps into a graph.
+            self._vector.add_(torch.stack([metrics[key] for key in keys]).detach())
+            self._vector_steps += 1
+        elif keys == self._not_vectorisable or not self._start_vector(keys, metrics):
+            self._add_per_key(metrics)
+            counts = self._counts
+            for key in keys:
+                counts[key] = counts.get(key, 0) + 1
+
+    def _start_vector(self, keys: tuple[str, ...], metrics: dict[str, Any]) -> bool:
+        self._fold()
+        values = [metrics[key] for key in keys]
+        for key, value in zip(keys, values):
+            _check_metric(key, value)
+        if not all(isinstance(value, Tensor) for value in values) or not values:
+            self._not_vectorisable = keys
+            return False
+        device = values[0].device
+        if any(value.device != device for value in values):
+            self._not_vectorisable = keys
+            return False
+        dtype = _sum_dtype(device)
+        with torch.no_grad():
+            start = [self._sums.pop(key, 0.0) for key in keys]
+            vector = torch.stack(
+                [torch.as_tensor(value, dtype=dtype, device=device).reshape(()) for value in start]
+            )
+            vector.add_(torch.stack([value.reshape(()) for value in values]))
+        self._keys, self._vector, self._vector_steps = keys, vector, 1
+        return True
+
+    def _add_per_key(self, metrics: dict[str, Any]) -> None:
+        self._fold()
+        sums = self._sums
+        for key, value in metrics.items():
+            _check_metric(key, value)
+            total = sums.get(key)
+            if isinstance(value, Tensor):
+                value = value.detach().reshape(())
+                if isinstance(total, Tensor):
+                    total.add_(value)
+                else:  # first value, or a float restored from a checkpoint
+                    start = 0.0 if total is None else total
+                    sums[key] = value.to(_sum_dtype(value.device), copy=True).add_(start)
+            else:
+                sums[key] = (0.0 if total is None else float(total)) + float(value)
+
+    def _fold(self) -> None:
+        """Move the vector's sums into the per-key dict."""
+        if self._keys is not None and self._vector is not None:
+            for index, key in enumerate(self._keys):
+                self._sums[key] = self._vector[index]
+                self._counts[key] = self._counts.get(key, 0) + self._vector_steps
+        self._keys, self._vector, self._vector_steps = None, None, 0
+
+    def snapshot(self) -> dict[str, Tensor | float]:
+        """Key to running sum (tensors stay on their device), sorted by key."""
+        merged = dict(self._sums)
+        if self._keys is not None and self._vector is not None:
+            merged.update(zip(self._keys, self._vector.unbind()))
+        return {key: merged[key] for key in sorted(merged)}
+
+    def replace(self, sums: dict[str, Tensor | float]) -> None:
+        """Overwrite the sums (counts unchanged), e.g. with their mean across ranks."""
+        self._fold()
+        self._sums.update(sums)
+
+    def load(self, sums: dict[str, float], counts: dict[str, int]) -> None:
+        """Restore sums and counts saved with ``snapshot`` converted to floats."""
+        self._keys, self._vector, self._vector_steps = None, None, 0
+        self._not_vectorisable = None
+        self._sums = {key: float(value) for key, value in sums.items()}
+        self._counts = {key: int(value) for key, value in counts.items()}
+
+
+def _check_metric(key: str, value: Any) -> None:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise TypeError(
+                f"Metric {key!r} has shape {tuple(value.shape)}; trainer_state['metrics'] "
+                "must hold scalars (0-d tensors or numbers)."
+            )
+    elif not isinstance(value, (int, float)):
+        raise TypeError(
+            f"Metric {key!r} is a {type(value).__name__}; trainer_state['metrics'] must hold "
+            "scalars (0-d tensors or numbers)."
+        )
+
+
 class LoggingCallback(Callback):
     """Callback for logging: progress lines, a live bar on terminals, averaged metrics.
 
@@ -136,8 +261,7 @@ class LoggingCallback(Callback):
         self._start_step: int | None = None
         self._first_line_done = False
         # Window since the last line: metric sums, batch and image counts, timing marks.
-        self._sums: dict[str, Tensor | float] = {}
-        self._counts: dict[str, int] = {}
+        self._window = _MetricWindow()
         self._window_batches = 0
         self._window_images = 0
         self._window_start_time = 0.0
@@ -157,61 +281,23 @@ class LoggingCallback(Callback):
             self._display = create_progress_display()
         return self._display
 
-    def _accumulate(self, metrics: dict[str, Any] | None) -> None:
-        """Add one step's metrics to the running sums without reading them (no sync)."""
-        if not metrics:
-            return
-        sums, counts = self._sums, self._counts
-        for key, value in metrics.items():
-            total = sums.get(key)
-            if total is None:
-                sums[key] = self._new_sum(key, value)
-                counts[key] = 1
-                continue
-            if isinstance(total, Tensor):
-                total.add_(value.detach() if isinstance(value, Tensor) else value)
-            elif isinstance(value, Tensor):
-                # A sum restored from a checkpoint is a float; continue on the metric's device.
-                sums[key] = self._new_sum(key, value) + total
-            else:
-                sums[key] = total + float(value)
-            counts[key] += 1
-
-    @staticmethod
-    def _new_sum(key: str, value: Any) -> Tensor | float:
-        if isinstance(value, Tensor):
-            if value.numel() != 1:
-                raise TypeError(
-                    f"Metric {key!r} has shape {tuple(value.shape)}; trainer_state['metrics'] "
-                    "must hold scalars (0-d tensors or numbers)."
-                )
-            dtype = torch.float32 if value.device.type == "mps" else torch.float64
-            return value.detach().reshape(()).to(dtype=dtype, copy=True)
-        if isinstance(value, (int, float)):
-            return float(value)
-        raise TypeError(
-            f"Metric {key!r} is a {type(value).__name__}; trainer_state['metrics'] must hold "
-            "scalars (0-d tensors or numbers)."
-        )
-
     def _reduce_window(self) -> dict[str, float]:
         """Average the window's sums over its batches and over ranks (collective).
 
         Every rank must call this at the same step (log steps are the same on every rank).
         One ``all_reduce`` when distributed, then one device-to-host transfer.
         """
-        keys = sorted(self._counts)
-        if not keys:
+        values: dict[str, Any] = self._window.snapshot()
+        if not values:
             return {}
-        values: dict[str, Any] = {key: self._sums[key] for key in keys}
         if is_distributed():
             values = all_reduce_dict(values, "mean")
         totals = _to_floats(values)
-        return {key: totals[key] / self._counts[key] for key in keys}
+        counts = self._window.counts
+        return {key: totals[key] / counts[key] for key in values}
 
     def _reset_window(self) -> None:
-        self._sums = {}
-        self._counts = {}
+        self._window = _MetricWindow()
         self._window_batches = 0
         self._window_images = 0
         self._window_start_time = self._train_timer.elapsed()
@@ -333,7 +419,8 @@ class LoggingCallback(Callback):
         Every rank must run this hook on every batch: log steps all-reduce the averages.
         """
         metrics = trainer_state.get("metrics")
-        self._accumulate(metrics)
+        if metrics:
+            self._window.add(metrics)
         self._window_batches += 1
         images = batch.get("images") if isinstance(batch, dict) else None
         if isinstance(images, Tensor) and images.dim() > 0:
@@ -357,7 +444,8 @@ class LoggingCallback(Callback):
         else:
             if not self._first_line_done and is_rank_zero():
                 self._log_first_batch(trainer_state, batch_idx, metrics)
-            self._update_bar("train", self._position(trainer_state, batch_idx)[1])
+            if self._display is not None and self._display.live:
+                self._update_bar("train", self._position(trainer_state, batch_idx)[1])
         self._first_line_done = True
         self._last_batch_end = time.perf_counter()
         return logs
@@ -444,16 +532,14 @@ class LoggingCallback(Callback):
         unchanged (it is a mean over ranks anyway) and lets the single saved copy stand for
         every rank after a resume.
         """
-        if is_distributed() and self._counts:
-            reduced = all_reduce_dict({key: self._sums[key] for key in self._counts}, "mean")
-            self._sums.update(reduced)
+        if is_distributed() and self._window.counts:
+            self._window.replace(all_reduce_dict(self._window.snapshot(), "mean"))
 
     def state_dict(self) -> dict[str, Any]:
         """The partial metric window (empty right after a logged line)."""
-        if not self._counts:
+        if not self._window.counts:
             return {}
-        sums = _to_floats({key: self._sums[key] for key in sorted(self._counts)})
-        return {"sums": sums, "counts": dict(self._counts)}
+        return {"sums": _to_floats(self._window.snapshot()), "counts": dict(self._window.counts)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the partial metric window so the next line averages the same batches."""
@@ -464,6 +550,5 @@ class LoggingCallback(Callback):
                 "LoggingCallback state is inconsistent: 'sums' and 'counts' have different "
                 f"keys ({sorted(sums)} vs {sorted(counts)})."
             )
-        # Kept as floats: the next metric tensor moves them onto its own device.
-        self._sums = {key: float(value) for key, value in sums.items()}
-        self._counts = {key: int(value) for key, value in counts.items()}
+        # Kept as floats: the next metric tensors carry them onto their own device.
+        self._window.load(sums, counts)
