@@ -123,6 +123,9 @@ def test_update_without_step_counts_updates() -> None:
         _train_step(b.model, k)
         a.update()
         b.update(k)
+    # the counter buffer is current in the state dict (read first, before any attribute access)
+    assert a.state_dict()["num_updates"].item() == 3
+    assert b.state_dict()["num_updates"].item() == 3
     for (name, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), name
     assert int(a.num_updates) == 3

@@ -204,8 +204,6 @@ class ModelEMAAdapter(nn.Module):
         ValueError: If ``decay`` is outside (0, 1) or ``device`` is not a device.
     """
 
-    num_updates: Tensor
-
     def __init__(
         self,
         model: nn.Module,
@@ -250,7 +248,7 @@ class ModelEMAAdapter(nn.Module):
         self.model = model
         self.ema_model = ema_model
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-        self._num_updates = 0  # host mirror of the buffer: no device sync per step
+        self._num_updates = 0  # the count; the buffer mirrors it when read or saved
         self._pairs: _PairCache | None = None
         self.train(model.training)
 
@@ -280,7 +278,9 @@ class ModelEMAAdapter(nn.Module):
         pairs = self._pairs
         if pairs is None or pairs.watch.is_stale():
             pairs = self._pairs = self._build_pairs()
-        with torch.no_grad():
+        grad_was_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # torch.no_grad() costs ~1% of the update here
+        try:
             for ema_tensors, model_tensors in pairs.lerp_groups:
                 if pairs.cross_device:
                     target = ema_tensors[0]
@@ -290,8 +290,23 @@ class ModelEMAAdapter(nn.Module):
                 torch._foreach_lerp_(ema_tensors, model_tensors, weight)
             if pairs.copy_ema:
                 torch._foreach_copy_(pairs.copy_ema, pairs.copy_src)
+        finally:
+            torch._C._set_grad_enabled(grad_was_enabled)
+        # The buffer is written when read (attribute access, state_dict), not per update:
+        # one tensor op less on the hot path.
         self._num_updates += 1
-        self.num_updates.fill_(self._num_updates)
+
+    def _sync_counter(self) -> None:
+        """Write the host-side update count into the ``num_updates`` buffer."""
+        buffer = self._buffers["num_updates"]
+        if buffer is not None:
+            buffer.fill_(self._num_updates)
+
+    def __getattr__(self, name: str) -> Any:
+        """Module attribute lookup; reading ``num_updates`` returns the up-to-date buffer."""
+        if name == "num_updates" and "_num_updates" in self.__dict__:
+            self._sync_counter()
+        return super().__getattr__(name)
 
     def _build_pairs(self) -> _PairCache:
         """Pair the EMA copy's tensors with the model's by name and group them."""
@@ -379,6 +394,13 @@ class ModelEMAAdapter(nn.Module):
                 child._apply(fn)
         return super()._apply(fn, recurse=False)
 
+    def _save_to_state_dict(
+        self, destination: dict[str, Any], prefix: str, keep_vars: bool
+    ) -> None:
+        """Save the adapter's own buffer (the counter), brought up to date first."""
+        self._sync_counter()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -394,7 +416,9 @@ class ModelEMAAdapter(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         self._pairs = None
-        self._num_updates = int(self.num_updates)
+        buffer = self._buffers["num_updates"]
+        if buffer is not None:
+            self._num_updates = int(buffer)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle/deepcopy without the cached pairs (they point into this instance)."""
