@@ -186,7 +186,15 @@ class ModelEMAAdapter(nn.Module):
     eval mode whatever ``train()`` is called with.
 
     State: ``state_dict()`` holds ``model.*``, ``ema_model.*`` and the ``num_updates``
-    counter, so a checkpoint of the adapter restores the EMA exactly.
+    counter (updates applied), so a checkpoint of the adapter restores the EMA exactly.
+    The counter is kept on the host and written into its buffer when the buffer is read
+    (``adapter.num_updates``) or saved, not on every update; ``named_buffers()`` may show
+    an older count.
+
+    Use: build the optimizer from ``adapter.model.parameters()`` (the EMA parameters never
+    get gradients). Under DDP with ``broadcast_buffers`` (the default) rank 0's buffers,
+    the EMA copy's BatchNorm statistics included, overwrite the other ranks' at every
+    forward; rank 0's EMA is the one checkpoints hold.
 
     Args:
         model: The model to train. Wrap the bare model, then DDP the adapter.
