@@ -5,7 +5,6 @@ import random
 import subprocess
 import sys
 import threading
-import time
 from collections import OrderedDict, namedtuple
 from pathlib import Path
 from typing import Any
@@ -256,22 +255,25 @@ def test_async_writer_runs_one_write_at_a_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     active, peak, lock = [0], [0], threading.Lock()
+    gates = [threading.Event() for _ in range(3)]  # job i writes only once gates[i] is set
     real_save = ckpt_io.save_checkpoint
 
-    def slow_save(obj: Any, path: Any) -> None:
+    def gated_save(obj: Any, path: Any) -> None:
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
-        time.sleep(0.05)
+        assert gates[int(obj["global_step"])].wait(10)
         real_save(obj, path)
         with lock:
             active[0] -= 1
 
-    monkeypatch.setattr(ckpt_io, "save_checkpoint", slow_save)
+    monkeypatch.setattr(ckpt_io, "save_checkpoint", gated_save)
     writer = AsyncCheckpointWriter()
     for step in range(3):
-        writer.save(_ckpt(step), tmp_path / f"{step}.ckpt")
+        writer.save(_ckpt(step), tmp_path / f"{step}.ckpt")  # waits for the previous write
         assert writer.in_flight
+        assert not (tmp_path / f"{step}.ckpt").exists()
+        gates[step].set()
     writer.wait()
     assert not writer.in_flight
     assert peak[0] == 1
