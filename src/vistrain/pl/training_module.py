@@ -1,0 +1,220 @@
+"""``TrainingModule``: a LightningModule around a vistrain model, loss, optimizers and schedules.
+
+Training uses Lightning's manual optimization, so one training step is exactly the native
+Trainer's: zero the gradients of every optimizer, ``manual_backward``, step every optimizer
+(through Lightning, so precision plugins and strategies apply), count one ``global_step``,
+``step_on_batch`` every scheduler. Epoch-based scheduler steps and the callbacks' epoch end
+are run by the engine (see ``vistrain.pl.engine``) so their order matches the native loop.
+
+The module's own hooks run after the callbacks' hooks of the same name; it uses them for the
+engine's "after every callback" work: writing logs, ending the epoch, restoring RNG states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from vistrain.common.typing import DictData
+from vistrain.engine.connectors import DataConnector
+from vistrain.engine.loss_module import LossModule
+from vistrain.engine.optim import LRSchedulerWrapper
+from vistrain.pl.engine import LightningEngine, as_list, as_loader_list
+
+
+def _call_model(model: nn.Module, inputs: Any) -> Any:
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+class TrainingModule(pl.LightningModule):
+    """A LightningModule that trains a vistrain model the way the native Trainer does.
+
+    Pass the data loaders here (not to ``trainer.fit``): the module hands Lightning proxies
+    that let callbacks swap the training loader (``set_train_dataloader``) and keep the
+    native RNG handling. Wrap every vistrain callback in ``CallbackWrapper``.
+
+    Args:
+        model: The vistrain model (may contain an EMA adapter).
+        loss_module: The training loss (``LossModule``).
+        optimizers: One optimizer or several; each is stepped once per training step.
+        lr_schedulers: ``LRSchedulerWrapper`` objects (or None).
+        train_data_connector: Picks the model's training inputs out of a batch.
+        test_data_connector: Picks the model's test inputs out of a batch.
+        train_dataloader: Training data.
+        test_dataloader: One or several validation / test loaders.
+        output_dir: Folder for ``metrics.jsonl`` and TensorBoard files (None: the trainer's
+            ``default_root_dir``).
+        log_every_n_steps: Write learning rates every n steps.
+        tensorboard: Also write TensorBoard event files.
+        resume_from: A vistrain checkpoint (either engine's) to resume from at fit start.
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If there is no optimizer or ``log_every_n_steps`` is below 1.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_module: LossModule,
+        optimizers: Optimizer | Sequence[Optimizer],
+        lr_schedulers: LRSchedulerWrapper | Sequence[LRSchedulerWrapper] | None,
+        train_data_connector: DataConnector | None,
+        test_data_connector: DataConnector | None,
+        train_dataloader: DataLoader[DictData] | None = None,
+        test_dataloader: DataLoader[DictData] | Sequence[DataLoader[DictData]] | None = None,
+        output_dir: str | None = None,
+        log_every_n_steps: int = 50,
+        tensorboard: bool = True,
+        resume_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}.")
+        if not isinstance(loss_module, LossModule):
+            raise TypeError(f"loss_module must be a LossModule, got {type(loss_module).__name__}.")
+        optimizer_list = as_list(optimizers, "optimizers", Optimizer)
+        if not optimizer_list:
+            raise ValueError("TrainingModule needs at least one optimizer.")
+        if log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps={log_every_n_steps} must be >= 1.")
+        for name, connector in (
+            ("train_data_connector", train_data_connector),
+            ("test_data_connector", test_data_connector),
+        ):
+            if connector is not None and not isinstance(connector, DataConnector):
+                raise TypeError(
+                    f"{name} must be a DataConnector, got {type(connector).__name__}."
+                )
+        if train_dataloader is not None and not isinstance(train_dataloader, DataLoader):
+            raise TypeError(
+                f"train_dataloader must be a DataLoader, got {type(train_dataloader).__name__}."
+            )
+        self.automatic_optimization = False
+        self.model = model
+        self.loss_module = loss_module
+        self.train_data_connector = train_data_connector
+        self.test_data_connector = test_data_connector
+        self.output_dir = output_dir
+        self.resume_from = resume_from
+        self.engine = LightningEngine(
+            model=model,
+            loss_module=loss_module,
+            optimizers=optimizer_list,
+            lr_schedulers=as_list(lr_schedulers, "lr_schedulers", LRSchedulerWrapper),
+            train_dataloader=train_dataloader,
+            test_dataloaders=as_loader_list(test_dataloader),
+            output_dir=output_dir,
+            log_every_n_steps=log_every_n_steps,
+            tensorboard=tensorboard,
+        )
+
+    # ------------------------------------------------------------------ Lightning API
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the wrapped model."""
+        return self.model(*args, **kwargs)
+
+    def configure_optimizers(self) -> Any:
+        """The vistrain optimizers (schedulers are stepped by the engine, not Lightning)."""
+        return list(self.engine.optimizers)
+
+    def train_dataloader(self) -> Any:
+        """The engine's training-data proxy (serves the current loader, started lazily)."""
+        if self.engine.train_dataloader is None:
+            raise ValueError("TrainingModule was built without train_dataloader; fit needs one.")
+        return self.engine.train_loader_proxy
+
+    def val_dataloader(self) -> Any:
+        """The test loaders behind lazy proxies (empty list: no validation)."""
+        return list(self.engine.test_loader_proxies)
+
+    def test_dataloader(self) -> Any:
+        """The test loaders behind lazy proxies."""
+        return list(self.engine.test_loader_proxies)
+
+    def _root(self) -> str:
+        return self.output_dir or str(self.trainer.default_root_dir)
+
+    def setup(self, stage: str) -> None:
+        """Attach the engine to the trainer (callbacks were registered just before)."""
+        self.engine.attach(self.trainer)
+
+    def on_fit_start(self) -> None:
+        """Resume from ``resume_from`` (our checkpoint format) and open the scalar writers."""
+        self.engine.start_fit(self._root(), self.resume_from)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Connector -> model -> loss; backward and step every optimizer; return the loss.
+
+        The model outputs and loss metrics are handed to the engine, which shows them to the
+        callbacks' ``on_train_batch_end`` as the native loop does.
+        """
+        if self.train_data_connector is None:
+            raise ValueError("TrainingModule needs train_data_connector to train.")
+        outputs = _call_model(self.model, self.train_data_connector(batch))
+        total_loss, metrics = self.loss_module(outputs, batch)
+        optimizers = self.optimizers()
+        opt_list = optimizers if isinstance(optimizers, list) else [optimizers]
+        for optimizer in opt_list:
+            optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(total_loss)
+        for optimizer in opt_list:
+            optimizer.step()
+        self.engine.after_optimizer_step(batch_idx, outputs, metrics)
+        return total_loss.detach()
+
+    def _eval_step(self, batch: Any) -> Any:
+        if self.test_data_connector is None:
+            raise ValueError("TrainingModule needs test_data_connector to validate or test.")
+        return _call_model(self.model, self.test_data_connector(batch))
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        """Connector -> model; the outputs go to the callbacks' ``on_test_batch_end``."""
+        return self._eval_step(batch)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        """Connector -> model; the outputs go to the callbacks' ``on_test_batch_end``."""
+        return self._eval_step(batch)
+
+    # ------------------------------------------------------------------ after the callbacks
+    def on_train_epoch_start(self) -> None:
+        """Native order: the model is in training mode once the epoch-start hooks ran."""
+        self.model.train()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Write the callbacks' logs; end the epoch after its last batch (epoch validation)."""
+        self.engine.after_train_batch()
+
+    def on_train_epoch_end(self) -> None:
+        """End the epoch here if not done after the last batch (step-based validation)."""
+        self.engine.finish_epoch()
+
+    def on_validation_model_eval(self) -> None:
+        """Save the RNG states before the validation loader starts, then switch to eval."""
+        self.engine.start_validation()
+        super().on_validation_model_eval()
+
+    def on_validation_epoch_end(self) -> None:
+        """Keep the callbacks' validation logs and write them as ``val/<k>``."""
+        self.engine.end_validation_epoch()
+
+    def on_validation_end(self) -> None:
+        """Restore the RNG states: validating never changes training randomness."""
+        self.engine.end_validation()
+
+    def on_test_epoch_end(self) -> None:
+        """Write the callbacks' test logs as ``test/<k>``; kept in ``test_results``."""
+        self.test_results = self.engine.end_test_epoch(self._root())
+
+    def teardown(self, stage: str) -> None:
+        """Close the scalar writers (also after an exception)."""
+        self.engine.close()
+
+
+__all__ = ["TrainingModule"]
