@@ -113,10 +113,12 @@ class Params:
         mosaic_scale_max: Largest zoom of the mosaic's random affine.
         mixup_prob: Chance of mixup after a mosaic (0 = off, as for nano).
         degrees: Largest rotation of the random affine, in degrees.
+        hsv_prob: Chance of the HSV colour jitter per training sample.
         resize_steps: Multi-scale range: sizes ``image_size + 32 * k`` for ``|k| <=
             resize_steps`` (0 = single scale).
         resize_interval: Draw a new multi-scale size every this many steps.
-        num_threads: Torch threads; 0 = all cores (unless OMP_NUM_THREADS is set).
+        num_threads: Torch threads; 0 = the cores minus one per loader worker, at least 1
+            (unless OMP_NUM_THREADS is set).
         cache_dir: Folder of the generated data; empty = $VISTRAIN_CACHE or
             ~/.cache/vistrain/shapes.
     """
@@ -126,7 +128,7 @@ class Params:
     image_size: int = 192
     num_train_images: int = 800
     num_val_images: int = 200
-    num_workers: int = 0
+    num_workers: int = 1
     seed: int = 0
     lr: float = 0.02
     checkpoint_period: int = 1
@@ -147,6 +149,7 @@ class Params:
     mosaic_scale_max: float = 1.5
     mixup_prob: float = 0.0
     degrees: float = 10.0
+    hsv_prob: float = 1.0
     resize_steps: int = 1
     resize_interval: int = 10
     num_threads: int = 0
@@ -206,7 +209,7 @@ class Params:
             raise ValueError(f"ema_decay={self.ema_decay} must be in (0, 1)")
         if not 1 <= self.num_classes <= len(SHAPE_NAMES):
             raise ValueError(f"num_classes={self.num_classes} must be in 1..{len(SHAPE_NAMES)}")
-        for name in ("mosaic_prob", "mixup_prob"):
+        for name in ("mosaic_prob", "mixup_prob", "hsv_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
         if not 0 < self.mosaic_scale_min <= self.mosaic_scale_max:
@@ -323,7 +326,7 @@ def _callbacks(
 
 def build(params: Params, output_dir: str) -> Experiment:
     """Build the YOLOX-nano shapes run (generating the data on first use)."""
-    threads = configure_threads(params.num_threads)
+    threads = configure_threads(params.num_threads, params.num_workers)
     logger.info("Torch uses %d thread(s).", threads)
     train_set, val_set = _datasets(params)
 
@@ -343,6 +346,7 @@ def build(params: Params, output_dir: str) -> Experiment:
         mosaic_scale=(params.mosaic_scale_min, params.mosaic_scale_max),
         degrees=params.degrees,
         mixup_prob=params.mixup_prob,
+        hsv_prob=params.hsv_prob,
     )
     train_loader = build_train_dataloader(
         train_pipe,

@@ -1,0 +1,231 @@
+"""End to end: the default experiment ``yolox_shapes`` through the command line.
+
+One tiny run (64-pixel images, 4 steps per epoch) trains two epochs with the mode switch
+after the first, resumes to a third epoch and is evaluated with ``vistrain test``; the
+checks cover the output folder, the L1 term appearing exactly after the switch (also from
+the first step of the resumed run) and the parameter validation's one-line errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from vistrain.cli import main
+from vistrain.zoo import load_config
+from vistrain.zoo._yolox_parts import CACHE_ENV, sgd_param_groups, shapes_cache_dir
+
+TINY = [
+    "image_size=64",
+    "batch_size=8",
+    "num_train_images=32",
+    "num_val_images=8",
+    "num_workers=0",
+    "switch_epoch=1",
+    "val_every=1",
+    "log_every=1",
+    "vis_every=2",
+    "resize_interval=2",
+    "ema_warmup_steps=2",
+    "num_threads=1",
+]
+STEPS_PER_EPOCH = 4  # 32 images / batch 8
+
+
+def _sets(*items: str) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def _vistrain(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, **{CACHE_ENV: str(tmp / "cache")})
+    proc = subprocess.run(
+        [sys.executable, "-m", "vistrain", *args],
+        cwd=str(tmp),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _output(proc: subprocess.CompletedProcess[str]) -> str:
+    return proc.stdout + proc.stderr
+
+
+def _records(run: Path) -> list[dict[str, Any]]:
+    with open(run / "metrics.jsonl", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _steps_by_tag(records: list[dict[str, Any]]) -> dict[str, set[int]]:
+    steps: dict[str, set[int]] = defaultdict(set)
+    for record in records:
+        steps[record["tag"]].add(int(record["step"]))
+    return steps
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Fit 2 epochs (switch after 1), resume to 3, test the last checkpoint."""
+    tmp = tmp_path_factory.mktemp("yolox_e2e")
+    run = tmp / "run"
+    first = _vistrain(tmp, "fit", "--output-dir", str(run), *_sets(*TINY, "num_epochs=2"))
+    first_records = _records(run)
+    first_files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+    resumed = _vistrain(
+        tmp, "fit", "--output-dir", str(run), "--resume", *_sets(*TINY, "num_epochs=3")
+    )
+    tested = _vistrain(
+        tmp,
+        "test",
+        "--ckpt",
+        str(run / "checkpoints" / "last.ckpt"),
+        "--output-dir",
+        str(tmp / "test"),
+        *_sets(*TINY),
+    )
+    return {
+        "tmp": tmp,
+        "run": run,
+        "first": first,
+        "first_records": first_records,
+        "first_files": first_files,
+        "resumed": resumed,
+        "tested": tested,
+    }
+
+
+def test_output_folder_layout(tiny_run: dict[str, Any]) -> None:
+    run: Path = tiny_run["run"]
+    ckpts = set(os.listdir(run / "checkpoints"))
+    assert {"last.ckpt", "epoch=1-step=8.ckpt", "epoch=2-step=12.ckpt"} <= ckpts
+    assert list((run / "vis" / "train").glob("step*.png")), "no training pictures"
+    assert list((run / "vis" / "test").glob("*.png")), "no validation pictures"
+    saved = list((run / "eval" / "Det").glob("*.json"))
+    assert saved, "no saved Det predictions"
+    with open(saved[0], encoding="utf-8") as handle:
+        predictions = json.load(handle)
+    assert isinstance(predictions, list)
+    assert list(run.glob("events.out.tfevents*")), "no TensorBoard file"
+    tags = _steps_by_tag(_records(run))
+    # validation after each of the 3 epochs, at the epoch ends
+    assert tags["val/Det/AP50"] == {4, 8, 12}
+    assert {"val/Det/AP", "train/loss", "train/det.loss_cls", "train/det.loss_obj"} <= set(tags)
+    # the cache folder came from VISTRAIN_CACHE
+    cache = tiny_run["tmp"] / "cache"
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["train", "val"]
+
+
+def test_l1_term_only_after_the_switch(tiny_run: dict[str, Any]) -> None:
+    tags = _steps_by_tag(tiny_run["first_records"])
+    loss_steps = tags["train/loss"]
+    assert loss_steps == set(range(1, 2 * STEPS_PER_EPOCH + 1))
+    # epoch 0 (steps 1-4) trains without L1, epoch 1 (steps 5-8) with it
+    assert tags["train/det.loss_l1"] == set(range(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH + 1))
+    assert "YOLOX mode switch at epoch 0" in _output(tiny_run["first"])
+
+
+def test_resume_continues_in_switched_mode(tiny_run: dict[str, Any]) -> None:
+    records = _records(tiny_run["run"])
+    tags = _steps_by_tag(records)
+    resumed_steps = set(range(2 * STEPS_PER_EPOCH + 1, 3 * STEPS_PER_EPOCH + 1))
+    assert tags["train/loss"] == set(range(1, 3 * STEPS_PER_EPOCH + 1))
+    # L1 from the resumed run's very first step on
+    assert resumed_steps <= tags["train/det.loss_l1"]
+    epochs = {r["step"]: r["epoch"] for r in records if r["tag"] == "train/loss"}
+    assert {epochs[s] for s in resumed_steps} == {2}
+    log = _output(tiny_run["resumed"])
+    assert "YOLOX mode switch at epoch 2" in log
+    assert "Resumed from" in log
+    # the first run's pictures and predictions are still there
+    run: Path = tiny_run["run"]
+    kept = [f for f in tiny_run["first_files"] if f.startswith(("vis/", "eval/"))]
+    assert kept and all((run / f).is_file() for f in kept)
+
+
+def test_test_command_evaluates_the_checkpoint(tiny_run: dict[str, Any]) -> None:
+    out = tiny_run["tested"].stdout
+    assert "test/Det/AP50:" in out and "test/Det/AP:" in out
+    assert "EMA weights" in _output(tiny_run["tested"])
+    records = _records(tiny_run["tmp"] / "test")
+    assert {"test/Det/AP", "test/Det/AP50"} <= {r["tag"] for r in records}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["image_size=100"], "image_size=100"),
+        (["image_size=32"], "image_size=32"),
+        (["num_epochs=4", "switch_epoch=5"], "switch_epoch=5"),
+        (["batch_size=0"], "batch_size=0"),
+        (["lr=-1"], "lr=-1"),
+        (["num_classes=9"], "num_classes=9"),
+    ],
+)
+def test_bad_params_are_one_line_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], overrides: list[str], key: str
+) -> None:
+    out = tmp_path / "out"
+    assert main(["fit", "--output-dir", str(out), *_sets(*overrides)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vistrain: error:") and err.count("\n") == 1
+    assert key in err
+    assert not out.exists()
+
+
+def test_defaults_are_valid_and_documented() -> None:
+    module = load_config("yolox_shapes")
+    params = module.Params()
+    params.validate()
+    for key in (
+        "num_epochs",
+        "batch_size",
+        "image_size",
+        "num_train_images",
+        "num_val_images",
+        "num_workers",
+        "seed",
+        "lr",
+        "checkpoint_period",
+        "switch_epoch",
+        "val_every",
+        "log_every",
+        "vis_every",
+    ):
+        assert hasattr(params, key)
+        assert f"{key}:" in (module.Params.__doc__ or "")
+    assert params.switch_epoch < params.num_epochs
+
+
+def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    assert shapes_cache_dir() == Path.home() / ".cache" / "vistrain" / "shapes"
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "env"))
+    assert shapes_cache_dir() == tmp_path / "env"
+    assert shapes_cache_dir(str(tmp_path / "given")) == tmp_path / "given"
+
+
+def test_norms_and_biases_get_no_weight_decay() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1, bias=True))
+    decay, no_decay = sgd_param_groups(net, 5e-4)
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    ids = {id(p) for p in decay["params"]}
+    assert ids == {id(net[0].weight), id(net[2].weight)}
+    assert {id(p) for p in no_decay["params"]} == {
+        id(net[0].bias),
+        id(net[1].weight),
+        id(net[1].bias),
+        id(net[2].bias),
+    }
+    torch.optim.SGD([decay, no_decay], lr=0.1)  # valid groups for torch
