@@ -135,9 +135,7 @@ class CallbackWrapper(pl.Callback):
         engine = self._engine(pl_module)
         engine.add_eval_logs(self.callback.on_test_epoch_end(engine.test_state(), engine.model))
 
-    def on_validation_epoch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule
-    ) -> None:
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """``on_test_epoch_start``."""
         self._test_epoch_start(pl_module)
 

@@ -174,7 +174,7 @@ class LightningEngine:
         self._pending_loader = dataloader
 
     def set_check_val_every_n_epoch(self, every_n_epochs: int) -> None:
-        """Validate every ``every_n_epochs`` epochs from now on (``trainer.check_val_every_n_epoch``).
+        """Validate every ``every_n_epochs`` epochs from now on (Lightning's setting of that name).
 
         A step-based run (``val_check_interval`` set, so Lightning's
         ``check_val_every_n_epoch`` is None) keeps validating by step; the call is ignored
@@ -415,9 +415,11 @@ class LightningEngine:
         return length is not None and self.batches_done >= length
 
     def finish_epoch(self) -> None:
-        """The native epoch end, once per epoch: ``schedulers.step(epoch)``, then every
-        callback's ``on_train_epoch_end`` in order. Skipped for an epoch cut short by the
-        step limit."""
+        """The native epoch end, once per epoch.
+
+        ``schedulers.step(epoch)``, then every callback's ``on_train_epoch_end`` in order.
+        Skipped for an epoch cut short by the step limit.
+        """
         self._sync_epoch()
         if self._epoch_end_done or not self._epoch_complete():
             return
@@ -578,13 +580,14 @@ class LightningEngine:
         format, so the progress trackers its loops read are set directly (Lightning 2.x).
         """
         fit_loop = self._trainer().fit_loop
+        tracker: Any
         for tracker in (fit_loop.epoch_progress.current, fit_loop.epoch_progress.total):
             tracker.ready = tracker.started = tracker.processed = tracker.completed = start_epoch
         epoch_loop = fit_loop.epoch_loop
         steps = self.global_step * max(1, len(self.optimizers))
         optim_total = epoch_loop.manual_optimization.optim_step_progress.total
         optim_total.ready = optim_total.completed = steps
-        batch_total = epoch_loop.batch_progress.total
+        batch_total: Any = epoch_loop.batch_progress.total
         batch_total.ready = batch_total.started = self.global_step
         batch_total.processed = batch_total.completed = self.global_step
         epoch_loop._batches_that_stepped = self.global_step

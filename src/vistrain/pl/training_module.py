@@ -89,9 +89,7 @@ class TrainingModule(pl.LightningModule):
             ("test_data_connector", test_data_connector),
         ):
             if connector is not None and not isinstance(connector, DataConnector):
-                raise TypeError(
-                    f"{name} must be a DataConnector, got {type(connector).__name__}."
-                )
+                raise TypeError(f"{name} must be a DataConnector, got {type(connector).__name__}.")
         if train_dataloader is not None and not isinstance(train_dataloader, DataLoader):
             raise TypeError(
                 f"train_dataloader must be a DataLoader, got {type(train_dataloader).__name__}."
