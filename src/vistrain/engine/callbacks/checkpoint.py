@@ -67,12 +67,12 @@ def writer_has_spare_cpu(model: nn.Module) -> bool:
     process may use outnumber the compute threads of all local training processes
     (``LOCAL_WORLD_SIZE`` x ``torch.get_num_threads()``).
 
-    Measured with ``benchmarks/checkpoint.py`` on 2 cores (ResNet-18 + SGD momentum, 94 MB):
-    with 1 compute thread an asynchronous save blocks a training step about 12 ms instead of
-    about 75 ms, and costs 0.6-0.9x a blocking save in all (steps run slower while the write
-    is in flight). With 2 compute threads the writer and the kernel's write-back compete with
-    training for both cores: blocked time stays small, but the total cost is 0.8x a blocking
-    save on an idle machine and 2-3.5x on a busy one, so blocking is chosen there.
+    Measured with ``benchmarks/checkpoint.py`` on 2 cores (ResNet-18 + SGD momentum, 94 MB,
+    blocking save 75-95 ms): with 1 compute thread an asynchronous save blocks training 7-16 ms
+    (0.09-0.17x) and costs 0.2-0.9x a blocking save in all, counting the slower steps while
+    the write is in flight. With 2 compute threads the writer and the kernel's write-back
+    compete with training for both cores: 0.8-1.2x a blocking save in all on a quiet machine
+    and 2-3.5x on a busy one, so blocking is chosen there.
     """
     if any(param.device.type != "cpu" for param in model.parameters()):
         return True
