@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from dist_utils import run_distributed
+
 pytest.importorskip("lightning")
 
 from vistrain.cli import main
@@ -157,7 +159,7 @@ class _Recorder(Callback):
         self.calls.append(("fit_end", trainer_state["global_step"]))
 
 
-def _parts(multi: bool = False) -> dict[str, Any]:
+def _parts(multi: bool = False, sharded: bool = False) -> dict[str, Any]:
     torch.manual_seed(0)
     model = _Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -168,7 +170,12 @@ def _parts(multi: bool = False) -> dict[str, Any]:
             "name": "mse",
         }
     )
-    train = DataLoader(_Regression(NUM_TRAIN, multi=multi), batch_size=4, shuffle=True)
+    data = _Regression(NUM_TRAIN, multi=multi)
+    if sharded:  # one shard per rank, the way experiments build distributed loaders
+        sampler = torch.utils.data.DistributedSampler(data, shuffle=True, seed=0)
+        train = DataLoader(data, batch_size=2, sampler=sampler)
+    else:
+        train = DataLoader(data, batch_size=4, shuffle=True)
     test = DataLoader(_Regression(8), batch_size=4)
     return {
         "model": model,
@@ -192,9 +199,10 @@ def _run(
     callbacks: list[Callback],
     multi: bool = False,
     ckpt_path: str | None = None,
+    sharded: bool = False,
     **loop: Any,
 ) -> nn.Module:
-    parts = _parts(multi)
+    parts = _parts(multi, sharded)
     connector = DataConnector({"x": "x"})
     num_epochs = loop.pop("num_epochs", 3)
     if engine == "native":
@@ -333,6 +341,28 @@ def test_mode_switch_changes_loader_and_validation(tmp_path) -> None:
     )
     tags = {(c[1], c[5]) for c in recorder.calls if c[0] == "train_batch_start"}
     assert tags == {(2, 1.0)}
+
+
+def _ddp_body(rank: int, world_size: int, out: str) -> list[Any]:
+    """Native DDP, then Lightning's DDPStrategy on the same process group."""
+    results = []
+    for engine in ("native", "lightning"):
+        recorder = _Recorder()
+        folder = os.path.join(out, engine)
+        model = _run(engine, folder, [recorder], sharded=True, check_val_every_n_epoch=2)
+        metrics = _metrics(folder) if rank == 0 else None
+        results.append((recorder.calls, metrics, model.state_dict()))
+    return results
+
+
+def test_two_process_lightning_ddp_matches_native_ddp(tmp_path) -> None:
+    """Under a launcher's process group the bridge trains with Lightning's DDP strategy
+    exactly like the native engine's DDP: same hooks, gradients averaged the same way."""
+    for rank, (native, pl_run) in enumerate(run_distributed(_ddp_body, 2, str(tmp_path))):
+        assert pl_run[0] == native[0]
+        assert pl_run[1] == native[1]
+        assert all(torch.equal(pl_run[2][k], native[2][k]) for k in native[2]), rank
+        assert native[0][-1] == ("fit_end", 18)  # each rank trained on its half: 6 steps/epoch
 
 
 TOY = ["--set", "num_train_images=64", "--set", "num_val_images=32", "--set", "log_every=2"]
