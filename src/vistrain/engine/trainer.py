@@ -35,7 +35,6 @@ was resumed.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -44,26 +43,21 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from vistrain.common.distributed import (
-    all_gather_object,
-    get_rank,
-    get_world_size,
-    is_distributed,
-    unwrap_model,
-)
+from vistrain.common.distributed import is_distributed
 from vistrain.common.typing import DictData, MetricLogs
 from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.trainer_state import TrainerState
 from vistrain.engine.connectors import DataConnector
 from vistrain.engine.loss_module import LossModule
 from vistrain.engine.optim import LRSchedulerWrapper
-from vistrain.engine.rng import capture_rng_state, preserved_rng_state, restore_rng_state
+from vistrain.engine.rng import preserved_rng_state
+from vistrain.engine.run_state import (
+    collect_checkpoint,
+    lr_scalars,
+    restore_checkpoint,
+    start_epoch_iterator,
+)
 from vistrain.engine.scalar_log import ScalarLogger
-
-logger = logging.getLogger("vistrain")
-
-CHECKPOINT_FORMAT = "vistrain-checkpoint"
-CHECKPOINT_VERSION = 1
 
 
 def move_to_device(data: Any, device: torch.device) -> Any:
@@ -77,17 +71,6 @@ def move_to_device(data: Any, device: torch.device) -> Any:
     if isinstance(data, tuple) and not hasattr(data, "_fields"):
         return tuple(move_to_device(value, device) for value in data)
     return data
-
-
-def callback_state_keys(callbacks: Sequence[Callback]) -> list[str]:
-    """Checkpoint keys of the callbacks: class name, with ``#2``, ``#3`` for repeats."""
-    seen: dict[str, int] = {}
-    keys = []
-    for callback in callbacks:
-        name = type(callback).__name__
-        seen[name] = seen.get(name, 0) + 1
-        keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
-    return keys
 
 
 def _as_list(value: Any, what: str, kind: type) -> list[Any]:
@@ -240,37 +223,24 @@ class Trainer:
     def checkpoint_state(self) -> dict[str, Any]:
         """Collective: the complete training state; every rank must call it.
 
-        Runs every callback's ``on_save_checkpoint`` first, then gathers the RNG states of
-        all ranks. Only rank 0 needs to write the result.
+        See ``vistrain.engine.run_state.collect_checkpoint`` for the contents.
         """
         if self._model is None:
             raise RuntimeError("checkpoint_state() is only available while fit() runs.")
-        state = self._state()
-        for callback in self.callbacks:
-            callback.on_save_checkpoint(state, self._model)
-        callback_states = {}
-        for key, callback in zip(callback_state_keys(self.callbacks), self.callbacks):
-            cb_state = callback.state_dict()
-            if cb_state:
-                callback_states[key] = cb_state
-        rng = all_gather_object(self._capture_rng())
-        epoch_rng = all_gather_object(self._epoch_start_rng)
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "epoch": self.current_epoch,
-            "epoch_finished": self.epoch_finished,
-            "batches_done": self.batches_done,
-            "global_step": self.global_step,
-            "state_dict": unwrap_model(self._model).state_dict(),
-            "optimizers": [opt.state_dict() for opt in self._optimizers],
-            "lr_schedulers": [sched.state_dict() for sched in self._lr_schedulers],
-            "callbacks": callback_states,
-            "rng": rng,
-            "sampler": {"epoch_start_rng": epoch_rng},
-            "world_size": get_world_size(),
-            "val_logs": dict(self.val_logs),
-        }
+        return collect_checkpoint(
+            trainer_state=self._state(),
+            model=self._model,
+            optimizers=self._optimizers,
+            lr_schedulers=self._lr_schedulers,
+            callbacks=self.callbacks,
+            epoch=self.current_epoch,
+            epoch_finished=self.epoch_finished,
+            batches_done=self.batches_done,
+            global_step=self.global_step,
+            val_logs=self.val_logs,
+            train_dataloader=self.train_dataloader,
+            epoch_start_rng=self._epoch_start_rng,
+        )
 
     # ----------------------------------------------------------------- fit
     def _setup(self) -> None:
@@ -364,39 +334,12 @@ class Trainer:
         if self._pending_train_dataloader is not None:
             self.train_dataloader = self._pending_train_dataloader
             self._pending_train_dataloader = None
-        loader = self.train_dataloader
-        if loader is None:
+        if self.train_dataloader is None:
             raise RuntimeError("No training dataloader.")
-        sampler: Any = getattr(loader, "sampler", None)
-        if sampler is not None and hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(self.current_epoch)
-        if resume is not None:
-            self._restore_rng(resume[0])
-        self._epoch_start_rng = self._capture_rng()
-        iterator = iter(loader)
-        for _ in range(skip_batches):
-            next(iterator)
-        if resume is not None:
-            self._restore_rng(resume[1])
+        iterator, self._epoch_start_rng = start_epoch_iterator(
+            self.train_dataloader, self.current_epoch, skip_batches, resume
+        )
         return iterator
-
-    def _loader_generator(self) -> torch.Generator | None:
-        generator = getattr(self.train_dataloader, "generator", None)
-        return generator if isinstance(generator, torch.Generator) else None
-
-    def _capture_rng(self) -> dict[str, Any]:
-        """Global generators plus the training loader's own generator (worker seeds)."""
-        state = capture_rng_state()
-        generator = self._loader_generator()
-        if generator is not None:
-            state["loader_generator"] = generator.get_state()
-        return state
-
-    def _restore_rng(self, state: dict[str, Any]) -> None:
-        restore_rng_state(state)
-        generator = self._loader_generator()
-        if generator is not None and "loader_generator" in state:
-            generator.set_state(state["loader_generator"])
 
     def _train_epoch(
         self,
@@ -477,12 +420,7 @@ class Trainer:
             return
         scalars: dict[str, Any] = {f"train/{key}": value for key, value in logs.items()}
         if self.global_step % self.log_every_n_steps == 0 or self.global_step == 1:
-            for opt_idx, optimizer in enumerate(self._optimizers):
-                for group_idx, group in enumerate(optimizer.param_groups):
-                    suffix = "" if len(self._optimizers) == 1 else f"/opt{opt_idx}"
-                    if len(optimizer.param_groups) > 1:
-                        suffix += f"/group{group_idx}"
-                    scalars[f"lr{suffix}"] = group["lr"]
+            scalars.update(lr_scalars(self._optimizers))
             scalars["epoch"] = self.current_epoch
         if scalars:
             self._scalars.log(scalars, self.global_step, self.current_epoch)
@@ -550,64 +488,16 @@ class Trainer:
     def _resume(
         self, ckpt_path: str, model: nn.Module
     ) -> tuple[int, int, tuple[dict[str, Any], dict[str, Any]] | None]:
-        """Restore everything from ``ckpt_path``; return where the loop starts.
-
-        Every check happens before any state is changed, so a checkpoint that does not fit
-        leaves model, optimizers and callbacks untouched.
-        """
-        from vistrain.engine.checkpointing import check_model_state, load_checkpoint
-
-        ckpt = load_checkpoint(ckpt_path)
-        bare = unwrap_model(model)
-        check_model_state(bare, ckpt["state_dict"], ckpt_path)
-        if len(ckpt["optimizers"]) != len(self._optimizers):
-            raise ValueError(
-                f"Checkpoint {ckpt_path} holds {len(ckpt['optimizers'])} optimizer states but "
-                f"fit() got {len(self._optimizers)} optimizers."
-            )
-        if len(ckpt["lr_schedulers"]) != len(self._lr_schedulers):
-            raise ValueError(
-                f"Checkpoint {ckpt_path} holds {len(ckpt['lr_schedulers'])} scheduler states but "
-                f"fit() got {len(self._lr_schedulers)} schedulers."
-            )
-        bare.load_state_dict(ckpt["state_dict"])
-        for optimizer, opt_state in zip(self._optimizers, ckpt["optimizers"]):
-            optimizer.load_state_dict(opt_state)
-        for scheduler, sched_state in zip(self._lr_schedulers, ckpt["lr_schedulers"]):
-            scheduler.load_state_dict(sched_state)
-        saved = ckpt.get("callbacks", {})
-        for key, callback in zip(callback_state_keys(self.callbacks), self.callbacks):
-            if key in saved:
-                callback.load_state_dict(saved[key])
-        unused = set(saved) - set(callback_state_keys(self.callbacks))
-        if unused:
-            logger.warning("Checkpoint %s has state for absent callbacks: %s", ckpt_path, unused)
-        self.global_step = int(ckpt["global_step"])
-        self.val_logs = dict(ckpt.get("val_logs", {}))
-        epoch = int(ckpt["epoch"])
-        rank = get_rank()
-        rng_states = ckpt.get("rng") or []
-        same_world = int(ckpt.get("world_size", 1)) == get_world_size()
-        if not same_world:
-            logger.warning(
-                "Checkpoint %s was written by %s processes, this run has %s: RNG streams are "
-                "not restored per rank, so the continuation is not bit-identical.",
-                ckpt_path,
-                ckpt.get("world_size"),
-                get_world_size(),
-            )
-        rank_rng = rng_states[rank] if same_world and rank < len(rng_states) else None
-        if ckpt.get("epoch_finished", True):
-            if rank_rng is not None:
-                self._restore_rng(rank_rng)
-            self.current_epoch = epoch + 1
-            logger.info("Resumed from %s at the start of epoch %d.", ckpt_path, epoch + 1)
-            return epoch + 1, 0, None
-        batches_done = int(ckpt["batches_done"])
-        epoch_rngs = ckpt.get("sampler", {}).get("epoch_start_rng") or []
-        epoch_rng = epoch_rngs[rank] if same_world and rank < len(epoch_rngs) else None
-        self.current_epoch = epoch
-        logger.info("Resumed from %s in epoch %d after %d batches.", ckpt_path, epoch, batches_done)
-        if epoch_rng is None or rank_rng is None:
-            return epoch, batches_done, None
-        return epoch, batches_done, (epoch_rng, rank_rng)
+        """Restore everything from ``ckpt_path``; return where the loop starts."""
+        point = restore_checkpoint(
+            ckpt_path,
+            model=model,
+            optimizers=self._optimizers,
+            lr_schedulers=self._lr_schedulers,
+            callbacks=self.callbacks,
+            train_dataloader=self.train_dataloader,
+        )
+        self.global_step = point.global_step
+        self.val_logs = point.val_logs
+        self.current_epoch = point.start_epoch
+        return point.start_epoch, point.skip_batches, point.resume_rng

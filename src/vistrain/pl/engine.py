@@ -36,25 +36,23 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from vistrain.common.distributed import (
-    all_gather_object,
-    get_rank,
-    get_world_size,
-    unwrap_model,
-)
 from vistrain.common.typing import DictData, MetricLogs
 from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.trainer_state import TrainerState
 from vistrain.engine.loss_module import LossModule
 from vistrain.engine.optim import LRSchedulerWrapper
 from vistrain.engine.rng import capture_rng_state, restore_rng_state
+from vistrain.engine.run_state import (
+    collect_checkpoint,
+    lr_scalars,
+    restore_checkpoint,
+    start_epoch_iterator,
+)
 from vistrain.engine.scalar_log import ScalarLogger
-from vistrain.engine.trainer import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, callback_state_keys
 from vistrain.pl.loaders import EpochLoader, LazyLoader
 
 if TYPE_CHECKING:
@@ -197,35 +195,23 @@ class LightningEngine:
     def checkpoint_state(self) -> dict[str, Any]:
         """Collective: the complete training state in the native Trainer's format.
 
-        Runs every registered callback's ``on_save_checkpoint`` first, then gathers the RNG
-        states of all ranks; every rank must call it, rank 0 writes the result.
+        Every rank must call it; rank 0 writes the result (see
+        ``vistrain.engine.run_state.collect_checkpoint``).
         """
-        state = self.train_state()
-        for callback in self.callbacks:
-            callback.on_save_checkpoint(state, self.model)
-        callback_states = {}
-        for key, callback in zip(callback_state_keys(self.callbacks), self.callbacks):
-            cb_state = callback.state_dict()
-            if cb_state:
-                callback_states[key] = cb_state
-        rng = all_gather_object(self._capture_rng())
-        epoch_rng = all_gather_object(self._epoch_start_rng)
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "epoch": self.current_epoch,
-            "epoch_finished": self.epoch_finished,
-            "batches_done": self.batches_done,
-            "global_step": self.global_step,
-            "state_dict": unwrap_model(self.model).state_dict(),
-            "optimizers": [opt.state_dict() for opt in self.optimizers],
-            "lr_schedulers": [sched.state_dict() for sched in self.lr_schedulers],
-            "callbacks": callback_states,
-            "rng": rng,
-            "sampler": {"epoch_start_rng": epoch_rng},
-            "world_size": get_world_size(),
-            "val_logs": dict(self.val_logs),
-        }
+        return collect_checkpoint(
+            trainer_state=self.train_state(),
+            model=self.model,
+            optimizers=self.optimizers,
+            lr_schedulers=self.lr_schedulers,
+            callbacks=self.callbacks,
+            epoch=self.current_epoch,
+            epoch_finished=self.epoch_finished,
+            batches_done=self.batches_done,
+            global_step=self.global_step,
+            val_logs=self.val_logs,
+            train_dataloader=self.train_dataloader,
+            epoch_start_rng=self._epoch_start_rng,
+        )
 
     # ------------------------------------------------------------------ state
     @property
@@ -336,38 +322,13 @@ class LightningEngine:
         loader = self.train_dataloader
         if loader is None:
             raise RuntimeError("No training dataloader.")
-        sampler: Any = getattr(loader, "sampler", None)
-        if sampler is not None and hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(self.current_epoch)
         resume = self._resume_rng if self.current_epoch == self._resume_epoch else None
         self._resume_rng = None
-        if resume is not None:
-            self._restore_rng(resume[0])
-        self._epoch_start_rng = self._capture_rng()
-        iterator = iter(loader)
-        for _ in range(self.batch_offset()):
-            next(iterator)
-        if resume is not None:
-            self._restore_rng(resume[1])
+        iterator, self._epoch_start_rng = start_epoch_iterator(
+            loader, self.current_epoch, self.batch_offset(), resume
+        )
         yield from iterator
         self._exhausted = True
-
-    def _loader_generator(self) -> torch.Generator | None:
-        generator = getattr(self.train_dataloader, "generator", None)
-        return generator if isinstance(generator, torch.Generator) else None
-
-    def _capture_rng(self) -> dict[str, Any]:
-        state = capture_rng_state()
-        generator = self._loader_generator()
-        if generator is not None:
-            state["loader_generator"] = generator.get_state()
-        return state
-
-    def _restore_rng(self, state: dict[str, Any]) -> None:
-        restore_rng_state(state)
-        generator = self._loader_generator()
-        if generator is not None and "loader_generator" in state:
-            generator.set_state(state["loader_generator"])
 
     # ------------------------------------------------------------------ steps and logs
     def after_optimizer_step(self, batch_idx: int, outputs: Any, metrics: dict[str, Any]) -> None:
@@ -436,12 +397,7 @@ class LightningEngine:
             return
         scalars: dict[str, Any] = {f"train/{key}": value for key, value in logs.items()}
         if self.global_step % self.log_every_n_steps == 0 or self.global_step == 1:
-            for opt_idx, optimizer in enumerate(self.optimizers):
-                for group_idx, group in enumerate(optimizer.param_groups):
-                    suffix = "" if len(self.optimizers) == 1 else f"/opt{opt_idx}"
-                    if len(optimizer.param_groups) > 1:
-                        suffix += f"/group{group_idx}"
-                    scalars[f"lr{suffix}"] = group["lr"]
+            scalars.update(lr_scalars(self.optimizers))
             scalars["epoch"] = self.current_epoch
         if scalars:
             self._scalars.log(scalars, self.global_step, self.current_epoch)
@@ -511,65 +467,18 @@ class LightningEngine:
             CheckpointError: If the file is missing, unreadable or does not fit the model.
             ValueError: If optimizer or scheduler counts differ from the checkpoint's.
         """
-        from vistrain.engine.checkpointing import check_model_state, load_checkpoint
-
-        ckpt = load_checkpoint(ckpt_path)
-        bare = unwrap_model(self.model)
-        check_model_state(bare, ckpt["state_dict"], ckpt_path)
-        for what, saved, have in (
-            ("optimizer", ckpt["optimizers"], self.optimizers),
-            ("scheduler", ckpt["lr_schedulers"], self.lr_schedulers),
-        ):
-            if len(saved) != len(have):
-                raise ValueError(
-                    f"Checkpoint {ckpt_path} holds {len(saved)} {what} states but the "
-                    f"TrainingModule has {len(have)} {what}s."
-                )
-        bare.load_state_dict(ckpt["state_dict"])
-        for optimizer, opt_state in zip(self.optimizers, ckpt["optimizers"]):
-            optimizer.load_state_dict(opt_state)
-        for scheduler, sched_state in zip(self.lr_schedulers, ckpt["lr_schedulers"]):
-            scheduler.load_state_dict(sched_state)
-        saved_cbs = ckpt.get("callbacks", {})
-        keys = callback_state_keys(self.callbacks)
-        for key, callback in zip(keys, self.callbacks):
-            if key in saved_cbs:
-                callback.load_state_dict(saved_cbs[key])
-        unused = set(saved_cbs) - set(keys)
-        if unused:
-            logger.warning("Checkpoint %s has state for absent callbacks: %s", ckpt_path, unused)
-        self.global_step = int(ckpt["global_step"])
-        self.val_logs = dict(ckpt.get("val_logs", {}))
-        epoch = int(ckpt["epoch"])
-        rank = get_rank()
-        same_world = int(ckpt.get("world_size", 1)) == get_world_size()
-        if not same_world:
-            logger.warning(
-                "Checkpoint %s was written by %s processes, this run has %s: RNG streams are "
-                "not restored per rank, so the continuation is not bit-identical.",
-                ckpt_path,
-                ckpt.get("world_size"),
-                get_world_size(),
-            )
-        rng_states = ckpt.get("rng") or []
-        rank_rng = rng_states[rank] if same_world and rank < len(rng_states) else None
-        if ckpt.get("epoch_finished", True):
-            if rank_rng is not None:
-                self._restore_rng(rank_rng)
-            start_epoch, self._skip_batches = epoch + 1, 0
-            logger.info("Resumed from %s at the start of epoch %d.", ckpt_path, start_epoch)
-        else:
-            start_epoch, self._skip_batches = epoch, int(ckpt["batches_done"])
-            epoch_rngs = ckpt.get("sampler", {}).get("epoch_start_rng") or []
-            epoch_rng = epoch_rngs[rank] if same_world and rank < len(epoch_rngs) else None
-            if epoch_rng is not None and rank_rng is not None:
-                self._resume_rng = (epoch_rng, rank_rng)
-            logger.info(
-                "Resumed from %s in epoch %d after %d batches.",
-                ckpt_path,
-                epoch,
-                self._skip_batches,
-            )
+        point = restore_checkpoint(
+            ckpt_path,
+            model=self.model,
+            optimizers=self.optimizers,
+            lr_schedulers=self.lr_schedulers,
+            callbacks=self.callbacks,
+            train_dataloader=self.train_dataloader,
+        )
+        self.global_step = point.global_step
+        self.val_logs = point.val_logs
+        start_epoch, self._skip_batches = point.start_epoch, point.skip_batches
+        self._resume_rng = point.resume_rng
         self._resume_epoch = start_epoch
         self._set_lightning_position(start_epoch)
 
