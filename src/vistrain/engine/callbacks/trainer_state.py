@@ -1,6 +1,7 @@
 """Trainer state for callbacks."""
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: TypedDict must see NotRequired[...] as
+# objects, not strings, to tell required from optional keys at run time.
 
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -64,7 +65,7 @@ class TrainerState(TypedDict):
     train_module: NotRequired[TrainingEngine]
     train_engine: NotRequired[str]
     optimizers: NotRequired[list[Optimizer]]
-    lr_schedulers: NotRequired[list[LRSchedulerWrapper]]
+    lr_schedulers: NotRequired[list["LRSchedulerWrapper"]]
     metrics: NotRequired[dict[str, Any]]
     val_logs: NotRequired[dict[str, float]]
     batches_done: NotRequired[int]
