@@ -34,6 +34,7 @@ TINY = [
     "val_every=1",
     "log_every=1",
     "vis_every=2",
+    "resize_steps=1",
     "resize_interval=2",
     "ema_warmup_steps=2",
     "num_threads=1",
