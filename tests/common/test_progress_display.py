@@ -218,3 +218,38 @@ def test_setup_logger_on_other_ranks_warns_only(
     assert "progress" not in out
     assert "[rank 1] careful" in out
     assert not (tmp_path / "rank1.log").exists()  # only rank 0 writes files
+
+
+def test_real_fit_command_on_a_terminal_and_into_a_pipe(tmp_path: Path) -> None:
+    """``vistrain fit`` itself: live bar on a terminal, clean lines in a pipe or log file."""
+    args = [
+        "fit",
+        "--config",
+        "toy_classifier",
+        "--set",
+        "num_epochs=1",
+        "--set",
+        "num_train_images=64",
+        "--set",
+        "num_val_images=32",
+        "--set",
+        "log_every=2",
+    ]
+    script = tmp_path / "fit.py"
+    script.write_text(
+        "import sys\nfrom vistrain.cli import main\n"
+        f"sys.exit(main({[*args, '--output-dir', str(tmp_path / 'tty')]!r}))\n"
+    )
+    tty = run_in_pty(script, "xterm-256color")
+    assert "\x1b[" in tty and "━" in tty
+    piped = subprocess.run(
+        [sys.executable, "-m", "vistrain", *args, "--output-dir", str(tmp_path / "pipe")],
+        capture_output=True,
+        text=True,
+        env=child_env("xterm-256color"),
+        timeout=120,
+        check=True,
+    )
+    for text in (piped.stdout, piped.stderr, (tmp_path / "pipe" / "log.txt").read_text()):
+        assert "\x1b" not in text and "\r" not in text and "━" not in text
+    assert "Epoch 1: 2/2" in piped.stdout and "Testing 1/1" in piped.stdout
