@@ -100,9 +100,23 @@ class LossModule(nn.Module):
                 modules.append(definition["loss"])
         self._loss_modules = nn.ModuleList(modules)
         self.exclude_attributes = set(exclude_attributes or [])
+        self._term_plan: dict[str, tuple[float, bool]] = {}
 
     def _excluded(self, name: str) -> bool:
         return name in self.exclude_attributes or name.rsplit(".", 1)[-1] in self.exclude_attributes
+
+    def _plan(self, name: str, term_name: str, weight: Any) -> tuple[float, bool]:
+        """Weight and exclusion of one flattened term, worked out once and cached."""
+        plan = self._term_plan.get(term_name)
+        if plan is None:
+            if isinstance(weight, Mapping):
+                short = term_name[len(name) + 1 :] if term_name != name else name
+                w = float(weight.get(short, weight.get(term_name, 1.0)))
+            else:
+                w = float(weight)
+            plan = (w, self._excluded(term_name))
+            self._term_plan[term_name] = plan
+        return plan
 
     def forward(self, outputs: Any, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """Evaluate every term.
@@ -119,17 +133,16 @@ class LossModule(nn.Module):
         for definition in self.losses:
             name = definition["name"]
             kwargs = definition["connector"](outputs, batch)
-            terms = _flatten(definition["loss"](**kwargs), name, name)
+            returned = definition["loss"](**kwargs)
+            terms = (
+                {name: returned} if isinstance(returned, Tensor) else _flatten(returned, name, name)
+            )
             weight = definition.get("weight", 1.0)
             for term_name, value in terms.items():
-                if isinstance(weight, Mapping):
-                    short = term_name[len(name) + 1 :] if term_name != name else name
-                    w = float(weight.get(short, weight.get(term_name, 1.0)))
-                else:
-                    w = float(weight)
+                w, excluded = self._plan(name, term_name, weight)
                 weighted = value * w if w != 1.0 else value
                 metrics[term_name] = weighted.detach()
-                if self._excluded(term_name):
+                if excluded:
                     continue
                 total = weighted if total is None else total + weighted
         if total is None:
@@ -137,7 +150,10 @@ class LossModule(nn.Module):
                 "LossModule produced no loss to optimise: every term was excluded "
                 f"(exclude_attributes={sorted(self.exclude_attributes)}) or returned nothing."
             )
-        metrics["loss"] = total.detach()
+        if len(metrics) == 1 and next(iter(metrics.values())).data_ptr() == total.data_ptr():
+            metrics["loss"] = next(iter(metrics.values()))  # one term: the total is that term
+        else:
+            metrics["loss"] = total.detach()
         return total, metrics
 
     def find_loss(self, loss_type: type[Any]) -> list[Any]:

@@ -416,10 +416,11 @@ class Trainer:
         return outputs
 
     def _log_train(self, logs: MetricLogs) -> None:
-        if self._scalars is None:
+        log_step = self.global_step % self.log_every_n_steps == 0 or self.global_step == 1
+        if self._scalars is None or not (logs or log_step):
             return
         scalars: dict[str, Any] = {f"train/{key}": value for key, value in logs.items()}
-        if self.global_step % self.log_every_n_steps == 0 or self.global_step == 1:
+        if log_step:
             scalars.update(lr_scalars(self._optimizers))
             scalars["epoch"] = self.current_epoch
         if scalars:
