@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from vistrain.common.distributed import destroy_process_group
+
 
 def free_port() -> int:
     """A TCP port on localhost that is free right now."""
@@ -51,12 +53,15 @@ def _worker(
     )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    finished = False
     try:
         result = fn(rank, world_size, *args)
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as handle:
             pickle.dump(result, handle)
+        finished = True
     finally:
-        dist.destroy_process_group()
+        # waits for the peers only after success: a failed rank's peers may be gone
+        destroy_process_group(wait_for_peers=finished)
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any) -> list[Any]:

@@ -71,6 +71,7 @@ def run_fit(
 ) -> None:
     """Train the experiment of ``module`` with ``params``, writing into ``output_dir``."""
     created_group = init_process_group()
+    finished = False
     try:
         os.makedirs(output_dir, exist_ok=True)
         setup_logger(log_file=os.path.join(output_dir, "log.txt") if get_rank() == 0 else None)
@@ -80,17 +81,19 @@ def run_fit(
             from vistrain.pl.runner import fit_with_lightning
 
             fit_with_lightning(experiment, output_dir, ckpt_path)
-            return
-        _trainer(experiment, output_dir).fit(
-            experiment.model,
-            experiment.optimizers,
-            experiment.lr_schedulers,
-            experiment.loss_module,
-            ckpt_path=ckpt_path,
-        )
+        else:
+            _trainer(experiment, output_dir).fit(
+                experiment.model,
+                experiment.optimizers,
+                experiment.lr_schedulers,
+                experiment.loss_module,
+                ckpt_path=ckpt_path,
+            )
+        del experiment
+        finished = True
     finally:
         if created_group:
-            destroy_process_group()
+            destroy_process_group(wait_for_peers=finished)
 
 
 def describe_weights(model: torch.nn.Module) -> str:
@@ -104,6 +107,7 @@ def describe_weights(model: torch.nn.Module) -> str:
 def run_test(module: ModuleType, params: Any, output_dir: str, ckpt_path: str) -> dict[str, float]:
     """Evaluate the weights of ``ckpt_path`` on the experiment's test data."""
     created_group = init_process_group()
+    finished = False
     try:
         setup_logger()
         experiment = _build(module, params, output_dir)
@@ -117,8 +121,10 @@ def run_test(module: ModuleType, params: Any, output_dir: str, ckpt_path: str) -
             ckpt.get("epoch"),
             ckpt.get("global_step"),
         )
-        trainer = _trainer(experiment, output_dir)
-        return trainer.test(experiment.model)
+        logs = _trainer(experiment, output_dir).test(experiment.model)
+        del experiment
+        finished = True
+        return logs
     finally:
         if created_group:
-            destroy_process_group()
+            destroy_process_group(wait_for_peers=finished)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import gc
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
@@ -188,7 +189,18 @@ def init_process_group(
     return True
 
 
-def destroy_process_group() -> None:
-    """Tear the default group down if there is one."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def destroy_process_group(wait_for_peers: bool = False) -> None:
+    """Tear the default group down if there is one.
+
+    Args:
+        wait_for_peers: Collective when True: free unreachable DDP reducers and wait for
+            every rank first. Destroying the group while a peer still talks to it, or while
+            a DDP reducer still holds it, can abort the process with "terminate called
+            without an active exception". Pass False on error paths, where a peer may be gone.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait_for_peers:
+        gc.collect()
+        barrier()
+    dist.destroy_process_group()
