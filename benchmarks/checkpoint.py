@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from resnet18 import resnet18
 from vistrain.engine.checkpointing import (
     AsyncCheckpointWriter,
     check_model_state,
@@ -34,43 +35,6 @@ from vistrain.engine.checkpointing import (
     save_checkpoint,
     snapshot_to_cpu,
 )
-
-
-class BasicBlock(nn.Module):
-    """ResNet basic block (two 3x3 convolutions and a shortcut)."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Residual forward."""
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.down(x))
-
-
-def resnet18(num_classes: int = 1000) -> nn.Module:
-    """A ResNet-18 (same layer shapes and parameter count as the classic one)."""
-    layers: list[nn.Module] = [
-        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
-        nn.BatchNorm2d(64),
-        nn.ReLU(),
-        nn.MaxPool2d(3, 2, 1),
-    ]
-    cin = 64
-    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-        layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
-        cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
-    return nn.Sequential(*layers)
 
 
 def state_of(model: nn.Module, opt: torch.optim.Optimizer, step: int) -> dict[str, Any]:
