@@ -111,11 +111,13 @@ def _sum_dtype(device: torch.device) -> torch.dtype:
 class _MetricWindow:
     """Running sums of the metrics since the last logged line, kept where the metrics live.
 
-    The common case, the same keys every step as 0-d tensors on one device, costs one
-    ``torch.stack`` and one in-place add into a float64 vector. Other steps (keys that
-    change, Python numbers) fall back to one sum per key. Nothing is read on the host until
-    ``snapshot()`` is converted by the caller. Sums are added in step order whatever the
-    path, so a window restored from a checkpoint continues bit for bit.
+    The common case, the same keys every step as 0-d tensors on one device that need no
+    gradient, costs one list append per step: the step's tensors are kept and summed per key
+    (one ``torch.stack`` per key, in float64) only when the window is read, on log steps and
+    checkpoints. Other steps (keys that change, Python numbers) fall back to one sum per key.
+    Nothing is read on the host until ``snapshot()`` is converted by the caller. A window is
+    summed at the same points whether or not a run was resumed (checkpoints read it), so a
+    window restored from a checkpoint continues bit for bit.
     """
 
     def __init__(self) -> None:
@@ -124,6 +126,8 @@ class _MetricWindow:
         self._keys: tuple[str, ...] | None = None
         self._vector: Tensor | None = None
         self._vector_steps = 0
+        self._pending: list[list[Tensor]] = []  # steps not yet summed into the vector
+        self._vector_grad_free = False
         self._not_vectorisable: tuple[str, ...] | None = None
 
     @property
@@ -140,8 +144,10 @@ class _MetricWindow:
         """Add one step's metrics (no host read, no sync)."""
         keys = tuple(metrics)
         if keys == self._keys and self._vector is not None:
-            # detach: a metric that still requires grad must not chain steps into a graph.
-            self._vector.add_(torch.stack([metrics[key] for key in keys]).detach())
+            if self._vector_grad_free:
+                self._pending.append([metrics[key] for key in keys])
+            else:  # detach: a metric that requires grad must not chain steps into a graph
+                self._vector.add_(torch.stack([metrics[key] for key in keys]).detach())
             self._vector_steps += 1
         elif keys == self._not_vectorisable or not self._start_vector(keys, metrics):
             self._add_per_key(metrics)
@@ -169,7 +175,22 @@ class _MetricWindow:
             )
             vector.add_(torch.stack([value.reshape(()) for value in values]))
         self._keys, self._vector, self._vector_steps = keys, vector, 1
+        self._vector_grad_free = not any(value.requires_grad for value in values)
         return True
+
+    def _flush_pending(self) -> None:
+        """Sum the kept steps into the vector: one stack per key, no host read."""
+        if not self._pending or self._vector is None:
+            self._pending.clear()
+            return
+        vector = self._vector
+        with torch.no_grad():
+            columns = [
+                torch.stack([step[index] for step in self._pending]).reshape(-1)
+                for index in range(vector.numel())
+            ]
+            vector.add_(torch.stack([column.to(vector.dtype).sum() for column in columns]))
+        self._pending.clear()
 
     def _add_per_key(self, metrics: dict[str, Any]) -> None:
         self._fold()
@@ -189,6 +210,7 @@ class _MetricWindow:
 
     def _fold(self) -> None:
         """Move the vector's sums into the per-key dict."""
+        self._flush_pending()
         if self._keys is not None and self._vector is not None:
             for index, key in enumerate(self._keys):
                 self._sums[key] = self._vector[index]
@@ -197,6 +219,7 @@ class _MetricWindow:
 
     def snapshot(self) -> dict[str, Tensor | float]:
         """Key to running sum (tensors stay on their device), sorted by key."""
+        self._flush_pending()
         merged = dict(self._sums)
         if self._keys is not None and self._vector is not None:
             merged.update(zip(self._keys, self._vector.unbind()))
@@ -209,6 +232,7 @@ class _MetricWindow:
 
     def load(self, sums: dict[str, float], counts: dict[str, int]) -> None:
         """Restore sums and counts saved with ``snapshot`` converted to floats."""
+        self._pending.clear()
         self._keys, self._vector, self._vector_steps = None, None, 0
         self._not_vectorisable = None
         self._sums = {key: float(value) for key, value in sums.items()}
