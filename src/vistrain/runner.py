@@ -19,7 +19,7 @@ from vistrain.common.distributed import destroy_process_group, get_rank, init_pr
 from vistrain.common.logging import setup_logger
 from vistrain.engine.checkpointing import check_model_state, load_checkpoint
 from vistrain.engine.trainer import Trainer
-from vistrain.model.adapter import ModelEMAAdapter
+from vistrain.model.adapter import find_ema_adapters
 from vistrain.zoo.base import Experiment
 
 logger = logging.getLogger("vistrain")
@@ -98,8 +98,8 @@ def run_fit(
 
 def describe_weights(model: torch.nn.Module) -> str:
     """Which weights a test of ``model`` evaluates: EMA or raw."""
-    adapters = [m for m in model.modules() if isinstance(m, ModelEMAAdapter)]
-    if adapters and adapters[0].use_ema_during_test:
+    adapters = find_ema_adapters(model)
+    if adapters and adapters[0].eval_weights == "ema":
         return "EMA weights"
     return "raw model weights"
 

@@ -109,7 +109,7 @@ def build_train_dataloader(
     shuffle: bool = True,
     drop_last: bool = True,
     distributed: bool | None = None,
-    collate_fn: Callable[[Sequence[DictData]], DictData] = collate_batch,
+    collate_fn: Callable[[list[Any]], Any] = collate_batch,
     persistent_workers: bool = False,
     pin_memory: bool = False,
 ) -> DataLoader[DictData]:
@@ -161,7 +161,7 @@ def build_test_dataloader(
     batch_size: int,
     num_workers: int = 0,
     distributed: bool | None = None,
-    collate_fn: Callable[[Sequence[DictData]], DictData] = collate_batch,
+    collate_fn: Callable[[list[Any]], Any] = collate_batch,
     pin_memory: bool = False,
 ) -> DataLoader[DictData]:
     """A test loader: data set order, no dropped samples; each sample on exactly one rank.

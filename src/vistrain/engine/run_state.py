@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim import Optimizer
+from torch.utils.data import DataLoader
 
 from vistrain.common.distributed import all_gather_object, get_rank, get_world_size, unwrap_model
 from vistrain.engine.callbacks.base import Callback
@@ -35,6 +36,48 @@ from vistrain.engine.optim import LRSchedulerWrapper
 from vistrain.engine.rng import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger("vistrain")
+
+
+def as_list(value: Any, what: str, kind: type) -> list[Any]:
+    """``value`` (one object, a sequence, or None) as a list of ``kind`` objects.
+
+    Raises:
+        TypeError: If an item is not a ``kind``; the message names ``what``.
+    """
+    if value is None:
+        return []
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if not isinstance(item, kind):
+            raise TypeError(f"{what} must be {kind.__name__} objects, got {type(item).__name__}.")
+    return items
+
+
+def as_loader_list(value: DataLoader[Any] | Sequence[DataLoader[Any]] | None) -> list[Any]:
+    """Test loaders as a list (one loader, several, or None).
+
+    Raises:
+        TypeError: If an item is not a ``DataLoader``.
+    """
+    if value is None:
+        return []
+    if isinstance(value, DataLoader):
+        return [value]
+    loaders = list(value)
+    for idx, loader in enumerate(loaders):
+        if not isinstance(loader, DataLoader):
+            raise TypeError(f"test_dataloader[{idx}] is {type(loader).__name__}, not a DataLoader.")
+    return loaders
+
+
+def num_batches(loader: Any) -> int | None:
+    """Batches per epoch of ``loader``, or None when it has no length."""
+    if loader is None:
+        return None
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def callback_state_keys(callbacks: Sequence[Callback]) -> list[str]:

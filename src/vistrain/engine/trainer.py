@@ -52,8 +52,11 @@ from vistrain.engine.loss_module import LossModule
 from vistrain.engine.optim import LRSchedulerWrapper
 from vistrain.engine.rng import preserved_rng_state
 from vistrain.engine.run_state import (
+    as_list,
+    as_loader_list,
     collect_checkpoint,
     lr_scalars,
+    num_batches,
     restore_checkpoint,
     start_epoch_iterator,
 )
@@ -71,25 +74,6 @@ def move_to_device(data: Any, device: torch.device) -> Any:
     if isinstance(data, tuple) and not hasattr(data, "_fields"):
         return tuple(move_to_device(value, device) for value in data)
     return data
-
-
-def _as_list(value: Any, what: str, kind: type) -> list[Any]:
-    if value is None:
-        return []
-    items = list(value) if isinstance(value, (list, tuple)) else [value]
-    for item in items:
-        if not isinstance(item, kind):
-            raise TypeError(f"{what} must be {kind.__name__} objects, got {type(item).__name__}.")
-    return items
-
-
-def _num_batches(loader: DataLoader[Any] | None) -> int | None:
-    if loader is None:
-        return None
-    try:
-        return len(loader)
-    except TypeError:
-        return None
 
 
 class Trainer:
@@ -151,12 +135,9 @@ class Trainer:
         self.device = torch.device(device)
         self.output_dir = output_dir
         self.train_dataloader = train_dataloader
-        if test_dataloader is None:
-            self.test_dataloader: list[DataLoader[DictData]] | None = None
-        elif isinstance(test_dataloader, DataLoader):
-            self.test_dataloader = [test_dataloader]
-        else:
-            self.test_dataloader = list(test_dataloader)
+        self.test_dataloader: list[DataLoader[DictData]] | None = (
+            as_loader_list(test_dataloader) or None
+        )
         self.train_data_connector = train_data_connector
         self.test_data_connector = test_data_connector
         self.callbacks = list(callbacks)
@@ -203,12 +184,12 @@ class Trainer:
             global_step=self.global_step,
             num_steps=self.num_steps,
             train_dataloader=self.train_dataloader,
-            num_train_batches=_num_batches(self.train_dataloader),
+            num_train_batches=num_batches(self.train_dataloader),
             test_dataloader=self.test_dataloader,
             num_test_batches=(
                 None
                 if self.test_dataloader is None
-                else [_num_batches(dl) or 0 for dl in self.test_dataloader]
+                else [num_batches(dl) or 0 for dl in self.test_dataloader]
             ),
             train_module=self,
             train_engine="native",
@@ -276,10 +257,10 @@ class Trainer:
             raise ValueError("fit() needs train_dataloader and train_data_connector.")
         if not isinstance(loss_module, LossModule):
             raise TypeError(f"loss_module must be a LossModule, got {type(loss_module).__name__}.")
-        self._optimizers = _as_list(optimizers, "optimizers", Optimizer)
+        self._optimizers = as_list(optimizers, "optimizers", Optimizer)
         if not self._optimizers:
             raise ValueError("fit() needs at least one optimizer.")
-        self._lr_schedulers = _as_list(lr_schedulers, "lr_schedulers", LRSchedulerWrapper)
+        self._lr_schedulers = as_list(lr_schedulers, "lr_schedulers", LRSchedulerWrapper)
         model = self._wrap_model(model)
         loss_module.to(self.device)
         self._model = model

@@ -33,7 +33,7 @@ optimizers under manual optimization.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -49,6 +49,7 @@ from vistrain.engine.rng import capture_rng_state, restore_rng_state
 from vistrain.engine.run_state import (
     collect_checkpoint,
     lr_scalars,
+    num_batches,
     restore_checkpoint,
     start_epoch_iterator,
 )
@@ -59,13 +60,6 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 logger = logging.getLogger("vistrain")
-
-
-def _num_batches(loader: Any) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:
-        return None
 
 
 class LightningEngine:
@@ -274,9 +268,9 @@ class LightningEngine:
         state["global_step"] = self.global_step
         state["num_steps"] = self.num_steps
         state["train_dataloader"] = self.train_dataloader
-        state["num_train_batches"] = _num_batches(self.train_dataloader)
+        state["num_train_batches"] = num_batches(self.train_dataloader)
         state["test_dataloader"] = list(self.test_dataloaders) or None
-        state["num_test_batches"] = [_num_batches(dl) or 0 for dl in self.test_dataloaders] or None
+        state["num_test_batches"] = [num_batches(dl) or 0 for dl in self.test_dataloaders] or None
         state["optimizers"] = self.optimizers
         state["lr_schedulers"] = self.lr_schedulers
         state["val_logs"] = self.val_logs
@@ -372,7 +366,7 @@ class LightningEngine:
             return False  # the native loop stops without an epoch end
         if self._exhausted:
             return True
-        length = _num_batches(self.train_dataloader)
+        length = num_batches(self.train_dataloader)
         return length is not None and self.batches_done >= length
 
     def finish_epoch(self) -> None:
@@ -503,28 +497,4 @@ class LightningEngine:
         self._epoch = None
 
 
-def as_list(value: Any, what: str, kind: type) -> list[Any]:
-    """``value`` as a list of ``kind`` objects (None -> [])."""
-    if value is None:
-        return []
-    items = list(value) if isinstance(value, (list, tuple)) else [value]
-    for item in items:
-        if not isinstance(item, kind):
-            raise TypeError(f"{what} must be {kind.__name__} objects, got {type(item).__name__}.")
-    return items
-
-
-def as_loader_list(value: DataLoader[Any] | Sequence[DataLoader[Any]] | None) -> list[Any]:
-    """Test loaders as a list (one loader, several, or None)."""
-    if value is None:
-        return []
-    if isinstance(value, DataLoader):
-        return [value]
-    loaders = list(value)
-    for idx, loader in enumerate(loaders):
-        if not isinstance(loader, DataLoader):
-            raise TypeError(f"test_dataloader[{idx}] is {type(loader).__name__}, not a DataLoader.")
-    return loaders
-
-
-__all__ = ["LightningEngine", "as_list", "as_loader_list"]
+__all__ = ["LightningEngine"]

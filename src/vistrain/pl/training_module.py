@@ -25,7 +25,8 @@ from vistrain.common.typing import DictData
 from vistrain.engine.connectors import DataConnector
 from vistrain.engine.loss_module import LossModule
 from vistrain.engine.optim import LRSchedulerWrapper
-from vistrain.pl.engine import LightningEngine, as_list, as_loader_list
+from vistrain.engine.run_state import as_list, as_loader_list
+from vistrain.pl.engine import LightningEngine
 
 
 def _call_model(model: nn.Module, inputs: Any) -> Any:

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset, default_collate
 
-from vistrain.common.distributed import get_rank, get_world_size
+from vistrain.data.loader import build_test_dataloader, build_train_dataloader
 from vistrain.engine.callbacks.checkpoint import CheckpointCallback
 from vistrain.engine.callbacks.ema import EMACallback
 from vistrain.engine.callbacks.evaluator import EvaluatorCallback
@@ -117,28 +117,6 @@ class SmallCNN(nn.Module):
         return {"logits": self.head(self.features(images).mean(dim=(2, 3)))}
 
 
-def _loader(dataset: Dataset[Any], params: Params, train: bool) -> DataLoader[Any]:
-    """A loader whose global sample order does not depend on the number of processes.
-
-    One process uses the same seeded permutation as N processes do together, so a batch B
-    on one process holds the same samples as N batches of B/N on N processes.
-    """
-    sampler: torch.utils.data.DistributedSampler[Any] = torch.utils.data.DistributedSampler(
-        dataset,
-        num_replicas=get_world_size(),
-        rank=get_rank(),
-        shuffle=train,
-        seed=params.seed,
-    )
-    return DataLoader(
-        dataset,
-        batch_size=params.batch_size,
-        sampler=sampler,
-        num_workers=params.num_workers,
-        drop_last=False,
-    )
-
-
 def build(params: Params, output_dir: str) -> Experiment:
     """Build the toy classification run."""
     train_set = StripesDataset(params.num_train_images, params.image_size, params.seed)
@@ -146,7 +124,16 @@ def build(params: Params, output_dir: str) -> Experiment:
     net = SmallCNN(norm=params.norm)
     model: nn.Module = ModelEMAAdapter(net, decay=0.95) if params.ema else net
     optimizer = torch.optim.SGD(net.parameters(), lr=params.lr, momentum=0.9, weight_decay=5e-4)
-    train_loader = _loader(train_set, params, train=True)
+    # build_train_dataloader uses the same seeded permutation whatever the number of
+    # processes, so one process with batch B sees the samples N processes see with B/N.
+    train_loader = build_train_dataloader(
+        train_set,
+        params.batch_size,
+        num_workers=params.num_workers,
+        seed=params.seed,
+        drop_last=False,
+        collate_fn=default_collate,
+    )
     scheduler = warmup_cosine(
         optimizer, warmup_steps=len(train_loader) // 2, num_epochs=params.num_epochs
     )
@@ -176,7 +163,9 @@ def build(params: Params, output_dir: str) -> Experiment:
         optimizers=[optimizer],
         lr_schedulers=[scheduler],
         train_dataloader=train_loader,
-        test_dataloader=_loader(val_set, params, train=False),
+        test_dataloader=build_test_dataloader(
+            val_set, params.batch_size, num_workers=params.num_workers, collate_fn=default_collate
+        ),
         train_data_connector=DataConnector({"images": "images"}),
         test_data_connector=DataConnector({"images": "images"}),
         callbacks=callbacks,
