@@ -62,3 +62,30 @@ def test_remap_pred_keys_and_validation() -> None:
     with pytest.raises(TypeError):
         DataConnector(["x"])
     assert get_nested({"x": {"y": 1}}, "x.y") == 1
+
+
+def test_empty_key_is_the_whole_object_and_mapping_subclasses_work() -> None:
+    from collections import OrderedDict
+
+    tensor = torch.ones(3)
+    assert LossConnector({"input": pred_key("")})(tensor, {})["input"] is tensor
+    ordered = OrderedDict(x=OrderedDict(y=7))
+    assert DataConnector({"v": "x.y"})(ordered) == {"v": 7}
+    assert DataConnector({"v": "x"})(ordered) == {"v": ordered["x"]}
+
+
+def test_key_mapping_is_read_only_and_reassigning_rebuilds_the_lookup() -> None:
+    conn = LossConnector({"a": data_key("x")})
+    with pytest.raises(TypeError):
+        conn.key_mapping["a"] = data_key("y")  # type: ignore[index]
+    conn.key_mapping = {"a": data_key("y")}
+    assert conn({}, {"x": 1, "y": 2}) == {"a": 2}
+    with pytest.raises(TypeError, match="data_key"):
+        conn.key_mapping = {"a": "y"}  # type: ignore[dict-item]
+    assert conn({}, {"x": 1, "y": 2}) == {"a": 2}, "a rejected mapping must leave the old one"
+
+    data_conn = DataConnector({"inp": "x"})
+    data_conn.key_mapping = {"inp": "y"}
+    assert data_conn({"x": 1, "y": 2}) == {"inp": 2}
+    with pytest.raises(TypeError, match=r"'inp'.*string"):
+        DataConnector({"inp": 3})  # type: ignore[dict-item]

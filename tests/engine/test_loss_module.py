@@ -76,3 +76,24 @@ def test_loss_modules_are_registered_and_findable() -> None:
     assert module.find_loss(torch.nn.L1Loss) == [l1]
     assert any(m is l1 for m in module.modules())
     assert module.losses[0]["name"] == "L1Loss"
+
+
+def test_unnamed_terms_are_named_after_the_function_or_class_and_single_term_total_is_shared() -> (
+    None
+):
+    conn = LossConnector({"input": pred_key(""), "target": data_key("y")})
+    module = LossModule({"loss": torch.nn.functional.mse_loss, "connector": conn})
+    pred = torch.tensor([1.0, 2.0], requires_grad=True)
+    total, metrics = module(pred, {"y": torch.zeros(2)})
+    assert set(metrics) == {"mse_loss", "loss"}
+    assert metrics["loss"] is metrics["mse_loss"] and not metrics["loss"].requires_grad
+    assert total.requires_grad and float(total.detach()) == 2.5
+    two = LossModule(
+        [
+            {"loss": torch.nn.functional.mse_loss, "connector": conn},
+            {"loss": torch.nn.L1Loss(), "connector": conn},
+        ]
+    )
+    _, metrics = two(pred, {"y": torch.zeros(2)})
+    assert float(metrics["loss"]) == 2.5 + 1.5
+    assert float(metrics["L1Loss"]) == 1.5

@@ -9,6 +9,7 @@ Keys may be dotted paths into nested dicts, namedtuples, dataclasses or lists, e
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Literal, TypedDict
 
 from vistrain.common.typing import DictData
@@ -63,6 +64,9 @@ def _available_keys(obj: Any) -> list[str]:
     return []
 
 
+_MISSING = object()
+
+
 def get_nested(obj: Any, key: str, what: str = "data") -> Any:
     """Resolve a (possibly dotted) ``key`` in ``obj``.
 
@@ -74,10 +78,19 @@ def get_nested(obj: Any, key: str, what: str = "data") -> Any:
         KeyError: If a part of the path is missing; the message names the key, the
             missing part and the keys that are there.
     """
-    if isinstance(obj, Mapping) and key in obj:
-        return obj[key]
-    if key == "":
+    if not key:
         return obj
+    if type(obj) is dict:  # the per-step common case, without an abstract-class check
+        value = obj.get(key, _MISSING)
+        if value is not _MISSING:
+            return value
+    elif isinstance(obj, Mapping) and key in obj:
+        return obj[key]
+    return _walk(obj, key, what)
+
+
+def _walk(obj: Any, key: str, what: str) -> Any:
+    """Follow the dotted path ``key`` part by part (see ``get_nested``)."""
     current = obj
     walked: list[str] = []
     for part in key.split("."):
@@ -103,27 +116,29 @@ def get_nested(obj: Any, key: str, what: str = "data") -> Any:
     return current
 
 
-def _resolve(
-    mapping: Mapping[str, SourceKeyDescription], prediction: Any, data: Any
-) -> dict[str, Any]:
-    """Collect every argument of ``mapping`` from ``prediction`` and ``data``.
+_Plan = tuple[tuple[str, bool, str], ...]
+
+
+def _plan(mapping: Mapping[str, SourceKeyDescription]) -> _Plan:
+    """``(argument, from_prediction, key)`` for every entry: read once, used every step."""
+    return tuple(
+        (name, desc["source"] == "prediction", desc["key"]) for name, desc in mapping.items()
+    )
+
+
+def _resolve(plan: _Plan, prediction: Any, data: Any) -> dict[str, Any]:
+    """Collect every argument of ``plan`` from ``prediction`` and ``data``.
 
     A list batch (one dict per view) yields, for data keys, the list of each view's value.
     """
     out: dict[str, Any] = {}
-    for name, desc in mapping.items():
-        source = desc["source"]
-        if source == "prediction":
-            out[name] = get_nested(prediction, desc["key"], "predictions")
-        elif source == "data":
-            if isinstance(data, list):
-                out[name] = [get_nested(view, desc["key"], "data") for view in data]
-            else:
-                out[name] = get_nested(data, desc["key"], "data")
+    for name, from_prediction, key in plan:
+        if from_prediction:
+            out[name] = get_nested(prediction, key, "predictions")
+        elif type(data) is list:
+            out[name] = [get_nested(view, key, "data") for view in data]
         else:
-            raise ValueError(
-                f"Connector entry {name!r} has source {source!r}; use data_key() or pred_key()."
-            )
+            out[name] = get_nested(data, key, "data")
     return out
 
 
@@ -152,21 +167,37 @@ class DataConnector:
     """
 
     def __init__(self, key_mapping: Mapping[str, str]) -> None:
+        self.key_mapping = key_mapping  # type: ignore[assignment]
+
+    @property
+    def key_mapping(self) -> Mapping[str, str]:
+        """Model argument name to batch key (read-only view; assign a new dict to change)."""
+        return MappingProxyType(self._key_mapping)
+
+    @key_mapping.setter
+    def key_mapping(self, key_mapping: Mapping[str, str]) -> None:
         if not isinstance(key_mapping, Mapping):
             raise TypeError(
                 "DataConnector expects a dict of model argument to batch key, "
                 f"got {type(key_mapping).__name__}."
             )
-        self.key_mapping = dict(key_mapping)
+        for name, key in key_mapping.items():
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"DataConnector entry {name!r} is {key!r}; give the batch key as a string "
+                    "(a dotted path is allowed)."
+                )
+        self._key_mapping = dict(key_mapping)
+        self._items = tuple(self._key_mapping.items())
 
     def __call__(self, data: DictData | list[DictData]) -> DictData | list[DictData]:
         """Return the model's keyword arguments (one dict per view for a list batch)."""
-        if isinstance(data, list):
+        if type(data) is list:
             return [self._one(view) for view in data]
-        return self._one(data)
+        return self._one(data)  # type: ignore[arg-type]
 
     def _one(self, data: DictData) -> DictData:
-        return {name: get_nested(data, key, "data") for name, key in self.key_mapping.items()}
+        return {name: get_nested(data, key, "data") for name, key in self._items}
 
 
 class LossConnector:
@@ -177,12 +208,22 @@ class LossConnector:
     """
 
     def __init__(self, key_mapping: Mapping[str, SourceKeyDescription]) -> None:
+        self.key_mapping = key_mapping  # type: ignore[assignment]
+
+    @property
+    def key_mapping(self) -> Mapping[str, SourceKeyDescription]:
+        """Argument name to key description (read-only view; assign a new dict to change)."""
+        return MappingProxyType(self._key_mapping)
+
+    @key_mapping.setter
+    def key_mapping(self, key_mapping: Mapping[str, SourceKeyDescription]) -> None:
         _check_mapping(key_mapping, type(self).__name__)
-        self.key_mapping = dict(key_mapping)
+        self._key_mapping = dict(key_mapping)
+        self._plan = _plan(self._key_mapping)
 
     def __call__(self, prediction: Any, data: Any) -> DictData:
         """Return the keyword arguments for the loss."""
-        return _resolve(self.key_mapping, prediction, data)
+        return _resolve(self._plan, prediction, data)
 
 
 class CallbackConnector(LossConnector):

@@ -53,6 +53,12 @@ def _flatten(value: Any, prefix: str, owner: str) -> dict[str, Tensor]:
     return out
 
 
+def _default_name(loss: Any) -> str:
+    """A function's own name (``cross_entropy``), else the class name (``YOLOXLoss``)."""
+    name = getattr(loss, "__name__", None) if not isinstance(loss, nn.Module) else None
+    return name if isinstance(name, str) and name.isidentifier() else type(loss).__name__
+
+
 class LossModule(nn.Module):
     """Weighted sum of loss terms.
 
@@ -90,7 +96,7 @@ class LossModule(nn.Module):
                     f"got {type(entry['connector']).__name__}."
                 )
             definition = LossDefinition(**entry)  # type: ignore[typeddict-item]
-            name = definition.get("name") or type(definition["loss"]).__name__
+            name = definition.get("name") or _default_name(definition["loss"])
             if name in names:
                 name = f"{name}_{idx}"
             definition["name"] = name
@@ -107,15 +113,13 @@ class LossModule(nn.Module):
 
     def _plan(self, name: str, term_name: str, weight: Any) -> tuple[float, bool]:
         """Weight and exclusion of one flattened term, worked out once and cached."""
-        plan = self._term_plan.get(term_name)
-        if plan is None:
-            if isinstance(weight, Mapping):
-                short = term_name[len(name) + 1 :] if term_name != name else name
-                w = float(weight.get(short, weight.get(term_name, 1.0)))
-            else:
-                w = float(weight)
-            plan = (w, self._excluded(term_name))
-            self._term_plan[term_name] = plan
+        if isinstance(weight, Mapping):
+            short = term_name[len(name) + 1 :] if term_name != name else name
+            w = float(weight.get(short, weight.get(term_name, 1.0)))
+        else:
+            w = float(weight)
+        plan = (w, self._excluded(term_name))
+        self._term_plan[term_name] = plan
         return plan
 
     def forward(self, outputs: Any, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
@@ -129,28 +133,34 @@ class LossModule(nn.Module):
             ValueError: If no term contributes to the total.
         """
         total: Tensor | None = None
+        summed = 0
         metrics: dict[str, Tensor] = {}
+        plans = self._term_plan
         for definition in self.losses:
             name = definition["name"]
-            kwargs = definition["connector"](outputs, batch)
-            returned = definition["loss"](**kwargs)
+            returned = definition["loss"](**definition["connector"](outputs, batch))
             terms = (
-                {name: returned} if isinstance(returned, Tensor) else _flatten(returned, name, name)
+                ((name, returned),)
+                if isinstance(returned, Tensor)
+                else _flatten(returned, name, name).items()
             )
-            weight = definition.get("weight", 1.0)
-            for term_name, value in terms.items():
-                w, excluded = self._plan(name, term_name, weight)
+            for term_name, value in terms:
+                plan = plans.get(term_name)
+                if plan is None:
+                    plan = self._plan(name, term_name, definition.get("weight", 1.0))
+                w, excluded = plan
                 weighted = value * w if w != 1.0 else value
                 metrics[term_name] = weighted.detach()
                 if excluded:
                     continue
                 total = weighted if total is None else total + weighted
+                summed += 1
         if total is None:
             raise ValueError(
                 "LossModule produced no loss to optimise: every term was excluded "
                 f"(exclude_attributes={sorted(self.exclude_attributes)}) or returned nothing."
             )
-        if len(metrics) == 1 and next(iter(metrics.values())).data_ptr() == total.data_ptr():
+        if summed == 1 and len(metrics) == 1:
             metrics["loss"] = next(iter(metrics.values()))  # one term: the total is that term
         else:
             metrics["loss"] = total.detach()

@@ -1,12 +1,15 @@
 """Scalar writers: ``metrics.jsonl`` and TensorBoard event files, written by rank 0 only.
 
 Each logged scalar becomes one JSON line ``{"tag", "value", "step", "epoch", "time"}`` and
-one TensorBoard scalar. Writers are called only on logging steps, never per batch.
+one TensorBoard scalar. Writers are called only on logging steps, never per batch. Both
+files are buffered and flushed at least every ``flush_secs`` and on ``close`` (which the
+trainer calls even when training fails), so a logged step costs no system call.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -15,12 +18,18 @@ from typing import Any
 import torch
 
 from vistrain.common.distributed import is_rank_zero
+from vistrain.engine.event_file import ScalarEventWriter
 
 
 def _to_float(value: Any) -> float:
     if isinstance(value, torch.Tensor):
         return float(value.detach().float().cpu())
     return float(value)
+
+
+def _json_number(value: float) -> str:
+    """A float as ``json.dumps`` writes it (``NaN`` and ``Infinity`` included), without it."""
+    return repr(value) if math.isfinite(value) else json.dumps(value)
 
 
 class ScalarLogger:
@@ -31,15 +40,23 @@ class ScalarLogger:
         tensorboard: Also write TensorBoard event files.
         purge_after_step: On resume, drop earlier records with a step above this one, so the
             files describe one consistent history (TensorBoard's ``purge_step`` likewise).
+        flush_secs: Longest time a logged scalar may stay in the process's buffers.
     """
 
     def __init__(
-        self, output_dir: str, tensorboard: bool = True, purge_after_step: int | None = None
+        self,
+        output_dir: str,
+        tensorboard: bool = True,
+        purge_after_step: int | None = None,
+        flush_secs: float = 1.0,
     ) -> None:
         self.output_dir = output_dir
         self.enabled = is_rank_zero()
         self.jsonl_path = os.path.join(output_dir, "metrics.jsonl")
-        self._tb: Any = None
+        self.flush_secs = flush_secs
+        self._next_flush = 0.0
+        self._tag_json: dict[str, str] = {}
+        self._tb: ScalarEventWriter | None = None
         if not self.enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
@@ -47,10 +64,8 @@ class ScalarLogger:
             self._purge_jsonl(purge_after_step)
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             purge = None if purge_after_step is None else purge_after_step + 1
-            self._tb = SummaryWriter(log_dir=output_dir, purge_step=purge)
+            self._tb = ScalarEventWriter(output_dir, purge_step=purge, flush_secs=flush_secs)
 
     def _purge_jsonl(self, max_step: int) -> None:
         if not os.path.exists(self.jsonl_path):
@@ -75,13 +90,34 @@ class ScalarLogger:
         if not self.enabled or not scalars:
             return
         now = time.time()
-        for tag, value in scalars.items():
-            number = _to_float(value)
-            record = {"tag": tag, "value": number, "step": step, "epoch": epoch, "time": now}
-            self._jsonl.write(json.dumps(record) + "\n")
-            if self._tb is not None:
-                self._tb.add_scalar(tag, number, global_step=step, walltime=now)
+        numbers = {tag: _to_float(value) for tag, value in scalars.items()}
+        tail = f', "step": {int(step)}, "epoch": {int(epoch)}, "time": {_json_number(now)}}}\n'
+        self._jsonl.write(
+            "".join(
+                f'{{"tag": {self._json_tag(tag)}, "value": {_json_number(number)}{tail}'
+                for tag, number in numbers.items()
+            )
+        )
+        if self._tb is not None:
+            self._tb.add_scalars(numbers, step, now)
+        if time.monotonic() >= self._next_flush:
+            self.flush()
+
+    def _json_tag(self, tag: str) -> str:
+        """The tag as a JSON string, escaped once per tag rather than once per record."""
+        text = self._tag_json.get(tag)
+        if text is None:
+            text = self._tag_json[tag] = json.dumps(tag)
+        return text
+
+    def flush(self) -> None:
+        """Hand both files' buffers to the operating system."""
+        if not self.enabled:
+            return
         self._jsonl.flush()
+        if self._tb is not None:
+            self._tb.flush()
+        self._next_flush = time.monotonic() + self.flush_secs
 
     def close(self) -> None:
         """Flush and close the files."""

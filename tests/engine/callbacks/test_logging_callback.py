@@ -333,3 +333,26 @@ def test_metrics_are_averaged_across_ranks() -> None:
         assert [log for log in logs if log is not None] == [{"loss": 3.75}]
         # Pending batches 5-6: sums 11 and 22, saved as their mean on every rank.
         assert saved == {"sums": {"loss": 16.5}, "counts": {"loss": 2}}
+
+
+def test_window_sums_mixed_shapes_and_dtypes_and_never_keeps_a_graph() -> None:
+    window = logging_module._MetricWindow()
+    for step in range(1, 5):
+        window.add(
+            {
+                "a": torch.tensor(float(step)),  # ()
+                "b": torch.tensor([step], dtype=torch.float16),  # (1,), another dtype
+                "c": torch.tensor(step),  # integer
+            }
+        )
+    sums = {key: float(value) for key, value in window.snapshot().items()}
+    assert sums == {"a": 10.0, "b": 10.0, "c": 10.0}
+    assert window.counts == {"a": 4, "b": 4, "c": 4}
+
+    window.clear()
+    weight = torch.tensor(2.0, requires_grad=True)
+    for step in range(3):
+        window.add({"a": weight * step})
+        assert not window._pending, "a tensor with a graph must be summed at once, not kept"
+    assert float(window.snapshot()["a"]) == 6.0
+    assert not window.snapshot()["a"].requires_grad

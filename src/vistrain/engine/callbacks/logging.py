@@ -111,89 +111,64 @@ def _sum_dtype(device: torch.device) -> torch.dtype:
 class _MetricWindow:
     """Running sums of the metrics since the last logged line, kept where the metrics live.
 
-    The common case, the same keys every step as 0-d tensors on one device that need no
-    gradient, costs one list append per step: the step's tensors are kept and summed per key
-    (one ``torch.stack`` per key, in float64) only when the window is read, on log steps and
-    checkpoints. Other steps (keys that change, Python numbers) fall back to one sum per key.
-    Nothing is read on the host until ``snapshot()`` is converted by the caller. A window is
-    summed at the same points whether or not a run was resumed (checkpoints read it), so a
-    window restored from a checkpoint continues bit for bit.
+    The common case, the same keys every step as one-element tensors on one device, costs
+    one list append per step: the steps' tensors are kept and summed (one ``torch.stack``
+    and one sum, in float64) only when the window is read, on log steps and checkpoints.
+    Other steps (keys that change, Python numbers) fall back to one sum per key. Nothing is
+    read on the host until ``snapshot()`` is converted by the caller. A window restored from
+    a checkpoint continues bit for bit; ``clear()`` keeps the key layout for the next window.
     """
 
     def __init__(self) -> None:
-        self._counts: dict[str, int] = {}  # steps per key, except those in the vector
-        self._sums: dict[str, Tensor | float] = {}  # keys not held in the vector
-        self._keys: tuple[str, ...] | None = None
-        self._vector: Tensor | None = None
-        self._vector_steps = 0
-        self._pending: list[list[Tensor]] = []  # steps not yet summed into the vector
-        self._vector_grad_free = False
-        self._not_vectorisable: tuple[str, ...] | None = None
+        self._sums: dict[str, Tensor | float] = {}  # folded sums
+        self._counts: dict[str, int] = {}  # steps folded into each sum
+        self._keys: tuple[str, ...] | None = None  # layout of the kept steps
+        self._pending: list[list[Tensor]] = []  # kept steps, not yet summed
 
     @property
     def counts(self) -> dict[str, int]:
         """Number of steps that contributed to each key's sum."""
-        if self._keys is None or not self._vector_steps:
+        if not self._pending or self._keys is None:
             return self._counts
         merged = dict(self._counts)
         for key in self._keys:
-            merged[key] = merged.get(key, 0) + self._vector_steps
+            merged[key] = merged.get(key, 0) + len(self._pending)
         return merged
 
     def add(self, metrics: dict[str, Any]) -> None:
         """Add one step's metrics (no host read, no sync)."""
         keys = tuple(metrics)
-        if keys == self._keys and self._vector is not None:
-            if self._vector_grad_free:
-                self._pending.append([metrics[key] for key in keys])
-            else:  # detach: a metric that requires grad must not chain steps into a graph
-                self._vector.add_(torch.stack([metrics[key] for key in keys]).detach())
-            self._vector_steps += 1
-        elif keys == self._not_vectorisable or not self._start_vector(keys, metrics):
-            self._add_per_key(metrics)
-            counts = self._counts
-            for key in keys:
-                counts[key] = counts.get(key, 0) + 1
+        if keys != self._keys:
+            self._fold()
+            if not _keepable(metrics):
+                self._keys = None
+                self._add_per_key(metrics)
+                return
+            self._keys = keys
+        self._pending.append(list(metrics.values()))
 
-    def _start_vector(self, keys: tuple[str, ...], metrics: dict[str, Any]) -> bool:
-        self._fold()
-        values = [metrics[key] for key in keys]
-        for key, value in zip(keys, values):
-            _check_metric(key, value)
-        if not all(isinstance(value, Tensor) for value in values) or not values:
-            self._not_vectorisable = keys
-            return False
-        device = values[0].device
-        if any(value.device != device for value in values):
-            self._not_vectorisable = keys
-            return False
-        dtype = _sum_dtype(device)
-        with torch.no_grad():
-            start = [self._sums.pop(key, 0.0) for key in keys]
-            vector = torch.stack(
-                [torch.as_tensor(value, dtype=dtype, device=device).reshape(()) for value in start]
-            )
-            vector.add_(torch.stack([value.reshape(()) for value in values]))
-        self._keys, self._vector, self._vector_steps = keys, vector, 1
-        self._vector_grad_free = not any(value.requires_grad for value in values)
-        return True
-
-    def _flush_pending(self) -> None:
-        """Sum the kept steps into the vector: one stack per key, no host read."""
-        if not self._pending or self._vector is None:
-            self._pending.clear()
+    def _fold(self) -> None:
+        """Sum the kept steps into the per-key sums: one stack, one sum, no host read."""
+        pending, keys = self._pending, self._keys
+        if not pending or keys is None:
             return
-        vector = self._vector
+        flat = [value for step in pending for value in step]
         with torch.no_grad():
-            columns = [
-                torch.stack([step[index] for step in self._pending]).reshape(-1)
-                for index in range(vector.numel())
-            ]
-            vector.add_(torch.stack([column.to(vector.dtype).sum() for column in columns]))
-        self._pending.clear()
+            try:
+                stacked = torch.stack(flat)
+            except RuntimeError:  # mixed shapes or dtypes: () next to (1,), say
+                dtype = _sum_dtype(flat[0].device)
+                stacked = torch.stack([value.reshape(()).to(dtype) for value in flat])
+            totals = stacked.reshape(len(pending), len(keys)).to(_sum_dtype(stacked.device))
+            columns = totals.sum(0).unbind()
+        sums, counts = self._sums, self._counts
+        for key, column in zip(keys, columns):
+            previous = sums.get(key)
+            sums[key] = column if previous is None else column + previous
+            counts[key] = counts.get(key, 0) + len(pending)
+        pending.clear()
 
     def _add_per_key(self, metrics: dict[str, Any]) -> None:
-        self._fold()
         sums = self._sums
         for key, value in metrics.items():
             _check_metric(key, value)
@@ -201,42 +176,51 @@ class _MetricWindow:
             if isinstance(value, Tensor):
                 value = value.detach().reshape(())
                 if isinstance(total, Tensor):
-                    total.add_(value)
+                    sums[key] = total + value
                 else:  # first value, or a float restored from a checkpoint
                     start = 0.0 if total is None else total
                     sums[key] = value.to(_sum_dtype(value.device), copy=True).add_(start)
             else:
-                sums[key] = (0.0 if total is None else float(total)) + float(value)
-
-    def _fold(self) -> None:
-        """Move the vector's sums into the per-key dict."""
-        self._flush_pending()
-        if self._keys is not None and self._vector is not None:
-            for index, key in enumerate(self._keys):
-                self._sums[key] = self._vector[index]
-                self._counts[key] = self._counts.get(key, 0) + self._vector_steps
-        self._keys, self._vector, self._vector_steps = None, None, 0
+                sums[key] = (0.0 if total is None else total) + float(value)
+            self._counts[key] = self._counts.get(key, 0) + 1
 
     def snapshot(self) -> dict[str, Tensor | float]:
         """Key to running sum (tensors stay on their device), sorted by key."""
-        self._flush_pending()
-        merged = dict(self._sums)
-        if self._keys is not None and self._vector is not None:
-            merged.update(zip(self._keys, self._vector.unbind()))
-        return {key: merged[key] for key in sorted(merged)}
+        self._fold()
+        return {key: self._sums[key] for key in sorted(self._sums)}
 
     def replace(self, sums: dict[str, Tensor | float]) -> None:
         """Overwrite the sums (counts unchanged), e.g. with their mean across ranks."""
         self._fold()
         self._sums.update(sums)
 
+    def clear(self) -> None:
+        """Start an empty window (the key layout is kept: the next step needs no checks)."""
+        self._pending.clear()
+        self._sums = {}
+        self._counts = {}
+
     def load(self, sums: dict[str, float], counts: dict[str, int]) -> None:
         """Restore sums and counts saved with ``snapshot`` converted to floats."""
         self._pending.clear()
-        self._keys, self._vector, self._vector_steps = None, None, 0
-        self._not_vectorisable = None
+        self._keys = None
         self._sums = {key: float(value) for key, value in sums.items()}
         self._counts = {key: int(value) for key, value in counts.items()}
+
+
+def _keepable(metrics: dict[str, Any]) -> bool:
+    """True when a step's metrics can be kept as they are and summed later in one stack.
+
+    That needs one-element tensors on one device that carry no autograd graph (a kept
+    tensor with a graph would keep the graph alive until the window is read).
+    """
+    values = list(metrics.values())
+    for key, value in metrics.items():
+        _check_metric(key, value)
+    if not values or not all(isinstance(value, Tensor) for value in values):
+        return False
+    device = values[0].device
+    return all(value.device == device and not value.requires_grad for value in values)
 
 
 def _check_metric(key: str, value: Any) -> None:
@@ -321,7 +305,7 @@ class LoggingCallback(Callback):
         return {key: totals[key] / counts[key] for key in values}
 
     def _reset_window(self) -> None:
-        self._window = _MetricWindow()
+        self._window.clear()
         self._window_batches = 0
         self._window_images = 0
         self._window_start_time = self._train_timer.elapsed()
@@ -357,11 +341,8 @@ class LoggingCallback(Callback):
         step = trainer_state["global_step"]
         return f"Iter {step}/{'?' if steps is None else steps}", step
 
-    def _train_line(
-        self, trainer_state: TrainerState, batch_idx: int, metrics: dict[str, float]
-    ) -> str:
-        prefix, _ = self._position(trainer_state, batch_idx)
-        parts = [prefix, f"ETA: {self._eta(trainer_state)}"]
+    def _train_line(self, prefix: str, eta: str, metrics: dict[str, float]) -> str:
+        parts = [prefix, f"ETA: {eta}"]
         window_time = self._train_timer.elapsed() - self._window_start_time
         if window_time > 0 and self._window_batches > 0:
             parts.append(f"{self._window_batches / window_time:.2f} it/s")
@@ -424,9 +405,11 @@ class LoggingCallback(Callback):
         if self._start_step is None:
             self._start_step = trainer_state["global_step"]
             self._window_start_time = 0.0
-        self._train_timer.resume()
-        if self._last_batch_end is not None:
-            self._data_time += now - self._last_batch_end
+        if not self._train_timer.running:
+            self._train_timer.resume()
+        last_batch_end = self._last_batch_end
+        if last_batch_end is not None:
+            self._data_time += now - last_batch_end
             self._data_batches += 1
 
     def on_train_batch_end(
@@ -446,33 +429,36 @@ class LoggingCallback(Callback):
         if metrics:
             self._window.add(metrics)
         self._window_batches += 1
-        images = batch.get("images") if isinstance(batch, dict) else None
-        if isinstance(images, Tensor) and images.dim() > 0:
-            self._window_images += images.shape[0]
+        if isinstance(batch, dict):
+            images = batch.get("images")
+            if isinstance(images, Tensor) and images.dim() > 0:
+                self._window_images += images.shape[0]
         logs: MetricLogs | None = None
         if self._is_train_log_step(trainer_state, batch_idx):
-            averages = self._reduce_window()
-            if is_rank_zero():
-                self._metrics_text = ", ".join(
-                    f"{key}: {format_value(value)}" for key, value in averages.items()
-                )
-                self._update_bar(
-                    "train",
-                    self._position(trainer_state, batch_idx)[1],
-                    f"ETA: {self._eta(trainer_state)}  {self._metrics_text}",
-                    force=True,
-                )
-                logger.info(self._train_line(trainer_state, batch_idx, averages))
-            self._reset_window()
-            logs = dict(averages) if averages else None
+            logs = self._log_window(trainer_state, batch_idx)
         else:
             if not self._first_line_done and is_rank_zero():
                 self._log_first_batch(trainer_state, batch_idx, metrics)
-            if self._display is not None and self._display.live:
+            display = self._display
+            if display is not None and display.live:
                 self._update_bar("train", self._position(trainer_state, batch_idx)[1])
         self._first_line_done = True
         self._last_batch_end = time.perf_counter()
         return logs
+
+    def _log_window(self, trainer_state: TrainerState, batch_idx: int) -> MetricLogs | None:
+        """Close the window: average it (collective), print its line, return the averages."""
+        averages = self._reduce_window()
+        if is_rank_zero():
+            self._metrics_text = ", ".join(
+                f"{key}: {format_value(value)}" for key, value in averages.items()
+            )
+            prefix, completed = self._position(trainer_state, batch_idx)
+            eta = self._eta(trainer_state)
+            self._update_bar("train", completed, f"ETA: {eta}  {self._metrics_text}", force=True)
+            logger.info(self._train_line(prefix, eta, averages))
+        self._reset_window()
+        return dict(averages) if averages else None
 
     def _log_first_batch(
         self, trainer_state: TrainerState, batch_idx: int, metrics: dict[str, Any] | None
