@@ -143,3 +143,31 @@ def test_invalid_arguments(tmp_path) -> None:
     trainer = make_trainer(tmp_path, [])
     with pytest.raises(ValueError, match="at least one optimizer"):
         trainer.fit(ToyModel(), [], None, toy_loss_module())
+
+
+def test_loader_handed_over_at_epoch_start_serves_and_describes_that_epoch(tmp_path) -> None:
+    from vistrain.engine.callbacks import Callback
+
+    short = toy_loader(8, 4)  # 2 batches instead of 3
+
+    class SwitchLoader(Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[int, int]] = []
+
+        def on_train_epoch_start(self, trainer_state, model, loss_module) -> None:
+            if trainer_state["current_epoch"] == 1:
+                trainer_state["train_module"].set_train_dataloader(short)
+
+        def on_train_batch_end(self, trainer_state, model, loss_module, outputs, batch, batch_idx):
+            assert trainer_state["train_dataloader"] is not None
+            self.seen.append((trainer_state["current_epoch"], trainer_state["num_train_batches"]))
+            return None
+
+    switch = SwitchLoader()
+    model = ToyModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = make_trainer(tmp_path, [switch], num_epochs=2, test_loader=None)
+    trainer.fit(model, [opt], None, toy_loss_module())
+    assert switch.seen == [(0, 3)] * 3 + [(1, 2)] * 2
+    assert trainer.global_step == 5 and trainer.train_dataloader is short

@@ -249,9 +249,15 @@ class CountHostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.fixture
+def as_on_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Treat CPU metric tensors as if they lived on a GPU (where a host read waits)."""
+    monkeypatch.setattr(logging_module, "_read_at_once", lambda device: False)
+
+
 @pytest.mark.parametrize("python_number", [False, True])
 def test_no_host_reads_or_log_calls_between_log_steps(
-    clock: FakeClock, lines: list[str], python_number: bool
+    clock: FakeClock, lines: list[str], python_number: bool, as_on_accelerator: None
 ) -> None:
     callback = make_callback(refresh_rate=5)
     state = make_state(num_train_batches=100)
@@ -281,7 +287,13 @@ def test_no_host_reads_or_log_calls_between_log_steps(
 
 
 @pytest.mark.parametrize("python_number", [False, True])
-def test_resume_mid_window_returns_the_same_averages(clock: FakeClock, python_number: bool) -> None:
+@pytest.mark.parametrize("on_accelerator", [False, True])
+def test_resume_mid_window_returns_the_same_averages(
+    clock: FakeClock, python_number: bool, on_accelerator: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if on_accelerator:
+        monkeypatch.setattr(logging_module, "_read_at_once", lambda device: False)
+
     def metrics(step: int) -> dict[str, Any]:
         acc = 0.5 * step
         return {
@@ -335,7 +347,12 @@ def test_metrics_are_averaged_across_ranks() -> None:
         assert saved == {"sums": {"loss": 16.5}, "counts": {"loss": 2}}
 
 
-def test_window_sums_mixed_shapes_and_dtypes_and_never_keeps_a_graph() -> None:
+@pytest.mark.parametrize("on_accelerator", [False, True])
+def test_window_sums_mixed_shapes_and_dtypes_and_never_keeps_a_graph(
+    on_accelerator: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if on_accelerator:
+        monkeypatch.setattr(logging_module, "_read_at_once", lambda device: False)
     window = logging_module._MetricWindow()
     for step in range(1, 5):
         window.add(
@@ -354,5 +371,19 @@ def test_window_sums_mixed_shapes_and_dtypes_and_never_keeps_a_graph() -> None:
     for step in range(3):
         window.add({"a": weight * step})
         assert not window._pending, "a tensor with a graph must be summed at once, not kept"
+    assert window.counts == {"a": 3}
     assert float(window.snapshot()["a"]) == 6.0
     assert not window.snapshot()["a"].requires_grad
+
+
+def test_cpu_metrics_are_read_at_once_and_not_kept() -> None:
+    window = logging_module._MetricWindow()
+    for step in range(3):
+        window.add({"loss": torch.tensor(float(step)), "acc": torch.tensor(0.5)})
+    assert window._pending == [], "CPU tensors are summed as floats, not kept alive"
+    assert window.counts == {"loss": 3, "acc": 3}
+    assert window.snapshot() == {"acc": 1.5, "loss": 3.0}
+    window.clear()
+    assert window.counts == {} and window.snapshot() == {}
+    window.add({"loss": torch.tensor(4.0), "acc": torch.tensor(1.0)})
+    assert window.snapshot() == {"acc": 1.0, "loss": 4.0}

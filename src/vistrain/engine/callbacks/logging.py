@@ -38,6 +38,7 @@ import datetime
 import logging
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -109,34 +110,39 @@ def _sum_dtype(device: torch.device) -> torch.dtype:
 
 
 class _MetricWindow:
-    """Running sums of the metrics since the last logged line, kept where the metrics live.
+    """Running sums of the metrics since the last logged line.
 
-    The common case, the same keys every step as one-element tensors on one device, costs
-    one list append per step: the steps' tensors are kept and summed (one ``torch.stack``
-    and one sum, in float64) only when the window is read, on log steps and checkpoints.
-    Other steps (keys that change, Python numbers) fall back to one sum per key. Nothing is
-    read on the host until ``snapshot()`` is converted by the caller. A window restored from
-    a checkpoint continues bit for bit; ``clear()`` keeps the key layout for the next window.
+    The common case is the same keys every step as one-element tensors on one device. On
+    the CPU each value is read at once and added to a Python float (reading CPU memory
+    syncs nothing, and the tensors are freed at once). On an accelerator the steps'
+    tensors are kept and summed (one ``torch.stack`` and one sum, in float64) only when
+    the window is read, on log steps and checkpoints, so nothing waits for the device in
+    between. Other steps (keys that change, Python numbers) fall back to one sum per key.
+    A window restored from a checkpoint continues bit for bit; ``clear()`` keeps the key
+    layout for the next window.
     """
 
     def __init__(self) -> None:
         self._sums: dict[str, Tensor | float] = {}  # folded sums
         self._counts: dict[str, int] = {}  # steps folded into each sum
-        self._keys: tuple[str, ...] | None = None  # layout of the kept steps
-        self._pending: list[list[Tensor]] = []  # kept steps, not yet summed
+        self._keys: tuple[str, ...] | None = None  # layout of the steps not yet folded
+        self._on_host = False  # layout's tensors live on the CPU: sum as floats
+        self._host_sums: list[float] = []
+        self._steps = 0  # steps in the layout's accumulators
+        self._pending: list[list[Tensor]] = []  # accelerator steps, not yet summed
 
     @property
     def counts(self) -> dict[str, int]:
         """Number of steps that contributed to each key's sum."""
-        if not self._pending or self._keys is None:
+        if not self._steps or self._keys is None:
             return self._counts
         merged = dict(self._counts)
         for key in self._keys:
-            merged[key] = merged.get(key, 0) + len(self._pending)
+            merged[key] = merged.get(key, 0) + self._steps
         return merged
 
     def add(self, metrics: dict[str, Any]) -> None:
-        """Add one step's metrics (no host read, no sync)."""
+        """Add one step's metrics (no device sync)."""
         keys = tuple(metrics)
         if keys != self._keys:
             self._fold()
@@ -145,28 +151,42 @@ class _MetricWindow:
                 self._add_per_key(metrics)
                 return
             self._keys = keys
-        self._pending.append(list(metrics.values()))
+            self._on_host = _read_at_once(next(iter(metrics.values())).device)
+            self._host_sums = [0.0] * len(keys)
+        if self._on_host:
+            sums = self._host_sums
+            for index, value in enumerate(metrics.values()):
+                sums[index] += value.item()
+        else:
+            self._pending.append(list(metrics.values()))
+        self._steps += 1
 
     def _fold(self) -> None:
-        """Sum the kept steps into the per-key sums: one stack, one sum, no host read."""
-        pending, keys = self._pending, self._keys
-        if not pending or keys is None:
+        """Move the layout's accumulators into the per-key sums (no host read)."""
+        keys, steps = self._keys, self._steps
+        if not steps or keys is None:
             return
-        flat = [value for step in pending for value in step]
-        with torch.no_grad():
-            try:
-                stacked = torch.stack(flat)
-            except RuntimeError:  # mixed shapes or dtypes: () next to (1,), say
-                dtype = _sum_dtype(flat[0].device)
-                stacked = torch.stack([value.reshape(()).to(dtype) for value in flat])
-            totals = stacked.reshape(len(pending), len(keys)).to(_sum_dtype(stacked.device))
-            columns = totals.sum(0).unbind()
+        columns: Sequence[Tensor | float]
+        if self._on_host:
+            columns = self._host_sums
+            self._host_sums = [0.0] * len(keys)
+        else:
+            flat = [value for step in self._pending for value in step]
+            with torch.no_grad():
+                try:
+                    stacked = torch.stack(flat)
+                except RuntimeError:  # mixed shapes or dtypes: () next to (1,), say
+                    dtype = _sum_dtype(flat[0].device)
+                    stacked = torch.stack([value.reshape(()).to(dtype) for value in flat])
+                totals = stacked.reshape(steps, len(keys)).to(_sum_dtype(stacked.device))
+                columns = totals.sum(0).unbind()
+            self._pending.clear()
         sums, counts = self._sums, self._counts
         for key, column in zip(keys, columns):
             previous = sums.get(key)
-            sums[key] = column if previous is None else column + previous
-            counts[key] = counts.get(key, 0) + len(pending)
-        pending.clear()
+            sums[key] = column if previous is None else column + previous  # type: ignore[operator,assignment]
+            counts[key] = counts.get(key, 0) + steps
+        self._steps = 0
 
     def _add_per_key(self, metrics: dict[str, Any]) -> None:
         sums = self._sums
@@ -197,15 +217,23 @@ class _MetricWindow:
     def clear(self) -> None:
         """Start an empty window (the key layout is kept: the next step needs no checks)."""
         self._pending.clear()
+        if self._keys is not None:
+            self._host_sums = [0.0] * len(self._keys)
+        self._steps = 0
         self._sums = {}
         self._counts = {}
 
     def load(self, sums: dict[str, float], counts: dict[str, int]) -> None:
         """Restore sums and counts saved with ``snapshot`` converted to floats."""
         self._pending.clear()
-        self._keys = None
+        self._keys, self._steps = None, 0
         self._sums = {key: float(value) for key, value in sums.items()}
         self._counts = {key: int(value) for key, value in counts.items()}
+
+
+def _read_at_once(device: torch.device) -> bool:
+    """Whether reading a metric on the host is free: CPU memory, no device to wait for."""
+    return device.type == "cpu"
 
 
 def _keepable(metrics: dict[str, Any]) -> bool:
