@@ -4,14 +4,17 @@ A tiny MLP (64-64-10, batch 32, SGD) trains for 2000 steps on one thread, so the
 itself is short and the engine's bookkeeping shows. Each engine runs 5 times, alternated
 with the hand-written loop; the time of steps 200..2000 is measured from inside the loop
 (start-up excluded), and the median per-step overhead against the loop of the same round
-is printed.
+is printed. The engines' own output (vistrain's log lines, Lightning's bar) goes to a log
+file, as in a batch job, so only the summary reaches the terminal.
 
-    python benchmarks/overhead.py [--steps 2000] [--rounds 5]
+    python benchmarks/overhead.py [--steps 2000] [--rounds 5] [--log FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import tempfile
 import time
@@ -179,6 +182,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--log",
+        default=os.path.join(tempfile.gettempdir(), "vistrain_overhead.log"),
+        help="file that receives the engines' output",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     import logging
@@ -195,11 +203,17 @@ def main() -> None:
         print("lightning not installed: comparing with the hand-written loop only")
     overheads: dict[str, list[float]] = {name: [] for name in engines}
     bases: list[float] = []
-    for _ in range(args.rounds):
-        for name, run in engines.items():
-            base = hand_loop(args.steps)
-            bases.append(base)
-            overheads[name].append(run(args.steps) - base)
+    with (
+        open(args.log, "w", encoding="utf-8") as sink,
+        contextlib.redirect_stdout(sink),
+        contextlib.redirect_stderr(sink),
+    ):
+        for _ in range(args.rounds):
+            for name, run in engines.items():
+                base = hand_loop(args.steps)
+                bases.append(base)
+                overheads[name].append(run(args.steps) - base)
+    print(f"engine output: {args.log}")
     base_med = statistics.median(bases)
     print(f"hand-written loop: {base_med:.1f} us/step (median of {len(bases)})")
     for name, values in overheads.items():
