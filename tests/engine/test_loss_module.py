@@ -97,3 +97,10 @@ def test_unnamed_terms_are_named_after_the_function_or_class_and_single_term_tot
     _, metrics = two(pred, {"y": torch.zeros(2)})
     assert float(metrics["loss"]) == 2.5 + 1.5
     assert float(metrics["L1Loss"]) == 1.5
+
+
+@pytest.mark.parametrize("weight", ["2", None, True, {"cls": "x"}])
+def test_a_weight_that_is_not_a_number_is_refused_when_built(weight) -> None:
+    conn = LossConnector({"input": pred_key(""), "target": data_key("y")})
+    with pytest.raises(TypeError, match="'weight' must be a number"):
+        LossModule({"loss": torch.nn.functional.mse_loss, "connector": conn, "weight": weight})

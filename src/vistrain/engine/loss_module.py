@@ -95,6 +95,13 @@ class LossModule(nn.Module):
                     f"Loss entry {idx}: 'connector' must be a LossConnector, "
                     f"got {type(entry['connector']).__name__}."
                 )
+            weight = entry.get("weight", 1.0)
+            weights = weight.values() if isinstance(weight, Mapping) else [weight]
+            if any(isinstance(w, bool) or not isinstance(w, (int, float)) for w in weights):
+                raise TypeError(
+                    f"Loss entry {idx}: 'weight' must be a number or a dict of term name to "
+                    f"number, got {weight!r}."
+                )
             definition = LossDefinition(**entry)  # type: ignore[typeddict-item]
             name = definition.get("name") or _default_name(definition["loss"])
             if name in names:
@@ -107,6 +114,12 @@ class LossModule(nn.Module):
         self._loss_modules = nn.ModuleList(modules)
         self.exclude_attributes = set(exclude_attributes or [])
         self._term_plan: dict[str, tuple[float, bool]] = {}
+        # What every step needs, read once: a term that returns a bare tensor is named
+        # after its entry, so its weight and exclusion are known now.
+        self._calls = [
+            (d["name"], d["connector"], d["loss"], d.get("weight", 1.0)) for d in self.losses
+        ]
+        self._tensor_plans = [self._plan(name, name, weight) for name, _, _, weight in self._calls]
 
     def _excluded(self, name: str) -> bool:
         return name in self.exclude_attributes or name.rsplit(".", 1)[-1] in self.exclude_attributes
@@ -122,6 +135,16 @@ class LossModule(nn.Module):
         self._term_plan[term_name] = plan
         return plan
 
+    def _dict_terms(
+        self, returned: Any, name: str, weight: Any
+    ) -> list[tuple[str, Tensor, tuple[float, bool]]]:
+        """The flattened terms of a dict or namedtuple return, with their weight plans."""
+        plans = self._term_plan
+        return [
+            (term_name, value, plans.get(term_name) or self._plan(name, term_name, weight))
+            for term_name, value in _flatten(returned, name, name).items()
+        ]
+
     def forward(self, outputs: Any, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """Evaluate every term.
 
@@ -135,20 +158,13 @@ class LossModule(nn.Module):
         total: Tensor | None = None
         summed = 0
         metrics: dict[str, Tensor] = {}
-        plans = self._term_plan
-        for definition in self.losses:
-            name = definition["name"]
-            returned = definition["loss"](**definition["connector"](outputs, batch))
-            terms = (
-                ((name, returned),)
-                if isinstance(returned, Tensor)
-                else _flatten(returned, name, name).items()
-            )
-            for term_name, value in terms:
-                plan = plans.get(term_name)
-                if plan is None:
-                    plan = self._plan(name, term_name, definition.get("weight", 1.0))
-                w, excluded = plan
+        for (name, connector, loss, weight), plan in zip(self._calls, self._tensor_plans):
+            returned = loss(**connector(outputs, batch))
+            if isinstance(returned, Tensor):  # the common case, kept short
+                terms: Any = ((name, returned, plan),)
+            else:
+                terms = self._dict_terms(returned, name, weight)
+            for term_name, value, (w, excluded) in terms:
                 weighted = value * w if w != 1.0 else value
                 metrics[term_name] = weighted.detach()
                 if excluded:
