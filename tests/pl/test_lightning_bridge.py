@@ -408,3 +408,15 @@ def test_default_yolox_experiment_end_to_end_with_mode_switch(tmp_path) -> None:
     )
     ckpt = load_checkpoint(os.path.join(out, "checkpoints", "last.ckpt"))
     assert ckpt["global_step"] == 4 and "YOLOXSyncRandomResizeCallback" in ckpt["callbacks"]
+
+
+def test_eval_mode_warning_is_silenced_only_for_ema_copies() -> None:
+    from vistrain.model.adapter import ModelEMAAdapter
+    from vistrain.pl.runner import _only_ema_copies_in_eval_mode
+
+    wrapper = nn.Module()
+    wrapper.model = ModelEMAAdapter(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)))
+    wrapper.train()
+    assert _only_ema_copies_in_eval_mode(wrapper)
+    wrapper.model.model[1].eval()  # the user's own module left in eval mode: keep Lightning's warning
+    assert not _only_ema_copies_in_eval_mode(wrapper)

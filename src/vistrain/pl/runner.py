@@ -21,6 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
 
 from vistrain.common.distributed import DEFAULT_TIMEOUT
 from vistrain.pl.callback_wrapper import CallbackWrapper
@@ -185,8 +186,16 @@ def fit_with_lightning(
         # the experiment chose its loaders, and Lightning's logger is off.
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*log_every_n_steps.*")
+        if _only_ema_copies_in_eval_mode(module):  # an EMA adapter keeps its copy in eval mode
+            warnings.filterwarnings("ignore", message=".*in eval mode at the start of training.*")
         trainer.fit(module)
     return module
+
+
+def _only_ema_copies_in_eval_mode(module: nn.Module) -> bool:
+    """True when every module in eval mode belongs to an EMA adapter's averaged copy."""
+    in_eval = [name for name, sub in module.named_modules() if not sub.training]
+    return all(".ema_model" in f".{name}" for name in in_eval)
 
 
 __all__ = ["build_lightning_trainer", "fit_with_lightning"]
