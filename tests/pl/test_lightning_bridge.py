@@ -418,5 +418,5 @@ def test_eval_mode_warning_is_silenced_only_for_ema_copies() -> None:
     wrapper.model = ModelEMAAdapter(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)))
     wrapper.train()
     assert _only_ema_copies_in_eval_mode(wrapper)
-    wrapper.model.model[1].eval()  # the user's own module left in eval mode: keep Lightning's warning
+    wrapper.model.model[1].eval()  # a user module left in eval mode: Lightning must warn
     assert not _only_ema_copies_in_eval_mode(wrapper)
