@@ -99,8 +99,20 @@ def test_unnamed_terms_are_named_after_the_function_or_class_and_single_term_tot
     assert float(metrics["L1Loss"]) == 1.5
 
 
-@pytest.mark.parametrize("weight", ["2", None, True, {"cls": "x"}])
+@pytest.mark.parametrize("weight", ["2", None, True, {"cls": "x"}, torch.ones(2)])
 def test_a_weight_that_is_not_a_number_is_refused_when_built(weight) -> None:
     conn = LossConnector({"input": pred_key(""), "target": data_key("y")})
     with pytest.raises(TypeError, match="'weight' must be a number"):
         LossModule({"loss": torch.nn.functional.mse_loss, "connector": conn, "weight": weight})
+
+
+def test_numpy_and_tensor_weights_are_numbers() -> None:
+    import numpy as np
+
+    conn = LossConnector({"input": pred_key(""), "target": data_key("y")})
+    for weight in (np.float32(2.0), torch.tensor(2.0), 2):
+        module = LossModule(
+            {"loss": torch.nn.functional.mse_loss, "connector": conn, "weight": weight}
+        )
+        total, _ = module(torch.ones(2), {"y": torch.zeros(2)})
+        assert float(total) == 2.0

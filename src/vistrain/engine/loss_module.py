@@ -53,6 +53,17 @@ def _flatten(value: Any, prefix: str, owner: str) -> dict[str, Tensor]:
     return out
 
 
+def _is_number(value: Any) -> bool:
+    """A plain number, a NumPy scalar or a one-element tensor; not a bool, string or None."""
+    if value is None or isinstance(value, (bool, str, bytes)):
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return True
+
+
 def _default_name(loss: Any) -> str:
     """A function's own name (``cross_entropy``), else the class name (``YOLOXLoss``)."""
     name = getattr(loss, "__name__", None) if not isinstance(loss, nn.Module) else None
@@ -97,7 +108,7 @@ class LossModule(nn.Module):
                 )
             weight = entry.get("weight", 1.0)
             weights = weight.values() if isinstance(weight, Mapping) else [weight]
-            if any(isinstance(w, bool) or not isinstance(w, (int, float)) for w in weights):
+            if not all(_is_number(w) for w in weights):
                 raise TypeError(
                     f"Loss entry {idx}: 'weight' must be a number or a dict of term name to "
                     f"number, got {weight!r}."

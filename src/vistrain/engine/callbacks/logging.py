@@ -118,8 +118,9 @@ class _MetricWindow:
     tensors are kept and summed (one ``torch.stack`` and one sum, in float64) only when
     the window is read, on log steps and checkpoints, so nothing waits for the device in
     between. Other steps (keys that change, Python numbers) fall back to one sum per key.
-    A window restored from a checkpoint continues bit for bit; ``clear()`` keeps the key
-    layout for the next window.
+    Sums are folded at the same points whether or not a run was resumed (saving a
+    checkpoint reads the window), so a window restored from a checkpoint continues bit for
+    bit. ``clear()`` keeps the key layout for the next window.
     """
 
     def __init__(self) -> None:
