@@ -116,3 +116,21 @@ def test_numpy_and_tensor_weights_are_numbers() -> None:
         )
         total, _ = module(torch.ones(2), {"y": torch.zeros(2)})
         assert float(total) == 2.0
+
+
+def test_a_term_that_is_not_a_scalar_is_named_in_the_error() -> None:
+    conn = LossConnector({"input": pred_key(""), "target": data_key("y")})
+    module = LossModule({"loss": torch.nn.MSELoss(reduction="none"), "connector": conn})
+    with pytest.raises(ValueError, match=r"'MSELoss' has shape \(2,\).*reduction='mean'"):
+        module(torch.ones(2), {"y": torch.zeros(2)})
+
+    def grows(input, target):  # a dict term that appears later and is not reduced
+        out = {"main": ((input - target) ** 2).mean()}
+        if input.shape[0] > 2:
+            out["extra"] = input - target
+        return out
+
+    module = LossModule({"loss": grows, "connector": conn})
+    module(torch.ones(2), {"y": torch.zeros(2)})
+    with pytest.raises(ValueError, match=r"'grows.extra' has shape \(3,\)"):
+        module(torch.ones(3), {"y": torch.zeros(3)})

@@ -21,7 +21,7 @@ def make_trainer(tmp_path, callbacks, **kwargs) -> Trainer:
     train_conn, test_conn = toy_connectors()
     kwargs.setdefault("num_epochs", 2)
     return Trainer(
-        device="cpu",
+        device=kwargs.pop("device", "cpu"),
         output_dir=str(tmp_path),
         train_dataloader=kwargs.pop("train_loader", toy_loader(12, 4)),
         test_dataloader=kwargs.pop("test_loader", toy_loader(8, 4, shuffle=False)),
@@ -171,3 +171,22 @@ def test_loader_handed_over_at_epoch_start_serves_and_describes_that_epoch(tmp_p
     trainer.fit(model, [opt], None, toy_loss_module())
     assert switch.seen == [(0, 3)] * 3 + [(1, 2)] * 2
     assert trainer.global_step == 5 and trainer.train_dataloader is short
+
+
+def test_bad_device_output_folder_and_optimizer_are_refused_up_front(tmp_path) -> None:
+    with pytest.raises(ValueError, match="is not a device"):
+        make_trainer(tmp_path, [], device="gpu0")
+    a_file = tmp_path / "runfile"
+    a_file.write_text("")
+    train_conn, _ = toy_connectors()
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        Trainer("cpu", str(a_file), toy_loader(), None, train_conn, None, [])
+    model, other = ToyModel(), ToyModel()
+    trainer = make_trainer(tmp_path / "run", [], num_epochs=1)
+    wrong = torch.optim.SGD(other.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"optimizers\[0\] \(SGD\) holds none of the parameters"):
+        trainer.fit(model, [wrong], None, toy_loss_module())
+    assert trainer.global_step == 0 and not (tmp_path / "run" / "metrics.jsonl").exists()
+    frozen_head = torch.optim.SGD(model.net[0].parameters(), lr=0.1)  # a subset is fine
+    trainer.fit(model, [frozen_head], None, toy_loss_module())
+    assert trainer.global_step == 3

@@ -420,3 +420,26 @@ def test_eval_mode_warning_is_silenced_only_for_ema_copies() -> None:
     assert _only_ema_copies_in_eval_mode(wrapper)
     wrapper.model.model[1].eval()  # a user module left in eval mode: Lightning must warn
     assert not _only_ema_copies_in_eval_mode(wrapper)
+
+
+def test_training_module_refuses_an_optimizer_of_another_model() -> None:
+    from vistrain.engine.connectors import DataConnector, LossConnector, data_key, pred_key
+    from vistrain.engine.loss_module import LossModule
+    from vistrain.pl.training_module import TrainingModule
+
+    loss = LossModule(
+        {
+            "loss": nn.functional.mse_loss,
+            "connector": LossConnector({"input": pred_key(""), "target": data_key("y")}),
+        }
+    )
+    model, other = nn.Linear(2, 1), nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="holds none of the parameters"):
+        TrainingModule(
+            model,
+            loss,
+            torch.optim.SGD(other.parameters(), lr=0.1),
+            None,
+            DataConnector({"input": "x"}),
+            None,
+        )

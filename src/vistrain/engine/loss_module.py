@@ -64,6 +64,15 @@ def _is_number(value: Any) -> bool:
     return True
 
 
+def _check_scalar(term_name: str, value: Tensor) -> None:
+    """Refuse a term that is not one number: backward and the logs need scalars."""
+    if value.numel() != 1:
+        raise ValueError(
+            f"Loss term {term_name!r} has shape {tuple(value.shape)}; every loss term must be "
+            "a single number (reduce it, e.g. reduction='mean' or .mean())."
+        )
+
+
 def _default_name(loss: Any) -> str:
     """A function's own name (``cross_entropy``), else the class name (``YOLOXLoss``)."""
     name = getattr(loss, "__name__", None) if not isinstance(loss, nn.Module) else None
@@ -131,6 +140,7 @@ class LossModule(nn.Module):
             (d["name"], d["connector"], d["loss"], d.get("weight", 1.0)) for d in self.losses
         ]
         self._tensor_plans = [self._plan(name, name, weight) for name, _, _, weight in self._calls]
+        self._checked_first_step = False
 
     def _excluded(self, name: str) -> bool:
         return name in self.exclude_attributes or name.rsplit(".", 1)[-1] in self.exclude_attributes
@@ -151,10 +161,14 @@ class LossModule(nn.Module):
     ) -> list[tuple[str, Tensor, tuple[float, bool]]]:
         """The flattened terms of a dict or namedtuple return, with their weight plans."""
         plans = self._term_plan
-        return [
-            (term_name, value, plans.get(term_name) or self._plan(name, term_name, weight))
-            for term_name, value in _flatten(returned, name, name).items()
-        ]
+        terms = []
+        for term_name, value in _flatten(returned, name, name).items():
+            plan = plans.get(term_name)
+            if plan is None:  # a term seen for the first time (the YOLOX L1 term, say)
+                _check_scalar(term_name, value)
+                plan = self._plan(name, term_name, weight)
+            terms.append((term_name, value, plan))
+        return terms
 
     def forward(self, outputs: Any, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """Evaluate every term.
@@ -182,6 +196,10 @@ class LossModule(nn.Module):
                     continue
                 total = weighted if total is None else total + weighted
                 summed += 1
+        if not self._checked_first_step:
+            for term_name, value in metrics.items():
+                _check_scalar(term_name, value)
+            self._checked_first_step = True
         if total is None:
             raise ValueError(
                 "LossModule produced no loss to optimise: every term was excluded "

@@ -70,6 +70,29 @@ def as_loader_list(value: DataLoader[Any] | Sequence[DataLoader[Any]] | None) ->
     return loaders
 
 
+def check_optimizers_train(
+    optimizers: Sequence[Optimizer], model: nn.Module, loss_module: nn.Module
+) -> None:
+    """Refuse an optimizer that holds none of the parameters being trained.
+
+    Such an optimizer (built from another instance of the model, say) would step nothing
+    and the run would train nothing, silently. Holding only some parameters is fine
+    (frozen parts); the loss module's own parameters count as trained.
+
+    Raises:
+        ValueError: Naming the optimizer that holds none of them.
+    """
+    trained = {id(p) for p in model.parameters()} | {id(p) for p in loss_module.parameters()}
+    for idx, optimizer in enumerate(optimizers):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if params and not any(id(p) in trained for p in params):
+            raise ValueError(
+                f"optimizers[{idx}] ({type(optimizer).__name__}) holds none of the parameters "
+                "of the model or the loss module; build it from model.parameters() of the "
+                "model passed to fit()."
+            )
+
+
 def num_batches(loader: Any) -> int | None:
     """Batches per epoch of ``loader``, or None when it has no length."""
     if loader is None:

@@ -35,6 +35,7 @@ was resumed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -43,6 +44,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from vistrain.common.device import resolve_device
 from vistrain.common.distributed import is_distributed
 from vistrain.common.typing import DictData, MetricLogs
 from vistrain.engine.callbacks.base import Callback
@@ -54,6 +56,7 @@ from vistrain.engine.rng import preserved_rng_state
 from vistrain.engine.run_state import (
     as_list,
     as_loader_list,
+    check_optimizers_train,
     collect_checkpoint,
     lr_scalars,
     num_batches,
@@ -95,7 +98,10 @@ class Trainer:
         tensorboard: Also write TensorBoard event files next to ``metrics.jsonl``.
 
     Raises:
-        ValueError: If a limit or an interval is out of range.
+        ValueError: If a limit or an interval is out of range, or ``device`` is not a device
+            or not available on this machine.
+        NotADirectoryError: If ``output_dir`` is an existing file.
+        TypeError: If a callback does not subclass ``Callback``.
     """
 
     def __init__(
@@ -132,7 +138,11 @@ class Trainer:
                     f"callbacks[{idx}] is {type(callback).__name__}; callbacks must subclass "
                     "vistrain.engine.callbacks.Callback."
                 )
-        self.device = torch.device(device)
+        if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+            raise NotADirectoryError(
+                f"output_dir={output_dir!r} is a file; give a folder (it is created if missing)."
+            )
+        self.device = resolve_device(device)
         self.output_dir = output_dir
         self.train_dataloader = train_dataloader
         self.test_dataloader: list[DataLoader[DictData]] | None = (
@@ -249,7 +259,8 @@ class Trainer:
         """Train ``model``; resume from ``ckpt_path`` when given.
 
         Raises:
-            ValueError: If there is no training data or connector, or the checkpoint does not
+            ValueError: If there is no training data or connector, an optimizer holds none of
+                the parameters of ``model`` and ``loss_module``, or the checkpoint does not
                 fit (nothing is changed in that case).
             FileNotFoundError: If ``ckpt_path`` does not exist.
         """
@@ -261,6 +272,7 @@ class Trainer:
         if not self._optimizers:
             raise ValueError("fit() needs at least one optimizer.")
         self._lr_schedulers = as_list(lr_schedulers, "lr_schedulers", LRSchedulerWrapper)
+        check_optimizers_train(self._optimizers, model, loss_module)
         model = self._wrap_model(model)
         loss_module.to(self.device)
         self._model = model

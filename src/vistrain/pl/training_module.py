@@ -25,7 +25,7 @@ from vistrain.common.typing import DictData
 from vistrain.engine.connectors import DataConnector
 from vistrain.engine.loss_module import LossModule
 from vistrain.engine.optim import LRSchedulerWrapper
-from vistrain.engine.run_state import as_list, as_loader_list
+from vistrain.engine.run_state import as_list, as_loader_list, check_optimizers_train
 from vistrain.pl.engine import LightningEngine
 
 
@@ -57,7 +57,8 @@ class TrainingModule(pl.LightningModule):
 
     Raises:
         TypeError: If an argument has the wrong type.
-        ValueError: If there is no optimizer or ``log_every_n_steps`` is below 1.
+        ValueError: If there is no optimizer, an optimizer holds none of the model's
+            parameters, or ``log_every_n_steps`` is below 1.
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class TrainingModule(pl.LightningModule):
         optimizer_list = as_list(optimizers, "optimizers", Optimizer)
         if not optimizer_list:
             raise ValueError("TrainingModule needs at least one optimizer.")
+        check_optimizers_train(optimizer_list, model, loss_module)
         if log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps={log_every_n_steps} must be >= 1.")
         for name, connector in (
