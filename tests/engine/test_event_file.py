@@ -45,3 +45,16 @@ def test_resumed_history_hides_the_old_steps_after_the_purge_step(tmp_path) -> N
     events = acc.Scalars("x")
     assert [e.step for e in events] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert [e.value for e in events][5:] == [106.0, 107.0, 108.0]
+
+
+def test_events_wait_in_the_buffer_until_the_flush_interval(tmp_path) -> None:
+    import os
+
+    writer = ScalarEventWriter(str(tmp_path), flush_secs=3600.0)
+    header_size = os.path.getsize(writer.path)
+    assert header_size > 0, "the file-version record is on disk at once"
+    writer.add_scalars({"a": 1.0}, 1, wall_time=1.0)
+    assert os.path.getsize(writer.path) == header_size
+    writer.flush()
+    assert os.path.getsize(writer.path) > header_size
+    writer.close()

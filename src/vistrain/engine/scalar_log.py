@@ -100,8 +100,9 @@ class ScalarLogger:
         )
         if self._tb is not None:
             self._tb.add_scalars(numbers, step, now)
-        if time.monotonic() >= self._next_flush:
-            self.flush()
+        if time.monotonic() >= self._next_flush:  # the event writer keeps its own timer
+            self._jsonl.flush()
+            self._next_flush = time.monotonic() + self.flush_secs
 
     def _json_tag(self, tag: str) -> str:
         """The tag as a JSON string, escaped once per tag rather than once per record."""
