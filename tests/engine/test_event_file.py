@@ -1,19 +1,8 @@
 from __future__ import annotations
 
-import random
-
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as tb_masked_crc
 
-from vistrain.engine.event_file import ScalarEventWriter, crc32c, masked_crc32c
-
-
-def test_crc32c_matches_the_standard_check_value_and_tensorboards_masking() -> None:
-    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-    rng = random.Random(0)
-    for size in (0, 1, 8, 37, 200):
-        data = bytes(rng.randrange(256) for _ in range(size))
-        assert masked_crc32c(data) == tb_masked_crc(data)
+from vistrain.engine.event_file import ScalarEventWriter
 
 
 def test_scalars_read_back_with_tensorboards_reader(tmp_path) -> None:

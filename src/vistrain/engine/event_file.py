@@ -1,69 +1,27 @@
 """A small synchronous writer of TensorBoard event files for scalars.
 
-TensorBoard reads ``events.out.tfevents.*`` files: a sequence of records, each an ``Event``
-protocol buffer framed as ``length (uint64) | masked CRC-32C of length | data | masked
-CRC-32C of data`` (the TFRecord framing). ``torch.utils.tensorboard.SummaryWriter`` hands
-every event to a background thread; on a short training step the thread's wake-ups and
-its share of the interpreter lock cost more than the write itself (about 5 us per step
-at two scalars every 50 steps, see ``benchmarks/overhead.py``). This writer builds one
-event per logged step, appends it to a buffered file and flushes on a timer, so logging
-costs a few microseconds per logged step and nothing on the others.
+TensorBoard reads ``events.out.tfevents.*`` files: a sequence of ``Event`` protocol buffers,
+each framed as a TFRecord by ``tensorboard``'s own ``RecordWriter``. The writer of
+``torch.utils.tensorboard`` hands every event to a background thread; on a short training
+step the thread's wake-ups and its share of the interpreter lock cost more than the write
+itself (about 5 us per step at two scalars every 50 steps, see ``benchmarks/overhead.py``).
+This writer builds one event per logged step, appends it to a buffered file and flushes on
+a timer, so logging costs a few microseconds per logged step and nothing on the others.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import struct
 import time
 from collections.abc import Mapping
 from itertools import count
 
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.summary.writer.record_writer import RecordWriter
 
-_CRC32C_POLY = 0x82F63B78  # Castagnoli polynomial, bit-reversed
-_MASK_DELTA = 0xA282EAD8
 _file_ids = count()
-
-
-def _crc32c_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ _CRC32C_POLY if crc & 1 else crc >> 1
-        table.append(crc)
-    return tuple(table)
-
-
-_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli) of ``data``; records are short, so a table loop is enough."""
-    crc = 0xFFFFFFFF
-    table = _TABLE
-    for byte in data:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    """The CRC as TFRecord stores it: rotated and offset, so CRCs of CRCs stay distinct."""
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
-
-
-def frame_record(data: bytes) -> bytes:
-    """One TFRecord: the length, its masked CRC, the data and its masked CRC."""
-    header = struct.pack("<Q", len(data))
-    return (
-        header
-        + struct.pack("<I", masked_crc32c(header))
-        + data
-        + struct.pack("<I", masked_crc32c(data))
-    )
 
 
 class ScalarEventWriter:
@@ -85,6 +43,7 @@ class ScalarEventWriter:
         self.path = os.path.join(log_dir, name)
         self.flush_secs = flush_secs
         self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self._records = RecordWriter(self._file)
         self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
         if purge_step is not None:
             self._write(
@@ -97,7 +56,7 @@ class ScalarEventWriter:
         self.flush()
 
     def _write(self, event: Event) -> None:
-        self._file.write(frame_record(event.SerializeToString()))
+        self._records.write(event.SerializeToString())
 
     def add_scalars(self, scalars: Mapping[str, float], step: int, wall_time: float) -> None:
         """Write all ``scalars`` of one step as a single event."""
