@@ -7,6 +7,7 @@ file) print one line and exit with status 2 before anything is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import glob
 import logging
@@ -16,6 +17,12 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+from vistrain.run_folder import (
+    HELD_LOCK_ENV,
+    RunFolderError,
+    RunFolderLock,
+    check_new_run_folder,
+)
 from vistrain.zoo import DEFAULT_EXPERIMENT, available_experiments, load_config
 from vistrain.zoo.base import apply_overrides, param_types
 
@@ -131,6 +138,7 @@ def _launch_workers(args: argparse.Namespace, argv: Sequence[str], output_dir: s
         "--output-dir",
         output_dir,
     ]
+    os.environ[HELD_LOCK_ENV] = "1"  # the workers run under this process's lock
     try:
         torchrun_main(launch_args)
     except Exception as err:  # the launcher raises ChildFailedError with every rank's error
@@ -159,14 +167,22 @@ def _fit(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 "--engine lightning needs Lightning: pip install 'vistrain[pl]'"
             ) from None
     launched_by_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if args.devices > 1 and not launched_by_torchrun:
-        return _launch_workers(args, argv, output_dir)
-    from vistrain.engine.checkpointing import CheckpointError
-    from vistrain.runner import run_fit
-
+    lock_held_by_launcher = bool(os.environ.get(HELD_LOCK_ENV))
     try:
-        run_fit(module, params, output_dir, ckpt_path=ckpt_path, engine=args.engine)
-    except CheckpointError as err:
+        if ckpt_path is None and not lock_held_by_launcher:
+            check_new_run_folder(output_dir)
+        take_lock = not lock_held_by_launcher and int(os.environ.get("RANK", "0")) == 0
+        with RunFolderLock(output_dir) if take_lock else contextlib.nullcontext():
+            if args.devices > 1 and not launched_by_torchrun:
+                return _launch_workers(args, argv, output_dir)
+            from vistrain.engine.checkpointing import CheckpointError
+            from vistrain.runner import run_fit
+
+            try:
+                run_fit(module, params, output_dir, ckpt_path=ckpt_path, engine=args.engine)
+            except CheckpointError as err:
+                raise UsageError(str(err)) from None
+    except RunFolderError as err:
         raise UsageError(str(err)) from None
     return 0
 

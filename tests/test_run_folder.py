@@ -1,0 +1,137 @@
+"""One run per folder: a used folder needs --resume, and a live run's folder is locked."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from vistrain.run_folder import LOCK_NAME, RunFolderError, RunFolderLock, check_new_run_folder
+
+TINY = [
+    "--config",
+    "toy_classifier",
+    "--set",
+    "num_epochs=1",
+    "--set",
+    "num_train_images=32",
+    "--set",
+    "num_val_images=16",
+    "--set",
+    "log_every=2",
+]
+
+
+def _vistrain(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vistrain", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    """Content hash of every file of a run folder (what a second run must not change)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_second_fit_into_a_used_folder_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = _vistrain("fit", *TINY, "--output-dir", str(out), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert not (out / LOCK_NAME).exists(), "the lock file is removed when the run ends"
+    before = _digest(out)
+    assert "checkpoints/last.ckpt" in before and "metrics.jsonl" in before
+
+    second = _vistrain("fit", *TINY, "--output-dir", str(out), cwd=tmp_path)
+    assert second.returncode == 2
+    err = second.stderr.strip()
+    assert err.startswith("vistrain: error:") and err.count("\n") == 0, err
+    assert "already holds a run" in err and "--resume" in err and "new --output-dir" in err
+    assert _digest(out) == before
+
+    # The same folder with --resume is the way to continue it (a finished run trains no more).
+    resumed = _vistrain(
+        "fit", *TINY, "--set", "num_epochs=2", "--output-dir", str(out), "--resume", cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def test_check_accepts_a_fresh_or_missing_folder(tmp_path: Path) -> None:
+    check_new_run_folder(tmp_path / "missing")
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "notes.txt").write_text("mine")
+    check_new_run_folder(tmp_path / "fresh")
+    (tmp_path / "fresh" / "checkpoints").mkdir()
+    (tmp_path / "fresh" / "checkpoints" / "epoch=1-step=8.ckpt").write_bytes(b"x")
+    with pytest.raises(RunFolderError, match=r"epoch=1-step=8\.ckpt"):
+        check_new_run_folder(tmp_path / "fresh")
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from vistrain.run_folder import RunFolderLock
+    lock = RunFolderLock(sys.argv[1])
+    lock.acquire()
+    print("locked", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def _start_holder(folder: Path) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_live_run_locks_its_folder_and_a_dead_ones_lock_is_taken_over(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    holder = _start_holder(out)
+    try:
+        refused = _vistrain("fit", *TINY, "--output-dir", str(out), cwd=tmp_path)
+        assert refused.returncode == 2
+        err = refused.stderr.strip()
+        assert err.count("\n") == 0 and f"in use by process {holder.pid}" in err, err
+        assert not (out / "checkpoints").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    assert (out / LOCK_NAME).exists(), "kill -9 leaves the lock file behind"
+
+    started = time.monotonic()
+    taken = _vistrain("fit", *TINY, "--output-dir", str(out), cwd=tmp_path)
+    assert taken.returncode == 0, taken.stderr
+    assert f"Took over the lock of process {holder.pid}" in taken.stdout + taken.stderr
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert time.monotonic() - started < 240
+
+
+def test_lock_in_one_process_refuses_another_in_the_same_folder(tmp_path: Path) -> None:
+    holder = _start_holder(tmp_path)
+    try:
+        with pytest.raises(RunFolderError, match=f"process {holder.pid}"):
+            RunFolderLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    with RunFolderLock(tmp_path) as lock:
+        assert lock.path.read_text().split()[0] == str(os.getpid())
+    assert not (tmp_path / LOCK_NAME).exists()
