@@ -114,10 +114,7 @@ class RunFolderLock:
         """Remove the lock file and release the lock (idempotent)."""
         if self._fd is None:
             return
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        self.path.unlink(missing_ok=True)
         os.close(self._fd)
         self._fd = None
 
