@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+from vistrain.common.launch_env import adopt_slurm_env, launch_run_id
 from vistrain.run_folder import (
     HELD_LOCK_ENV,
     RunFolderError,
@@ -107,6 +108,9 @@ def _find_last_checkpoint(args: argparse.Namespace) -> tuple[str, str]:
 def _output_dir(args: argparse.Namespace) -> str:
     if args.output_dir is not None:
         return str(args.output_dir)
+    run_id = launch_run_id()  # ranks started by srun or torchrun agree on it without talking
+    if run_id is not None:
+        return os.path.join("runs", _config_name(args.config), f"run-{run_id}")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return os.path.join("runs", _config_name(args.config), stamp)
 
@@ -220,6 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     try:
+        try:
+            adopt_slurm_env()
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         if args.command == "fit":
             return _fit(args, argv)
         if args.command == "test":
