@@ -160,11 +160,9 @@ class YOLOXModeSwitchCallback(Callback):
 
     @staticmethod
     def _switch_loss(loss_module: LossModule | None) -> None:
-        losses: dict[int, L1SwitchableLoss] = {}  # by id: a loss listed twice is switched once
-        if loss_module is not None:
-            for candidate in (*(e["loss"] for e in loss_module.losses), *loss_module.modules()):
-                if isinstance(candidate, L1SwitchableLoss):
-                    losses.setdefault(id(candidate), candidate)
+        losses: list[L1SwitchableLoss] = (
+            [] if loss_module is None else loss_module.find_loss(L1SwitchableLoss)
+        )
         if not losses:
             if is_rank_zero():
                 logger.warning(
@@ -172,7 +170,7 @@ class YOLOXModeSwitchCallback(Callback):
                     "the loss module; the L1 term stays off."
                 )
             return
-        for loss in losses.values():
+        for loss in losses:
             loss.enable_l1_loss()
 
 
