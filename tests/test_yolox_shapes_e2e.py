@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from vistrain.cli import main
+from vistrain.data.datasets.shapes import CACHE_ENV, shapes_cache_dir
+from vistrain.engine.optim import sgd_param_groups
 from vistrain.zoo import load_config
-from vistrain.zoo._yolox_parts import CACHE_ENV, sgd_param_groups, shapes_cache_dir
 
 TINY = [
     "image_size=64",

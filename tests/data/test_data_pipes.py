@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from data_test_utils import ListDataset, make_sample
+from torch.utils.data import ConcatDataset, Subset
 
 from vistrain.data.const import CommonKeys
 from vistrain.data.datasets import COCODataset, generate_shapes_dataset
-from vistrain.data.pipe import DataPipe, MultiSampleDataPipe
+from vistrain.data.pipe import DataPipe, MultiSampleDataPipe, MultiSamplePipe, strip_multi_sample
 from vistrain.data.presets import yolox_test_pipe, yolox_train_pipe
 from vistrain.data.transforms import Mosaic, Pad, RandomAffine, RandomHorizontalFlip
 
@@ -41,6 +42,23 @@ def test_multi_sample_stage_draws_from_the_data_set() -> None:
     assert dataset.reads == 4  # the sample itself and three drawn ones
     assert out[K.images].shape == (3, 64, 64) and out[K.input_hw] == (40, 60)
     assert out[K.sample_names] == "n1"
+
+
+def test_strip_multi_sample_follows_the_protocol_through_wrappers() -> None:
+    dataset = _dataset()
+    pipe = MultiSampleDataPipe(dataset, [Mosaic((20, 30))], [Pad(32)])
+    plain = DataPipe(dataset, [Pad(32)])
+    assert isinstance(pipe, MultiSamplePipe) and not isinstance(plain, MultiSamplePipe)
+    assert strip_multi_sample(plain) == (plain, False)
+    stripped, changed = strip_multi_sample(ConcatDataset([plain, Subset(pipe, [4, 0])]))
+    assert changed and isinstance(stripped, ConcatDataset)
+    assert stripped.datasets[0] is plain
+    subset = stripped.datasets[1]
+    assert isinstance(subset, Subset) and list(subset.indices) == [4, 0]
+    assert not subset.dataset.has_multi_sample and pipe.has_multi_sample
+    assert subset[0][K.sample_names] == "n4" and dataset.reads == 1  # no samples drawn
+    off = MultiSampleDataPipe(dataset, [Mosaic((20, 30))], multi_sample_prob=0.0)
+    assert strip_multi_sample(off) == (off, False)  # nothing left to strip
 
 
 def test_without_multi_sample_drops_mosaic_and_its_affine() -> None:

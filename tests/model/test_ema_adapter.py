@@ -1,4 +1,4 @@
-"""Tests of the EMA adapters: formula, buffers, routing, caching, devices, state dicts."""
+"""Tests of the EMA adapters: formula, buffers, routing, re-pairing, set, devices, state dicts."""
 
 from __future__ import annotations
 
@@ -210,79 +210,121 @@ def test_ema_copy_is_frozen_and_gets_no_grads() -> None:
     assert not any(p.requires_grad for p in adapter.ema_model.parameters())
 
 
-def test_update_reuses_pairs_until_tensors_change() -> None:
-    torch.manual_seed(0)
-    adapter = ModelEMAAdapter(Net(), decay=0.5)
-    adapter.update(1)
-    pairs = adapter._pairs
-    adapter.update(2)
-    assert adapter._pairs is pairs  # collected once
+def _assert_half_way(adapter: ModelEMAAdapter, before: dict[str, torch.Tensor]) -> None:
+    """After an update with decay 0.5: every float EMA tensor is the mean of old EMA and model."""
+    model_state = _float_state(adapter.model)
+    for name, value in _float_state(adapter.ema_model).items():
+        torch.testing.assert_close(value, 0.5 * before[name] + 0.5 * model_state[name])
 
 
-def test_update_sees_tensors_replaced_by_assign_load() -> None:
-    torch.manual_seed(0)
-    adapter = ModelEMAAdapter(Net(), decay=0.5)
-    adapter.update(1)
-    # load_state_dict(assign=True) replaces the model's tensors: the update must see them.
-    fresh = {
+def _replacement_state(adapter: ModelEMAAdapter) -> dict[str, torch.Tensor]:
+    return {
         k: v.clone() + 1.0 if v.is_floating_point() else v.clone()
         for k, v in adapter.model.state_dict().items()
     }
-    adapter.model.load_state_dict(fresh, assign=True)
-    before = _float_state(adapter.ema_model)
-    adapter.update(3)
-    for name, value in adapter.ema_model.state_dict().items():
-        if value.is_floating_point():
-            expected = 0.5 * before[name] + 0.5 * fresh[name].double()
-            torch.testing.assert_close(value.double(), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_update_sees_replaced_submodule() -> None:
+def test_adapter_load_state_dict_with_assign_repairs() -> None:
     torch.manual_seed(0)
     adapter = ModelEMAAdapter(Net(), decay=0.5)
     adapter.update(1)
-    adapter.model.fc = nn.Linear(100, 3)
-    ema_fc = adapter.ema_model.fc.weight.detach().clone()
+    # Loading through the adapter replaces every tensor (model and EMA copy) with assign=True;
+    # the next update must average the new tensors, not the dropped ones.
+    state = {
+        k: v.clone() + (1.0 if k.startswith("model.") else 0.0) if v.is_floating_point() else v
+        for k, v in adapter.state_dict().items()
+    }
+    old_weight = adapter.model.fc.weight
+    adapter.load_state_dict(state, assign=True)
+    assert adapter.model.fc.weight is not old_weight
+    before = _float_state(adapter.ema_model)
+    _train_step(adapter.model, 2)
     adapter.update(2)
-    expected = 0.5 * ema_fc + 0.5 * adapter.model.fc.weight.detach()
-    torch.testing.assert_close(adapter.ema_model.fc.weight, expected)
+    _assert_half_way(adapter, before)
 
 
-def test_update_sees_replaced_buffer() -> None:
+@pytest.mark.parametrize(
+    "replace",
+    [
+        pytest.param(
+            lambda a: a.model.load_state_dict(_replacement_state(a), assign=True), id="assign"
+        ),
+        pytest.param(lambda a: setattr(a.model, "fc", nn.Linear(100, 3)), id="submodule"),
+        pytest.param(
+            lambda a: setattr(a.model.bn, "running_mean", torch.full((4,), 8.0)), id="buffer"
+        ),
+    ],
+)
+def test_refresh_after_replacing_model_tensors(replace) -> None:
+    torch.manual_seed(0)
     adapter = ModelEMAAdapter(Net(), decay=0.5)
     adapter.update(1)
-    adapter.model.bn.running_mean = torch.full((4,), 8.0)
-    ema_mean = adapter.ema_model.bn.running_mean.clone()
+    replace(adapter)
+    adapter.refresh()
+    before = _float_state(adapter.ema_model)
+    _train_step(adapter.model, 2)
     adapter.update(2)
-    torch.testing.assert_close(adapter.ema_model.bn.running_mean, 0.5 * ema_mean + 4.0)
+    _assert_half_way(adapter, before)
 
 
-@pytest.mark.parametrize("side", ["model", "ema_model"])
-def test_update_sees_buffers_swapped_without_setattr(side: str) -> None:
-    # Module._apply (what .to()/.cuda() run) writes new buffers straight into the module
-    # dicts, of the model or of the EMA copy; no registration hook fires.
+def test_conversion_of_a_parent_module_repairs() -> None:
+    # The engines move a module that holds the adapter: the adapter's own _apply runs.
+    torch.manual_seed(0)
     adapter = ModelEMAAdapter(Net(), decay=0.5)
     adapter.update(1)
-    getattr(adapter, side).bn._apply(lambda t: t.clone())
-    adapter.model.bn.running_var.fill_(3.0)
-    ema_var = adapter.ema_model.bn.running_var.clone()
+    nn.Sequential(adapter).double()
+    assert adapter.model.fc.weight.dtype == adapter.ema_model.fc.weight.dtype == torch.float64
+    before = _float_state(adapter.ema_model)
+    _train_step(adapter.model, 2)
     adapter.update(2)
-    torch.testing.assert_close(adapter.ema_model.bn.running_var, 0.5 * ema_var + 1.5)
+    _assert_half_way(adapter, before)
 
 
-def test_update_sees_parameters_overwritten_on_conversion() -> None:
+def test_conversion_that_overwrites_parameters_repairs() -> None:
+    torch.manual_seed(0)
     adapter = ModelEMAAdapter(Net(), decay=0.5)
     adapter.update(1)
+    old_weight = adapter.model.fc.weight
     torch.__future__.set_overwrite_module_params_on_conversion(True)
     try:
-        adapter.model.fc._apply(lambda t: t.clone())  # new Parameter objects, no hook
-        with torch.no_grad():
-            adapter.model.fc.weight.fill_(2.0)
-        ema_fc = adapter.ema_model.fc.weight.detach().clone()
-        adapter.update(2)
+        adapter.to(torch.float64)  # new Parameter objects, not new .data
     finally:
         torch.__future__.set_overwrite_module_params_on_conversion(False)
-    torch.testing.assert_close(adapter.ema_model.fc.weight, 0.5 * ema_fc + 1.0)
+    assert adapter.model.fc.weight is not old_weight
+    before = _float_state(adapter.ema_model)
+    _train_step(adapter.model, 2)
+    adapter.update(2)
+    _assert_half_way(adapter, before)
+
+
+def test_set_copies_the_live_weights() -> None:
+    torch.manual_seed(0)
+    adapter = ModelExpEMAAdapter(Net(), decay=0.99, warmup_steps=5)
+    for k in (1, 2):
+        _train_step(adapter.model, k)
+        adapter.update(k)
+    _train_step(adapter.model, 3)
+    adapter.set()
+    for name, value in adapter.model.state_dict().items():
+        assert torch.equal(adapter.ema_model.state_dict()[name], value), name
+    assert int(adapter.num_updates) == 2  # set is not an update
+    # The EMA copy stays frozen and keeps its own storage.
+    assert not any(p.requires_grad for p in adapter.ema_model.parameters())
+    with torch.no_grad():
+        adapter.model.fc.weight.add_(1.0)
+    assert not torch.equal(adapter.ema_model.fc.weight, adapter.model.fc.weight)
+
+
+def test_set_from_another_model_converts_and_checks_names() -> None:
+    torch.manual_seed(0)
+    adapter = ModelEMAAdapter(Net(), decay=0.5)
+    other = Net().double()
+    adapter.set(nn.DataParallel(other))
+    assert adapter.ema_model.fc.weight.dtype == torch.float32
+    torch.testing.assert_close(adapter.ema_model.fc.weight, other.fc.weight.float())
+    assert torch.equal(adapter.ema_model.hits, other.hits)
+    with pytest.raises(RuntimeError, match="same tensors"):
+        adapter.set(nn.Linear(2, 2))
 
 
 def test_adapter_to_dtype_moves_both_and_keeps_updating() -> None:

@@ -11,5 +11,3 @@ DictData = dict[str, Any]
 
 MetricLogs = dict[str, float | int | Tensor]
 """Scalars returned by hooks and evaluators, keyed by their log name."""
-
-DictStrAny = dict[str, Any]

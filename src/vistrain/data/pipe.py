@@ -8,17 +8,19 @@ Where this sits::
 
 :class:`MultiSampleDataPipe` adds a first stage whose transforms (mosaic, mixup) combine
 the sample with others drawn at random from the same data set. The YOLOX mode switch turns
-that stage off for the last epochs with :meth:`MultiSampleDataPipe.without_multi_sample` and
-:func:`vistrain.data.loader.rebuild_dataloader`.
+that stage off for the last epochs: :func:`strip_multi_sample` finds every data set that
+follows the :class:`MultiSamplePipe` protocol (``MultiSampleDataPipe`` or your own), also
+inside ``Subset``/``ConcatDataset``, and :func:`vistrain.data.loader.rebuild_dataloader`
+builds the new loader.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from vistrain.common.typing import DictData
 from vistrain.data.transforms.base import MultiSampleTransform, Transform, check_prob
@@ -131,3 +133,45 @@ class MultiSampleDataPipe(DataPipe):
                 else:
                     sample = transform(sample)
         return self.apply_transforms(sample)
+
+
+@runtime_checkable
+class MultiSamplePipe(Protocol):
+    """A data set with a multi-sample stage (mosaic, mixup) that can be dropped.
+
+    What the YOLOX mode switch needs from a training data set; ``MultiSampleDataPipe``
+    follows it, and so can any other data set.
+    """
+
+    @property
+    def has_multi_sample(self) -> bool:
+        """True while the multi-sample stage can run."""
+        ...
+
+    def without_multi_sample(self) -> Dataset[DictData]:
+        """A new data set over the same samples without the multi-sample stage."""
+        ...
+
+
+def strip_multi_sample(dataset: Dataset[Any]) -> tuple[Dataset[Any], bool]:
+    """Return ``dataset`` without its multi-sample stage, looking through common wrappers.
+
+    Handles a :class:`MultiSamplePipe` itself, ``torch.utils.data.Subset`` (same indices over
+    the stripped pipe) and ``ConcatDataset`` (each part stripped), at any depth. The given
+    data sets are not changed.
+
+    Returns:
+        ``(new_dataset, changed)``; ``changed`` is False when no multi-sample stage was found,
+        and then ``new_dataset`` is ``dataset`` itself.
+    """
+    if isinstance(dataset, MultiSamplePipe) and dataset.has_multi_sample:
+        return dataset.without_multi_sample(), True
+    if isinstance(dataset, Subset):
+        inner, changed = strip_multi_sample(dataset.dataset)
+        return (Subset(inner, dataset.indices), True) if changed else (dataset, False)
+    if isinstance(dataset, ConcatDataset):
+        parts = [strip_multi_sample(part) for part in dataset.datasets]
+        if any(changed for _, changed in parts):
+            return ConcatDataset([part for part, _ in parts]), True
+        return dataset, False
+    return dataset, False

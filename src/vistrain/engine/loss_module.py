@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict
 
-import torch
 from torch import Tensor, nn
 from typing_extensions import NotRequired
 
@@ -212,14 +211,17 @@ class LossModule(nn.Module):
         return total, metrics
 
     def find_loss(self, loss_type: type[Any]) -> list[Any]:
-        """Return every loss object of ``loss_type`` (used by callbacks such as the mode switch)."""
-        return [d["loss"] for d in self.losses if isinstance(d["loss"], loss_type)]
+        """Every loss object that is a ``loss_type``, each once, in definition order.
 
-
-def total_as_float(metrics: Mapping[str, Tensor]) -> dict[str, float]:
-    """Convert metric tensors to floats with a single device sync."""
-    if not metrics:
-        return {}
-    keys = list(metrics)
-    values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).cpu().tolist()
-    return dict(zip(keys, values))
+        Looks at each entry's ``loss`` and at the modules nested inside it, so a loss wrapped
+        in another module is found too. ``loss_type`` may be a runtime-checkable protocol;
+        the YOLOX mode switch finds the losses it turns the L1 term on for this way.
+        """
+        found: dict[int, Any] = {}
+        for entry in self.losses:
+            loss = entry["loss"]
+            candidates = loss.modules() if isinstance(loss, nn.Module) else (loss,)
+            for candidate in candidates:
+                if isinstance(candidate, loss_type):
+                    found.setdefault(id(candidate), candidate)
+        return list(found.values())

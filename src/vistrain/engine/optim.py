@@ -21,8 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler
+
+from vistrain.op.norm import NORM_TYPES
 
 
 @dataclass
@@ -190,3 +193,31 @@ def warmup_cosine(
             )
         )
     return LRSchedulerWrapper(optimizer, configs)
+
+
+def sgd_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Split the parameters into a weight-decayed group and one without decay.
+
+    Convolution and linear weights decay; normalisation weights and every bias do not
+    (decaying them only pulls the scales of the normalised features towards zero).
+
+    Returns:
+        Two parameter groups for ``torch.optim`` (an empty one is left out).
+    """
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            if isinstance(module, NORM_TYPES) or name == "bias" or param.ndim <= 1:
+                no_decay.append(param)
+            else:
+                decay.append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [group for group in groups if group["params"]]

@@ -22,6 +22,7 @@ import torch
 from faster_coco_eval import COCO, COCOeval_faster
 from torch import Tensor
 
+from vistrain.data.datasets.coco_json import load_coco_json
 from vistrain.eval.base import Evaluator, GatherFunc, MetricResult
 
 DET_METRIC = "Det"
@@ -42,7 +43,6 @@ COCO_DET_KEYS = (
 )
 """Names of COCOeval's twelve summary statistics, in COCOeval's order."""
 
-_REQUIRED_TOP_LEVEL = ("images", "annotations", "categories")
 _REQUIRED_ANNOTATION_KEYS = frozenset(("id", "image_id", "category_id", "bbox", "area"))
 
 # Columns of the per-image detection rows kept between process_batch and evaluate.
@@ -86,27 +86,7 @@ def load_coco_annotations(annotation_file: str | os.PathLike[str]) -> dict[str, 
             ``id``, ``image_id``, ``category_id``, ``bbox`` and ``area``).
     """
     path = os.fspath(annotation_file)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"COCO annotation file {path!r} does not exist; pass the path of the data set's "
-            "annotation JSON as annotation_file."
-        )
-    try:
-        with open(path, encoding="utf-8") as handle:
-            dataset = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"COCO annotation file {path!r} is not valid JSON: {err}") from err
-    if not isinstance(dataset, dict):
-        raise ValueError(
-            f"COCO annotation file {path!r} holds a {type(dataset).__name__}; expected an object "
-            f"with the keys {list(_REQUIRED_TOP_LEVEL)}."
-        )
-    for key in _REQUIRED_TOP_LEVEL:
-        if not isinstance(dataset.get(key), list):
-            raise ValueError(
-                f"COCO annotation file {path!r} has no {key!r} list; a COCO detection file needs "
-                f"the keys {list(_REQUIRED_TOP_LEVEL)}."
-            )
+    dataset = load_coco_json(path, require_annotations=True)
     if not dataset["categories"]:
         raise ValueError(f"COCO annotation file {path!r} has an empty 'categories' list.")
     for ann in dataset["annotations"]:

@@ -11,12 +11,20 @@ After optimizer step ``k`` every floating tensor ``e`` of the EMA copy becomes
 ``e <- d_k * e + (1 - d_k) * m`` where ``m`` is the same-named tensor of the trained model;
 integer buffers (e.g. BatchNorm's ``num_batches_tracked``) are copied, never averaged.
 
-Why it is fast: the tensor pairs are collected once (by name, so reordered or shared
-modules cannot mismatch them), grouped by device and dtype, and averaged with one fused
+Why it is fast: the tensor pairs are collected by name (so reordered or shared modules
+cannot mismatch them), grouped by device and dtype, and averaged with one fused
 multi-tensor ``torch._foreach_lerp_`` per group. The update reads and writes each tensor
-once, like a copy, and needs no device sync. Before each update a cheap check detects
-replaced tensors (``load_state_dict(..., assign=True)``, a swapped submodule or buffer,
-``.to()`` of a submodule) and rebuilds the pairs.
+once, like a copy, and needs no device sync.
+
+When the pairs are collected again (the one staleness rule): at the first update after the
+adapter was converted (``adapter.to()``, ``.cuda()``, ``.double()``, also as part of a
+parent module) or loaded (``adapter.load_state_dict``), and after ``refresh()``. Replacing
+the trained model's tensors any other way (``adapter.model.load_state_dict(...,
+assign=True)``, assigning a new submodule or buffer) needs a ``refresh()`` call; without it
+the update keeps averaging the old tensors. Why not detect replacements: collecting the
+pairs costs about 0.1x of a whole update of a ResNet-18 on one CPU thread (more on a GPU,
+where the update itself is short), and every engine path that replaces tensors goes
+through the adapter.
 
 Why it resumes exactly: the EMA copy and the update counter are registered in the
 adapter, so they travel in ``adapter.state_dict()`` and thus in every checkpoint.
@@ -27,21 +35,12 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import operator
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.__future__ import get_overwrite_module_params_on_conversion
-from torch.nn.modules.module import (
-    register_module_buffer_registration_hook,
-    register_module_module_registration_hook,
-    register_module_parameter_registration_hook,
-)
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import Self
 
 from vistrain.common.distributed import unwrap_model
@@ -49,113 +48,22 @@ from vistrain.common.distributed import unwrap_model
 _WRAPPER_TYPES = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 
 
-_TREE_VERSION = [0]
-"""Bumped whenever a module inside an EMA adapter registers a parameter, buffer or child."""
-
-_WATCHED_MODULES: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-_HOOKS: list[RemovableHandle] = []
-
-
-def _on_registration(module: nn.Module, name: str, value: Any) -> None:
-    """Global registration hook: assigning ``module.x = ...`` in a watched tree bumps the version.
-
-    Covers replaced submodules, parameters and buffers (``setattr``, ``register_*``,
-    ``load_state_dict(..., assign=True)``); other modules cost one set lookup.
-    """
-    if module in _WATCHED_MODULES:
-        _TREE_VERSION[0] += 1
-
-
-def _watch_modules(root: nn.Module) -> None:
-    """Watch every module of ``root`` for registrations (installs the hooks once)."""
-    if not _HOOKS:
-        _HOOKS.extend(
-            (
-                register_module_parameter_registration_hook(_on_registration),
-                register_module_buffer_registration_hook(_on_registration),
-                register_module_module_registration_hook(_on_registration),
-            )
-        )
-    _WATCHED_MODULES.update(root.modules())
-
-
 @dataclass
-class _Slots:
-    """Entries of module dicts (``_parameters`` or ``_buffers``) and the objects they held."""
-
-    owners: list[dict[str, Any]]
-    keys: list[str]
-    objects: list[Any]
-
-    @classmethod
-    def of(cls, dicts: list[dict[str, Any]]) -> _Slots:
-        slots = cls([], [], [])
-        for owner in dicts:
-            for key, obj in owner.items():
-                slots.owners.append(owner)
-                slots.keys.append(key)
-                slots.objects.append(obj)
-        return slots
-
-    def changed(self) -> bool:
-        """True if any entry now holds another object (C-level ``map``, no Python loop)."""
-        return any(map(operator.is_not, map(dict.get, self.owners, self.keys), self.objects))
-
-
-@dataclass
-class _SlotWatch:
-    """Detects replaced tensors of an adapter cheaply enough to run before every update.
-
-    Right after an optimizer step the CPU caches are cold, so the check touches as few
-    objects as it can. Two complementary parts:
-
-    * ``setattr``-style replacements (a new submodule, parameter or buffer, also through
-      ``load_state_dict(..., assign=True)``) are seen by global registration hooks that
-      bump ``_TREE_VERSION``: one integer compare here.
-    * ``Module._apply`` (``.to()``, ``.double()`` of a submodule) writes new buffers
-      straight into the module dicts, without hooks, so the buffer entries of the model
-      and of the EMA copy are compared by identity. Parameters keep their identity under
-      ``_apply`` (their ``.data`` is swapped) unless
-      ``torch.__future__.set_overwrite_module_params_on_conversion(True)``; only then are
-      the model's parameter entries compared too. Converting the whole adapter drops the
-      pairs in ``ModelEMAAdapter._apply`` itself.
-    """
-
-    version: int
-    buffers: _Slots
-    params: _Slots
-
-    @classmethod
-    def of(cls, model: nn.Module, ema_model: nn.Module) -> _SlotWatch:
-        buffer_dicts = [m._buffers for m in (*model.modules(), *ema_model.modules())]
-        param_dicts = [m._parameters for m in model.modules()]
-        return cls(_TREE_VERSION[0], _Slots.of(buffer_dicts), _Slots.of(param_dicts))
-
-    def is_stale(self) -> bool:
-        """True if a watched module registered something or a slot holds a new object."""
-        if _TREE_VERSION[0] != self.version or self.buffers.changed():
-            return True
-        return get_overwrite_module_params_on_conversion() and self.params.changed()
-
-
-@dataclass
-class _PairCache:
-    """The EMA/model tensor pairs of one adapter, ready for fused updates.
+class _Pairs:
+    """The EMA copy's tensors paired with the model's, grouped for fused updates.
 
     Attributes:
         lerp_groups: ``(ema_tensors, model_tensors)`` per (device, dtype) of the EMA copy.
         copy_ema: Non-floating EMA buffers, overwritten from ``copy_src`` each update.
         copy_src: The model's matching non-floating buffers.
-        cross_device: True when the EMA copy is pinned to its own device, so model
-            tensors are moved (and cast) to the EMA tensor's device before the update.
-        watch: Detects replaced tensors, so the pairs are rebuilt before they go stale.
+        cross_device: True when the EMA copy is pinned to its own device; the model's
+            tensors are then moved (and cast) to the EMA tensor's device at each update.
     """
 
     lerp_groups: list[tuple[list[Tensor], list[Tensor]]]
     copy_ema: list[Tensor]
     copy_src: list[Tensor]
     cross_device: bool
-    watch: _SlotWatch
 
 
 def _named_tensors(module: nn.Module) -> dict[str, Tensor]:
@@ -163,6 +71,54 @@ def _named_tensors(module: nn.Module) -> dict[str, Tensor]:
     named: dict[str, Tensor] = dict(module.named_parameters())
     named.update(module.named_buffers())
     return named
+
+
+def _pair_tensors(source: nn.Module, ema_model: nn.Module, cross_device: bool) -> _Pairs:
+    """Pair ``ema_model``'s tensors with ``source``'s by name and group them by device/dtype.
+
+    Raises:
+        RuntimeError: If the two modules differ in names or shapes, or (unless
+            ``cross_device``) in device or dtype.
+    """
+    model_named = _named_tensors(source)
+    ema_named = _named_tensors(ema_model)
+    if model_named.keys() != ema_named.keys():
+        only_model = sorted(model_named.keys() - ema_named.keys())
+        only_ema = sorted(ema_named.keys() - model_named.keys())
+        raise RuntimeError(
+            "The model and its EMA copy no longer have the same tensors (only in model: "
+            f"{only_model[:5]}, only in EMA copy: {only_ema[:5]}); build a new adapter "
+            "after changing the model's structure."
+        )
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    pairs = _Pairs([], [], [], cross_device)
+    for name, ema_tensor in ema_named.items():
+        model_tensor = model_named[name]
+        if ema_tensor.shape != model_tensor.shape:
+            raise RuntimeError(
+                f"Tensor {name!r} has shape {tuple(model_tensor.shape)} in the model but "
+                f"{tuple(ema_tensor.shape)} in the EMA copy; build a new adapter after "
+                "reshaping the model."
+            )
+        if not cross_device and (
+            ema_tensor.device != model_tensor.device or ema_tensor.dtype != model_tensor.dtype
+        ):
+            raise RuntimeError(
+                f"Tensor {name!r} is {model_tensor.dtype} on {model_tensor.device} in the "
+                f"model but {ema_tensor.dtype} on {ema_tensor.device} in the EMA copy; move "
+                "or cast the adapter (adapter.to(...)), not adapter.model alone, or pass "
+                "device= to keep the EMA copy elsewhere on purpose."
+            )
+        if ema_tensor.is_floating_point() or ema_tensor.is_complex():
+            key = (ema_tensor.device, ema_tensor.dtype)
+            ema_list, model_list = groups.setdefault(key, ([], []))
+            ema_list.append(ema_tensor)
+            model_list.append(model_tensor)
+        else:
+            pairs.copy_ema.append(ema_tensor)
+            pairs.copy_src.append(model_tensor)
+    pairs.lerp_groups = list(groups.values())
+    return pairs
 
 
 def _check_decay(decay: Any) -> float:
@@ -187,14 +143,12 @@ class ModelEMAAdapter(nn.Module):
 
     State: ``state_dict()`` holds ``model.*``, ``ema_model.*`` and the ``num_updates``
     counter (updates applied), so a checkpoint of the adapter restores the EMA exactly.
-    The counter is kept on the host and written into its buffer when the buffer is read
-    (``adapter.num_updates``) or saved, not on every update; ``named_buffers()`` may show
-    an older count.
 
     Use: build the optimizer from ``adapter.model.parameters()`` (the EMA parameters never
     get gradients). Under DDP with ``broadcast_buffers`` (the default) rank 0's buffers,
     the EMA copy's BatchNorm statistics included, overwrite the other ranks' at every
-    forward; rank 0's EMA is the one checkpoints hold.
+    forward; rank 0's EMA is the one checkpoints hold. After replacing the model's tensors
+    other than through the adapter, call ``refresh()`` (see the module docstring).
 
     Args:
         model: The model to train. Wrap the bare model, then DDP the adapter.
@@ -211,6 +165,8 @@ class ModelEMAAdapter(nn.Module):
             not a number.
         ValueError: If ``decay`` is outside (0, 1) or ``device`` is not a device.
     """
+
+    num_updates: Tensor
 
     def __init__(
         self,
@@ -256,118 +212,81 @@ class ModelEMAAdapter(nn.Module):
         self.model = model
         self.ema_model = ema_model
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-        self._num_updates = 0  # the count; the buffer mirrors it when read or saved
-        self._pairs: _PairCache | None = None
+        self._pairs: _Pairs | None = None
         self.train(model.training)
 
-    # ----------------------------------------------------------------------------- decay
     def decay_at(self, step: int) -> float:
         """Decay used for the update after optimizer step ``step`` (constant here)."""
         return self.decay
 
-    # ---------------------------------------------------------------------------- update
     def update(self, step: int | None = None) -> None:
         """Move the EMA copy towards the model after optimizer step ``step``.
 
         Args:
             step: The optimizer step just taken (1, 2, ...), e.g. the trainer's
-                ``global_step``. None uses ``num_updates + 1``.
+                ``global_step``. None uses ``num_updates + 1`` (reading the counter, a
+                device sync when it lives on an accelerator).
 
         Raises:
             ValueError: If ``step`` is not an integer >= 1.
         """
         if step is None:
-            step = self._num_updates + 1
+            step = int(self.num_updates) + 1
         elif isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 1:
             raise ValueError(
                 f"step={step!r} must be the optimizer step just taken, an integer >= 1."
             )
         weight = 1.0 - self.decay_at(int(step))
-        pairs = self._pairs
-        if pairs is None or pairs.watch.is_stale():
-            pairs = self._pairs = self._build_pairs()
-        grad_was_enabled = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(False)  # torch.no_grad() costs ~1% of the update here
-        try:
+        with torch.no_grad():
+            pairs = self._model_pairs()
             for ema_tensors, model_tensors in pairs.lerp_groups:
                 if pairs.cross_device:
                     target = ema_tensors[0]
-                    model_tensors = [
-                        t.to(device=target.device, dtype=target.dtype) for t in model_tensors
-                    ]
+                    model_tensors = [t.to(target.device, target.dtype) for t in model_tensors]
                 torch._foreach_lerp_(ema_tensors, model_tensors, weight)
             if pairs.copy_ema:
                 torch._foreach_copy_(pairs.copy_ema, pairs.copy_src)
-        finally:
-            torch._C._set_grad_enabled(grad_was_enabled)
-        # The buffer is written when read (attribute access, state_dict), not per update:
-        # one tensor op less on the hot path.
-        self._num_updates += 1
+            self.num_updates += 1
 
-    def _sync_counter(self) -> None:
-        """Write the host-side update count into the ``num_updates`` buffer."""
-        buffer = self._buffers["num_updates"]
-        if buffer is not None:
-            buffer.fill_(self._num_updates)
+    def set(self, model: nn.Module | None = None) -> None:
+        """Copy the weights of ``model`` into the EMA copy (as vis4d's ``set``).
 
-    def __getattr__(self, name: str) -> Any:
-        """Module attribute lookup; reading ``num_updates`` returns the up-to-date buffer."""
-        if name == "num_updates" and "_num_updates" in self.__dict__:
-            self._sync_counter()
-        return super().__getattr__(name)
+        Every parameter and buffer of the EMA copy is overwritten by the same-named tensor
+        of ``model``, converted to the EMA tensor's device and dtype. The update counter is
+        left as it is.
 
-    def _build_pairs(self) -> _PairCache:
-        """Pair the EMA copy's tensors with the model's by name and group them."""
-        model_named = _named_tensors(self.model)
-        ema_named = _named_tensors(self.ema_model)
-        if model_named.keys() != ema_named.keys():
-            only_model = sorted(model_named.keys() - ema_named.keys())
-            only_ema = sorted(ema_named.keys() - model_named.keys())
-            raise RuntimeError(
-                "The model and its EMA copy no longer have the same tensors (only in model: "
-                f"{only_model[:5]}, only in EMA copy: {only_ema[:5]}); build a new adapter "
-                "after changing the model's structure."
+        Args:
+            model: A module with the same tensor names and shapes as the EMA copy; DDP or
+                compile wrappers are looked through. None copies the trained model.
+
+        Raises:
+            RuntimeError: If ``model``'s tensors differ in names or shapes.
+        """
+        if model is None or model is self.model:
+            pairs = self._model_pairs()
+        else:
+            pairs = _pair_tensors(unwrap_model(model), self.ema_model, cross_device=True)
+        ema_tensors = [t for group in pairs.lerp_groups for t in group[0]] + pairs.copy_ema
+        sources = [t for group in pairs.lerp_groups for t in group[1]] + pairs.copy_src
+        with torch.no_grad():
+            torch._foreach_copy_(ema_tensors, sources)
+
+    def refresh(self) -> None:
+        """Pair the tensors again at the next update.
+
+        Call it after replacing the trained model's tensors other than through the adapter
+        (``adapter.model.load_state_dict(..., assign=True)``, a new submodule or buffer).
+        """
+        self._pairs = None
+
+    def _model_pairs(self) -> _Pairs:
+        """The cached tensor pairs of ``model`` and ``ema_model``, collected when missing."""
+        if self._pairs is None:
+            self._pairs = _pair_tensors(
+                self.model, self.ema_model, cross_device=self._ema_device is not None
             )
-        cross_device = self._ema_device is not None
-        groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
-        copy_ema: list[Tensor] = []
-        copy_src: list[Tensor] = []
-        for name, ema_tensor in ema_named.items():
-            model_tensor = model_named[name]
-            if ema_tensor.shape != model_tensor.shape:
-                raise RuntimeError(
-                    f"Tensor {name!r} has shape {tuple(model_tensor.shape)} in the model but "
-                    f"{tuple(ema_tensor.shape)} in the EMA copy; build a new adapter after "
-                    "reshaping the model."
-                )
-            if not cross_device and (
-                ema_tensor.device != model_tensor.device or ema_tensor.dtype != model_tensor.dtype
-            ):
-                raise RuntimeError(
-                    f"Tensor {name!r} is {model_tensor.dtype} on {model_tensor.device} in the "
-                    f"model but {ema_tensor.dtype} on {ema_tensor.device} in the EMA copy; move "
-                    "or cast the adapter (adapter.to(...)), not adapter.model alone, or pass "
-                    "device= to keep the EMA copy elsewhere on purpose."
-                )
-            if ema_tensor.is_floating_point() or ema_tensor.is_complex():
-                ema_list, model_list = groups.setdefault(
-                    (ema_tensor.device, ema_tensor.dtype), ([], [])
-                )
-                ema_list.append(ema_tensor)
-                model_list.append(model_tensor)
-            else:
-                copy_ema.append(ema_tensor)
-                copy_src.append(model_tensor)
-        _watch_modules(self)
-        return _PairCache(
-            lerp_groups=list(groups.values()),
-            copy_ema=copy_ema,
-            copy_src=copy_src,
-            cross_device=cross_device,
-            watch=_SlotWatch.of(self.model, self.ema_model),
-        )
+        return self._pairs
 
-    # --------------------------------------------------------------------------- routing
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run ``model`` in training mode; in eval mode the EMA copy if enabled."""
         if self.training or not self.use_ema_during_test:
@@ -391,10 +310,9 @@ class ModelEMAAdapter(nn.Module):
         self.ema_model.requires_grad_(False)
         return self
 
-    # ----------------------------------------------------------------- module plumbing
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Self:
-        """``to``/``cuda``/``double``...: drop the pairs; keep a pinned EMA copy in place."""
-        self._pairs = None
+        """``to``/``cuda``/``double``...: re-pair later; keep a pinned EMA copy in place."""
+        self.refresh()
         if self._ema_device is None or not recurse:
             return super()._apply(fn, recurse)
         for name, child in self.named_children():
@@ -402,34 +320,13 @@ class ModelEMAAdapter(nn.Module):
                 child._apply(fn)
         return super()._apply(fn, recurse=False)
 
-    def _save_to_state_dict(
-        self, destination: dict[str, Any], prefix: str, keep_vars: bool
-    ) -> None:
-        """Save the adapter's own buffer (the counter), brought up to date first."""
-        self._sync_counter()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        """Load the counter and re-read its host mirror (the only sync, at load time)."""
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        self._pairs = None
-        buffer = self._buffers["num_updates"]
-        if buffer is not None:
-            self._num_updates = int(buffer)
+    def _load_from_state_dict(self, state_dict: dict[str, Any], *args: Any) -> None:
+        """Load the counter; re-pair later (``assign=True`` loads replace tensors)."""
+        self.refresh()
+        super()._load_from_state_dict(state_dict, *args)
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickle/deepcopy without the cached pairs (they point into this instance)."""
+        """Pickle/deepcopy without the cached pairs (the copy pairs its own tensors)."""
         state = super().__getstate__()
         state["_pairs"] = None
         return state

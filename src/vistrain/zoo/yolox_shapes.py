@@ -47,8 +47,10 @@ from typing import Any
 
 import torch
 
+from vistrain.common.cpu import configure_threads
 from vistrain.common.distributed import barrier, is_distributed, is_rank_zero
 from vistrain.data.datasets import COCODataset, ensure_shapes_dataset
+from vistrain.data.datasets.shapes import shapes_cache_dir
 from vistrain.data.datasets.shapes_render import SHAPE_NAMES
 from vistrain.data.loader import build_test_dataloader, build_train_dataloader
 from vistrain.data.presets import yolox_test_pipe, yolox_train_pipe
@@ -71,17 +73,12 @@ from vistrain.engine.connectors import (
     pred_key,
 )
 from vistrain.engine.loss_module import LossModule
-from vistrain.engine.optim import warmup_cosine
+from vistrain.engine.optim import sgd_param_groups, warmup_cosine
 from vistrain.eval.coco import COCODetectEvaluator
 from vistrain.model.adapter import ModelExpEMAAdapter
 from vistrain.model.yolox import YOLOX
 from vistrain.op.detect.yolox import YOLOXHeadLoss
-from vistrain.zoo._yolox_parts import (
-    DetectionVisualizer,
-    configure_threads,
-    sgd_param_groups,
-    shapes_cache_dir,
-)
+from vistrain.vis.detection import DetectionVisualizer
 from vistrain.zoo.base import Experiment
 
 DESCRIPTION = "YOLOX-nano on generated shapes (3 classes), COCO box AP; the default experiment"

@@ -254,13 +254,13 @@ def test_async_write_error_is_raised_at_fit_end(
 
 def test_auto_mode_decides_from_spare_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     model = nn.Linear(2, 2)
-    monkeypatch.setattr(ckpt_cb.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    monkeypatch.setattr(ckpt_cb.torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert ckpt_cb.writer_has_spare_cpu(model)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two trainers on two cores: none to spare
     assert not ckpt_cb.writer_has_spare_cpu(model)
-    monkeypatch.setattr(ckpt_cb.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert not ckpt_cb.writer_has_spare_cpu(model)
 

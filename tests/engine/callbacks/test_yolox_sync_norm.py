@@ -11,10 +11,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from dist_utils import run_distributed
 from vistrain.engine.callbacks.base import Callback
-from vistrain.engine.callbacks.yolox_callbacks import YOLOXSyncNormCallback, norm_float_tensors
+from vistrain.engine.callbacks.yolox_callbacks import YOLOXSyncNormCallback
 from vistrain.engine.connectors import DataConnector, LossConnector, data_key, pred_key
 from vistrain.engine.loss_module import LossModule
 from vistrain.engine.trainer import Trainer
+from vistrain.op.norm import norm_float_tensors
 
 
 def norm_model() -> nn.Module:

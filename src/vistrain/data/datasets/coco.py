@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -14,32 +13,7 @@ from torch.utils.data import Dataset
 
 from vistrain.common.typing import DictData
 from vistrain.data.const import CommonKeys
-
-
-def _load_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"COCO annotation file {str(path)!r} does not exist; check the annotation_file path."
-        )
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"COCO annotation file {str(path)!r} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"COCO annotation file {str(path)!r} must hold a JSON object with 'images', "
-            f"'annotations' and 'categories'; it holds a {type(data).__name__}."
-        )
-    for key in ("images", "categories"):
-        if not isinstance(data.get(key), list):
-            raise ValueError(
-                f"COCO annotation file {str(path)!r} has no {key!r} list; it is not a COCO "
-                "detection file."
-            )
-    if not isinstance(data.get("annotations", []), list):
-        raise ValueError(f"COCO annotation file {str(path)!r}: 'annotations' must be a list.")
-    return data
+from vistrain.data.datasets.coco_json import load_coco_json
 
 
 def load_image(path: Path) -> np.ndarray:
@@ -103,7 +77,7 @@ class COCODataset(Dataset[DictData]):
         self.annotation_file = str(annotation_file)
         self.image_root = str(image_root)
         path = Path(annotation_file)
-        data = _load_json(path)
+        data = load_coco_json(path)
         if not Path(image_root).is_dir():
             raise FileNotFoundError(
                 f"Image folder {self.image_root!r} (for {self.annotation_file!r}) does not exist."

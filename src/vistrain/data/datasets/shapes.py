@@ -31,6 +31,9 @@ MARKER_NAME = "generated.json"
 ANNOTATION_NAME = "annotations.json"
 IMAGE_FOLDER = "images"
 
+CACHE_ENV = "VISTRAIN_CACHE"
+"""Environment variable that overrides the folder of generated data sets."""
+
 
 class ShapesPaths(NamedTuple):
     """Where a generated split lives; pass the last two to ``COCODataset``."""
@@ -108,6 +111,20 @@ def _read_marker(root: Path) -> Any:
             return json.load(handle)
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def shapes_cache_dir(cache_dir: str = "") -> Path:
+    """Folder the generated shapes splits live in.
+
+    ``cache_dir`` when given, else ``$VISTRAIN_CACHE`` when set, else
+    ``~/.cache/vistrain/shapes``.
+    """
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    from_env = os.environ.get(CACHE_ENV, "")
+    if from_env:
+        return Path(from_env).expanduser()
+    return Path.home() / ".cache" / "vistrain" / "shapes"
 
 
 def generate_shapes_dataset(

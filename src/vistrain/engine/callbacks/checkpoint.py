@@ -34,9 +34,9 @@ import os
 import warnings
 from typing import Any
 
-import torch
 from torch import nn
 
+from vistrain.common.cpu import has_spare_core
 from vistrain.common.distributed import get_rank, unwrap_model
 from vistrain.common.typing import DictData, MetricLogs
 from vistrain.engine.callbacks.base import Callback
@@ -76,12 +76,7 @@ def writer_has_spare_cpu(model: nn.Module) -> bool:
     """
     if any(param.device.type != "cpu" for param in model.parameters()):
         return True
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    local_procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return cores - torch.get_num_threads() * local_procs >= 1
+    return has_spare_core()
 
 
 class CheckpointCallback(Callback):

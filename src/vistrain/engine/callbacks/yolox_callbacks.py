@@ -24,19 +24,18 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.utils.data import ConcatDataset, Subset
+from torch import nn
 
-from vistrain.common.distributed import broadcast, get_world_size, is_rank_zero, unwrap_model
+from vistrain.common.distributed import broadcast, is_rank_zero
 from vistrain.common.typing import DictData
-from vistrain.data.const import CommonKeys
 from vistrain.data.loader import rebuild_dataloader
+from vistrain.data.pipe import strip_multi_sample
+from vistrain.data.transforms.batch_resize import resize_view
 from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.trainer_state import TrainerState, TrainingEngine
 from vistrain.engine.loss_module import LossModule
+from vistrain.op.detect.yolox import L1SwitchableLoss
+from vistrain.op.norm import all_reduce_norm
 
 logger = logging.getLogger(__name__)
 
@@ -52,61 +51,18 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
-def _has_multi_sample(dataset: Any) -> bool:
-    """Whether ``dataset`` is a pipe that still runs a multi-sample (mosaic/mixup) stage."""
-    flag = getattr(dataset, "has_multi_sample", False)
-    if callable(flag):
-        flag = flag()
-    return bool(flag) and callable(getattr(dataset, "without_multi_sample", None))
-
-
-def _strip_multi_sample(dataset: Any) -> tuple[Any, bool]:
-    """Return ``dataset`` without its multi-sample stage, looking through common wrappers.
-
-    Handles the pipe itself, ``torch.utils.data.Subset`` (same indices over the stripped
-    pipe) and ``ConcatDataset`` (each part stripped), at any depth.
-
-    Returns:
-        ``(new_dataset, changed)``; ``changed`` is False when no multi-sample stage was found,
-        and then ``new_dataset`` is ``dataset`` itself.
-    """
-    if _has_multi_sample(dataset):
-        return dataset.without_multi_sample(), True
-    if isinstance(dataset, Subset):
-        inner, changed = _strip_multi_sample(dataset.dataset)
-        return (Subset(inner, dataset.indices), True) if changed else (dataset, False)
-    if isinstance(dataset, ConcatDataset):
-        parts = [_strip_multi_sample(part) for part in dataset.datasets]
-        if any(changed for _, changed in parts):
-            return ConcatDataset([part for part, _ in parts]), True
-        return dataset, False
-    return dataset, False
-
-
-def _find_l1_losses(loss_module: Any) -> list[Any]:
-    """Every loss object in ``loss_module`` that can turn an L1 term on (``enable_l1_loss``)."""
-    found: list[Any] = []
-    seen: set[int] = set()
-    candidates: list[Any] = [entry.get("loss") for entry in getattr(loss_module, "losses", [])]
-    if isinstance(loss_module, nn.Module):
-        candidates.extend(loss_module.modules())
-    for candidate in candidates:
-        if callable(getattr(candidate, "enable_l1_loss", None)) and id(candidate) not in seen:
-            seen.add(id(candidate))
-            found.append(candidate)
-    return found
-
-
 class YOLOXModeSwitchCallback(Callback):
     """Switch YOLOX training to its final, "no augmentation" mode.
 
     At the end of epoch ``switch_epoch - 1`` (0-based), so that epochs ``switch_epoch`` and
     later run in the new mode, it:
 
-    1. rebuilds the training DataLoader over ``dataset.without_multi_sample()`` (mosaic,
+    1. rebuilds the training DataLoader over ``dataset.without_multi_sample()`` (a
+       ``vistrain.data.pipe.MultiSamplePipe``, also inside ``Subset``/``ConcatDataset``: mosaic,
        mixup and their affine dropped; every loader setting kept) and hands it to the engine
        with ``train_module.set_train_dataloader``;
-    2. calls ``enable_l1_loss()`` on each ``YOLOXHeadLoss`` in the loss module;
+    2. calls ``enable_l1_loss()`` on each loss of the loss module that follows
+       ``vistrain.op.detect.yolox.L1SwitchableLoss`` (``YOLOXHeadLoss`` does);
     3. sets validation to every epoch with ``train_module.set_check_val_every_n_epoch(1)``.
 
     Beyond the reference, the mode follows from the epoch: if an epoch starts at or after
@@ -190,7 +146,7 @@ class YOLOXModeSwitchCallback(Callback):
                     "training data keeps its augmentations."
                 )
             return
-        dataset, changed = _strip_multi_sample(loader.dataset)
+        dataset, changed = strip_multi_sample(loader.dataset)
         if not changed:
             if is_rank_zero():
                 logger.warning(
@@ -204,7 +160,9 @@ class YOLOXModeSwitchCallback(Callback):
 
     @staticmethod
     def _switch_loss(loss_module: LossModule | None) -> None:
-        losses = _find_l1_losses(loss_module)
+        losses: list[L1SwitchableLoss] = (
+            [] if loss_module is None else loss_module.find_loss(L1SwitchableLoss)
+        )
         if not losses:
             if is_rank_zero():
                 logger.warning(
@@ -213,77 +171,12 @@ class YOLOXModeSwitchCallback(Callback):
                 )
             return
         for loss in losses:
-            if getattr(loss, "loss_l1", None) is None:
-                loss.enable_l1_loss()
+            loss.enable_l1_loss()
 
 
 # --------------------------------------------------------------------------------------------
 # Norm statistics sync
 # --------------------------------------------------------------------------------------------
-
-NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,
-    nn.GroupNorm,
-    nn.LayerNorm,
-)
-
-
-def norm_float_tensors(model: nn.Module) -> list[Tensor]:
-    """The floating parameters and buffers of every normalisation layer of ``model``.
-
-    Covers batch, instance, sync-batch, group and layer norms (running mean/var, affine
-    weight/bias). Integer buffers such as ``num_batches_tracked`` are left out. Shared
-    tensors appear once. DDP / compile wrappers are looked through.
-    """
-    tensors: list[Tensor] = []
-    seen: set[int] = set()
-    for module in unwrap_model(model).modules():
-        if not isinstance(module, NORM_TYPES):
-            continue
-        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
-            if tensor is None or not tensor.is_floating_point() or id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
-            tensors.append(tensor)
-    return tensors
-
-
-def _collective_device(fallback: torch.device) -> torch.device:
-    """Where a collective's tensors must live for the current backend."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    if dist.get_backend() == "gloo":
-        return torch.device("cpu")
-    return fallback
-
-
-@torch.no_grad()
-def all_reduce_norm(model: nn.Module) -> None:
-    """Collective: replace each norm layer's floating state by its mean over the ranks.
-
-    One flat ``all_reduce`` over every tensor (accumulated in at least float32), then each
-    tensor is written back in place with its own dtype, so optimizers and EMA copies keep
-    pointing at the same storage. Integer counters are untouched. Without a process group
-    (or with one rank) it does nothing.
-    """
-    if not dist.is_available() or not dist.is_initialized() or get_world_size() == 1:
-        return
-    tensors = norm_float_tensors(model)
-    if not tensors:
-        # Every rank has the same model, so every rank returns here: no collective is skipped.
-        return
-    dtype = torch.float32
-    for tensor in tensors:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    device = _collective_device(tensors[0].device)
-    flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=dtype) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat.div_(get_world_size())
-    offset = 0
-    for tensor in tensors:
-        numel = tensor.numel()
-        tensor.copy_(flat[offset : offset + numel].view_as(tensor))
-        offset += numel
 
 
 class YOLOXSyncNormCallback(Callback):
@@ -333,51 +226,6 @@ def _parse_size_list(size_list: Sequence[Sequence[int]]) -> list[tuple[int, int]
             )
         sizes.append((int(size[0]), int(size[1])))
     return sizes
-
-
-def _scale_hw(hw: Any, scale_y: float, scale_x: float) -> Any:
-    """Scale one ``(h, w)`` entry (tuple, list or tensor), keeping its type."""
-    if isinstance(hw, Tensor):  # (2,) or (B, 2); python-scalar factors, no host-device copy
-        scaled_hw = hw.to(torch.float64, copy=True)
-        scaled_hw[..., 0] *= scale_y
-        scaled_hw[..., 1] *= scale_x
-        return scaled_hw.round_().to(hw.dtype)
-    scaled = (round(hw[0] * scale_y), round(hw[1] * scale_x))
-    return list(scaled) if isinstance(hw, list) else scaled
-
-
-def resize_view(view: DictData, size: tuple[int, int]) -> None:
-    """Resize one batch dict in place to ``size`` = (h, w).
-
-    Images are resized bilinearly (``align_corners=False``); every ``input_hw`` entry and
-    every box (xyxy pixels) is scaled by the same factors. Nothing here synchronises with
-    the device. A view already at ``size`` is left untouched.
-    """
-    images = view[CommonKeys.images]
-    height, width = int(images.shape[-2]), int(images.shape[-1])
-    if (height, width) == size:
-        return
-    scale_y, scale_x = size[0] / height, size[1] / width
-    if images.is_floating_point():
-        resized = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-    else:
-        resized = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False)
-        resized = resized.round_().to(images.dtype)
-    view[CommonKeys.images] = resized
-    if CommonKeys.input_hw in view:
-        input_hw = view[CommonKeys.input_hw]
-        if isinstance(input_hw, Tensor):
-            view[CommonKeys.input_hw] = _scale_hw(input_hw, scale_y, scale_x)
-        else:
-            view[CommonKeys.input_hw] = [_scale_hw(hw, scale_y, scale_x) for hw in input_hw]
-    if CommonKeys.boxes2d in view:
-        scaled_boxes = []
-        for boxes in view[CommonKeys.boxes2d]:
-            boxes = boxes.clone()
-            boxes[..., 0::2] *= scale_x
-            boxes[..., 1::2] *= scale_y
-            scaled_boxes.append(boxes)
-        view[CommonKeys.boxes2d] = scaled_boxes
 
 
 class YOLOXSyncRandomResizeCallback(Callback):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -177,6 +177,18 @@ def _hw_tensor(images_hw: Any, batch: int, device: torch.device, name: str) -> T
             f"({batch} images)."
         )
     return hw
+
+
+@runtime_checkable
+class L1SwitchableLoss(Protocol):
+    """A loss with an L1 term that starts off and can be turned on once.
+
+    What the YOLOX mode switch needs from a loss; ``YOLOXHeadLoss`` follows it.
+    """
+
+    def enable_l1_loss(self) -> None:
+        """Turn the L1 term on; calling it again changes nothing."""
+        ...
 
 
 class YOLOXHeadLoss(nn.Module):
