@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from vistrain.common.distributed import destroy_process_group, get_rank, init_process_group
-from vistrain.common.logging import setup_logger
+from vistrain.common.log_setup import setup_logger
 from vistrain.engine.checkpointing import check_model_state, load_checkpoint
 from vistrain.engine.trainer import Trainer
 from vistrain.model.adapter import find_ema_adapters

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
-import vistrain.common.logging as vlog
-from vistrain.common.logging import (
+import vistrain.common.log_setup as log_setup
+import vistrain.common.progress as progress
+from vistrain.common.log_setup import setup_logger
+from vistrain.common.progress import (
     ProgressDisplay,
     RichProgressDisplay,
     create_progress_display,
     progress_mode,
-    setup_logger,
 )
 
 PROGRAM = textwrap.dedent(
@@ -103,7 +104,7 @@ def test_terminal_gets_a_live_bar_and_a_pipe_gets_plain_lines(script: Path) -> N
     tty = run_in_pty(script, "xterm-256color")
     assert "\x1b[" in tty  # cursor and colour control of the live display
     assert "━" in tty  # rich's bar
-    assert "Epoch 1" in tty and "DONE" in tty
+    assert "Epoch 0" in tty and "DONE" in tty
 
     piped = subprocess.run(
         [sys.executable, str(script)],
@@ -120,13 +121,13 @@ def test_terminal_gets_a_live_bar_and_a_pipe_gets_plain_lines(script: Path) -> N
     assert body[-1] == "DONE"
     messages = [line.split("] ", 1)[1] for line in body[:-1]]
     assert all(line.startswith("[") for line in body[:-1])
-    assert messages[0].startswith("Epoch 1: 1/30, ETA: ")
+    assert messages[0].startswith("Epoch 0: 1/30, ETA: ")
     assert messages[0].endswith("(first batch)")
     assert [m.split(",")[0] for m in messages] == [
-        "Epoch 1: 1/30",
-        "Epoch 1: 10/30",
-        "Epoch 1: 20/30",
-        "Epoch 1: 30/30",
+        "Epoch 0: 1/30",
+        "Epoch 0: 10/30",
+        "Epoch 0: 20/30",
+        "Epoch 0: 30/30",
         "Testing 5/5",
     ]
     assert f"loss: {sum(1 / k for k in range(21, 31)) / 10:.4f}" in messages[-2]
@@ -135,7 +136,7 @@ def test_terminal_gets_a_live_bar_and_a_pipe_gets_plain_lines(script: Path) -> N
 def test_dumb_terminal_gets_plain_lines(script: Path) -> None:
     out = run_in_pty(script, "dumb")
     assert "\x1b" not in out and "━" not in out
-    assert "Epoch 1: 30/30" in out
+    assert "Epoch 0: 30/30" in out
 
 
 class FakeStream(io.StringIO):
@@ -169,7 +170,7 @@ def test_progress_mode_detection_and_override(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_other_ranks_draw_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(vlog, "get_rank", lambda: 1)
+    monkeypatch.setattr(progress, "get_rank", lambda: 1)
     display = create_progress_display("rich")
     assert type(display) is ProgressDisplay and not display.live
 
@@ -210,7 +211,7 @@ def test_setup_logger_on_other_ranks_warns_only(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setattr(vlog, "get_rank", lambda: 1)
+    monkeypatch.setattr(log_setup, "get_rank", lambda: 1)
     logger = setup_logger("DEBUG", log_file=tmp_path / "rank1.log")
     logger.info("progress")
     logger.warning("careful")
@@ -252,4 +253,4 @@ def test_real_fit_command_on_a_terminal_and_into_a_pipe(tmp_path: Path) -> None:
     )
     for text in (piped.stdout, piped.stderr, (tmp_path / "pipe" / "log.txt").read_text()):
         assert "\x1b" not in text and "\r" not in text and "━" not in text
-    assert "Epoch 1: 2/2" in piped.stdout and "Testing 1/1" in piped.stdout
+    assert "Epoch 0: 2/2" in piped.stdout and "Testing 1/1" in piped.stdout

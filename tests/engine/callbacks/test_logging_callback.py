@@ -11,8 +11,9 @@ from torch.overrides import TorchFunctionMode
 
 import vistrain.common.timer as timer_module
 import vistrain.engine.callbacks.logging as logging_module
+import vistrain.engine.metric_window as metric_window
 from dist_utils import run_distributed
-from vistrain.common.logging import ProgressDisplay
+from vistrain.common.progress import ProgressDisplay
 from vistrain.engine.callbacks.logging import LoggingCallback, format_eta, total_train_steps
 
 
@@ -134,10 +135,10 @@ def test_epoch_line_format_rates_data_time_and_first_batch(
     callback.on_train_epoch_start(state, None, None)  # type: ignore[arg-type]
     logs = train(callback, state, clock, 40, metrics=lambda step: default_metrics(step - 241))
     # First batch logged at once: 0.4 s for 1 step, 959 steps left -> 383.6 s.
-    assert lines[0] == "Epoch 3: 1/120, ETA: 0:06:24, loss: 0.0000, loss_cls: 0.2500 (first batch)"
+    assert lines[0] == "Epoch 2: 1/120, ETA: 0:06:24, loss: 0.0000, loss_cls: 0.2500 (first batch)"
     # 40 batches: 19.9 s of training (timer starts at the first batch), 920 steps left.
     assert lines[1] == (
-        "Epoch 3: 40/120, ETA: 0:07:38, 2.01 it/s, 16.1 img/s, data: 0.100s, "
+        "Epoch 2: 40/120, ETA: 0:07:38, 2.01 it/s, 16.1 img/s, data: 0.100s, "
         "loss: 19.5000, loss_cls: 0.2500"
     )
     assert len(lines) == 2
@@ -155,7 +156,7 @@ def test_validation_time_is_not_training_time(clock: FakeClock, lines: list[str]
     train(callback, state, clock, 40)
     # 39.8 s of training for 80 steps, 880 left -> 437.8 s; 150 s of validation excluded.
     assert lines[-1].startswith(
-        "Epoch 3: 80/120, ETA: 0:07:18, 2.01 it/s, 16.1 img/s, data: 0.100s"
+        "Epoch 2: 80/120, ETA: 0:07:18, 2.01 it/s, 16.1 img/s, data: 0.100s"
     )
 
 
@@ -167,7 +168,7 @@ def test_eta_after_mid_epoch_resume_uses_steps_of_this_process(
     callback.on_train_epoch_start(state, None, None)  # type: ignore[arg-type]
     train(callback, state, clock, 10, data_s=0.0, step_s=1.0)
     # 1 step/s measured over the 10 steps done here; 1200 - 670 = 530 steps left.
-    assert lines[-1].startswith("Epoch 6: 70/120, ETA: 0:08:50, 1.00 it/s")
+    assert lines[-1].startswith("Epoch 5: 70/120, ETA: 0:08:50, 1.00 it/s")
 
 
 def test_eta_unknown_without_limit_and_never_negative(clock: FakeClock, lines: list[str]) -> None:
@@ -252,7 +253,7 @@ class CountHostReads(TorchFunctionMode):
 @pytest.fixture
 def as_on_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
     """Treat CPU metric tensors as if they lived on a GPU (where a host read waits)."""
-    monkeypatch.setattr(logging_module, "_read_at_once", lambda device: False)
+    monkeypatch.setattr(metric_window, "_read_at_once", lambda device: False)
 
 
 @pytest.mark.parametrize("python_number", [False, True])
@@ -292,7 +293,7 @@ def test_resume_mid_window_returns_the_same_averages(
     clock: FakeClock, python_number: bool, on_accelerator: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if on_accelerator:
-        monkeypatch.setattr(logging_module, "_read_at_once", lambda device: False)
+        monkeypatch.setattr(metric_window, "_read_at_once", lambda device: False)
 
     def metrics(step: int) -> dict[str, Any]:
         acc = 0.5 * step
@@ -352,8 +353,8 @@ def test_window_sums_mixed_shapes_and_dtypes_and_never_keeps_a_graph(
     on_accelerator: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if on_accelerator:
-        monkeypatch.setattr(logging_module, "_read_at_once", lambda device: False)
-    window = logging_module._MetricWindow()
+        monkeypatch.setattr(metric_window, "_read_at_once", lambda device: False)
+    window = metric_window.MetricWindow()
     for step in range(1, 5):
         window.add(
             {
@@ -377,7 +378,7 @@ def test_window_sums_mixed_shapes_and_dtypes_and_never_keeps_a_graph(
 
 
 def test_cpu_metrics_are_read_at_once_and_not_kept() -> None:
-    window = logging_module._MetricWindow()
+    window = metric_window.MetricWindow()
     for step in range(3):
         window.add({"loss": torch.tensor(float(step)), "acc": torch.tensor(0.5)})
     assert window._pending == [], "CPU tensors are summed as floats, not kept alive"
