@@ -85,8 +85,19 @@ def format_value(value: float) -> str:
 
 
 def format_metrics(values: Mapping[str, float]) -> str:
-    """``key: value, ...`` in the order given, each value as ``format_value`` writes it."""
-    return ", ".join(f"{key}: {format_value(value)}" for key, value in values.items())
+    """``key: value, ...`` in the order given, each value as ``format_value`` writes it.
+
+    Learning rates (``lr``, ``lr/...``) are always written ``1.000e-02``: their leading
+    digits matter at every magnitude.
+    """
+    return ", ".join(
+        f"{key}: {value:.3e}" if _is_lr(key) else f"{key}: {format_value(value)}"
+        for key, value in values.items()
+    )
+
+
+def _is_lr(key: str) -> bool:
+    return key == "lr" or key.startswith("lr/")
 
 
 def learning_rates(trainer_state: TrainerState) -> dict[str, float]:
