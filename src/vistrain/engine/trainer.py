@@ -471,7 +471,7 @@ class Trainer:
         self._setup()
         logs = self._run_test(model)
         result = {key: float(value) for key, value in logs.items()}
-        log_evaluation_logs("Test", result, self.current_epoch, self.global_step)
+        log_evaluation_logs("Test", result)
         scalars = ScalarLogger(self.output_dir, tensorboard=self.tensorboard)
         try:
             scalars.log(

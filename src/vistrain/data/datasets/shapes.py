@@ -12,6 +12,7 @@ and reuses it afterwards. Layout of a split folder::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -30,6 +31,8 @@ GENERATOR_VERSION = 1
 MARKER_NAME = "generated.json"
 ANNOTATION_NAME = "annotations.json"
 IMAGE_FOLDER = "images"
+
+logger = logging.getLogger(__name__)
 
 
 class ShapesPaths(NamedTuple):
@@ -215,6 +218,15 @@ def ensure_shapes_dataset(
     }
     if _read_marker(root) == params:
         return _paths(root)
+    logger.info(
+        "Generating the shapes data set's %r split: %d images of %dx%d pixels into %s "
+        "(once; later runs reuse it).",
+        split,
+        num_images,
+        image_size,
+        image_size,
+        root,
+    )
     return generate_shapes_dataset(
         root, num_images, image_size, split_seed(seed, split), num_classes, max_objects
     )

@@ -498,12 +498,16 @@ def log_callback_train_logs(
     logger.info("%s, %s: %s", position, type(callback).__name__, format_metrics(values))
 
 
-def log_evaluation_logs(stage: str, logs: Mapping[str, Any], epoch: int, step: int) -> None:
+def log_evaluation_logs(
+    stage: str, logs: Mapping[str, Any], epoch: int | None = None, step: int | None = None
+) -> None:
     """One line with every scalar a validation or test returned, built-in or a user's (rank 0).
 
     ``Validation (epoch 3, step 1200): Det/AP: 0.5663, ..., my/metric: 1.0000``: the same keys,
-    in the same order, as the ``val/<key>`` or ``test/<key>`` scalars in the files.
+    in the same order, as the ``val/<key>`` or ``test/<key>`` scalars in the files. Without
+    ``epoch`` and ``step`` the parenthesis is left out.
     """
-    if logs and is_rank_zero():
-        values = to_floats(dict(logs))
-        logger.info("%s (epoch %d, step %d): %s", stage, epoch, step, format_metrics(values))
+    if not logs or not is_rank_zero():
+        return
+    where = "" if epoch is None or step is None else f" (epoch {epoch}, step {step})"
+    logger.info("%s%s: %s", stage, where, format_metrics(to_floats(dict(logs))))
