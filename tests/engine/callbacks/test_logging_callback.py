@@ -2,19 +2,28 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils.data import DataLoader
 
 import vistrain.common.timer as timer_module
 import vistrain.engine.callbacks.logging as logging_module
 import vistrain.engine.metric_window as metric_window
 from dist_utils import run_distributed
 from vistrain.common.progress import ProgressDisplay
+from vistrain.engine.callbacks.base import Callback
+from vistrain.engine.callbacks.checkpoint import CheckpointCallback
 from vistrain.engine.callbacks.logging import LoggingCallback, format_eta, total_train_steps
+from vistrain.engine.callbacks.yolox_callbacks import YOLOXModeSwitchCallback
+from vistrain.engine.connectors import DataConnector, LossConnector, data_key, pred_key
+from vistrain.engine.loss_module import LossModule
+from vistrain.engine.trainer import Trainer
 
 
 class FakeClock:
@@ -388,3 +397,76 @@ def test_cpu_metrics_are_read_at_once_and_not_kept() -> None:
     assert window.counts == {} and window.snapshot() == {}
     window.add({"loss": torch.tensor(4.0), "acc": torch.tensor(1.0)})
     assert window.snapshot() == {"acc": 1.0, "loss": 4.0}
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pred": self.layer(x)}
+
+
+class _UserMetrics(Callback):
+    """A user's callback: train logs every second batch and a validation score."""
+
+    def on_train_batch_end(self, trainer_state, model, loss_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if (batch_idx + 1) % 2 == 0:
+            return {"acc": 0.25 * (batch_idx + 1)}
+        return None
+
+    def on_test_epoch_end(self, trainer_state, model):  # type: ignore[no-untyped-def]
+        return {"my/score": 1.5}
+
+
+def test_real_run_prints_user_metrics_lr_and_one_epoch_numbering(
+    lines: list[str], tmp_path: Any
+) -> None:
+    """Through the real Trainer: a user's logs on the console, lr in each line, and the mode
+    switch, checkpoint names and log lines agreeing on the epoch number."""
+    samples = [{"x": torch.randn(2), "y": torch.randn(1)} for _ in range(8)]
+    train_loader = DataLoader(samples, batch_size=2)  # type: ignore[arg-type]
+    test_loader = DataLoader(samples[:4], batch_size=2)  # type: ignore[arg-type]
+    loss = LossModule(
+        {
+            "loss": torch.nn.MSELoss(),
+            "connector": LossConnector({"input": pred_key("pred"), "target": data_key("y")}),
+            "name": "mse",
+        }
+    )
+    model = _Linear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    connector = DataConnector({"x": "x"})
+    callbacks = [
+        LoggingCallback(refresh_rate=2),
+        _UserMetrics(),
+        YOLOXModeSwitchCallback(switch_epoch=1),
+        CheckpointCallback(save_prefix=str(tmp_path), async_save=False),
+    ]
+    trainer = Trainer(
+        "cpu",
+        str(tmp_path),
+        train_loader,
+        test_loader,
+        connector,
+        connector,
+        callbacks,
+        num_epochs=2,
+    )
+    trainer.fit(model, [optimizer], [], loss)
+
+    assert "Epoch 0: 2/4, _UserMetrics: acc: 0.5000" in lines
+    assert "Epoch 1: 4/4, _UserMetrics: acc: 1.0000" in lines
+    assert "Validation (epoch 0, step 4): my/score: 1.5000" in lines
+    assert "Validation (epoch 1, step 8): my/score: 1.5000" in lines
+    train_lines = [line for line in lines if re.match(r"Epoch \d: \d/4, ETA", line)]
+    assert len(train_lines) == 5  # first batch + 2 per epoch
+    assert all(", lr: 1.000e-01, " in line for line in train_lines)
+    end_of_0 = lines.index(next(line for line in train_lines if line.startswith("Epoch 0: 4/4")))
+    switch = next(i for i, line in enumerate(lines) if line.startswith("YOLOX mode switch"))
+    first_of_1 = lines.index(next(line for line in train_lines if line.startswith("Epoch 1:")))
+    assert end_of_0 < switch < first_of_1
+    assert lines[switch].startswith("YOLOX mode switch at epoch 0:")
+    saved = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert saved == ["epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt", "last.ckpt"]
