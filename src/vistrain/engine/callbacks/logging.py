@@ -62,7 +62,6 @@ from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.trainer_state import TrainerState
 from vistrain.engine.loss_module import LossModule
 from vistrain.engine.metric_window import MetricWindow, to_floats
-from vistrain.engine.run_state import lr_scalars
 
 _BAR_INTERVAL_S = 0.2
 """Shortest time between two live-bar updates (the bar redraws at 4 Hz anyway)."""
@@ -105,6 +104,9 @@ def learning_rates(trainer_state: TrainerState) -> dict[str, float]:
     optimizers = trainer_state.get("optimizers")
     if not optimizers:
         return {}
+    # Imported here: run_state imports the callbacks package, which imports this module.
+    from vistrain.engine.run_state import lr_scalars
+
     rates = lr_scalars(optimizers)
     if len(set(rates.values())) == 1:
         return {"lr": next(iter(rates.values()))}
