@@ -25,14 +25,14 @@ from PIL import Image
 
 from vistrain.data.datasets.shapes_render import SHAPE_NAMES, render_shapes_image
 
+logger = logging.getLogger(__name__)
+
 GENERATOR_VERSION = 1
 """Bumped whenever the generator's output changes, so caches are regenerated."""
 
 MARKER_NAME = "generated.json"
 ANNOTATION_NAME = "annotations.json"
 IMAGE_FOLDER = "images"
-
-logger = logging.getLogger(__name__)
 
 
 class ShapesPaths(NamedTuple):
