@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vistrain.common.logging import ProgressDisplay
+from vistrain.common.progress import ProgressDisplay
 from vistrain.engine.callbacks.logging import LoggingCallback
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from types import ModuleType
 from typing import Any
 
@@ -16,10 +17,11 @@ import numpy as np
 import torch
 
 from vistrain.common.distributed import destroy_process_group, get_rank, init_process_group
-from vistrain.common.logging import setup_logger
+from vistrain.common.log_setup import setup_logger
 from vistrain.engine.checkpointing import check_model_state, load_checkpoint
 from vistrain.engine.trainer import Trainer
 from vistrain.model.adapter import find_ema_adapters
+from vistrain.run_summary import log_run_summary
 from vistrain.zoo.base import Experiment
 
 logger = logging.getLogger("vistrain")
@@ -72,6 +74,7 @@ def run_fit(
     """Train the experiment of ``module`` with ``params``, writing into ``output_dir``."""
     created_group = init_process_group()
     finished = False
+    started = time.perf_counter()
     try:
         os.makedirs(output_dir, exist_ok=True)
         setup_logger(log_file=os.path.join(output_dir, "log.txt") if get_rank() == 0 else None)
@@ -91,6 +94,7 @@ def run_fit(
             )
         del experiment
         finished = True
+        log_run_summary(module, params, output_dir, time.perf_counter() - started)
     finally:
         if created_group:
             destroy_process_group(wait_for_peers=finished)

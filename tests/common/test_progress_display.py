@@ -1,25 +1,32 @@
 from __future__ import annotations
 
+import codecs
+import fcntl
 import io
 import logging
 import os
+import re
 import select
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyte
 import pytest
 
-import vistrain.common.logging as vlog
-from vistrain.common.logging import (
+import vistrain.common.log_setup as log_setup
+import vistrain.common.progress as progress
+from vistrain.common.log_setup import setup_logger
+from vistrain.common.progress import (
     ProgressDisplay,
     RichProgressDisplay,
     create_progress_display,
     progress_mode,
-    setup_logger,
 )
 
 PROGRAM = textwrap.dedent(
@@ -49,8 +56,8 @@ PROGRAM = textwrap.dedent(
 )
 
 
-def child_env(term: str) -> dict[str, str]:
-    env = dict(os.environ, TERM=term, COLUMNS="160", LINES="40")
+def child_env(term: str, columns: int = 160, lines: int = 40) -> dict[str, str]:
+    env = dict(os.environ, TERM=term, COLUMNS=str(columns), LINES=str(lines))
     for name in (
         "VISTRAIN_PROGRESS",
         "FORCE_COLOR",
@@ -64,9 +71,18 @@ def child_env(term: str) -> dict[str, str]:
 
 def run_in_pty(script: Path, term: str) -> str:
     """Run ``script`` with stdout and stderr on a pseudo-terminal; return what it printed."""
+    return "".join(run_in_pty_chunks(script, term))
+
+
+def run_in_pty_chunks(script: Path, term: str, columns: int = 160, lines: int = 40) -> list[str]:
+    """Run ``script`` on a ``columns`` x ``lines`` pseudo-terminal; the output as it was read."""
     master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0))
     proc = subprocess.Popen(
-        [sys.executable, str(script)], stdout=slave, stderr=slave, env=child_env(term)
+        [sys.executable, str(script)],
+        stdout=slave,
+        stderr=slave,
+        env=child_env(term, columns, lines),
     )
     os.close(slave)
     chunks = []
@@ -89,7 +105,8 @@ def run_in_pty(script: Path, term: str) -> str:
         os.close(master)
         proc.wait(timeout=60)
     assert proc.returncode == 0, b"".join(chunks).decode(errors="replace")
-    return b"".join(chunks).decode(errors="replace")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return [decoder.decode(chunk) for chunk in chunks] + [decoder.decode(b"", final=True)]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +120,7 @@ def test_terminal_gets_a_live_bar_and_a_pipe_gets_plain_lines(script: Path) -> N
     tty = run_in_pty(script, "xterm-256color")
     assert "\x1b[" in tty  # cursor and colour control of the live display
     assert "━" in tty  # rich's bar
-    assert "Epoch 1" in tty and "DONE" in tty
+    assert "Epoch 0" in tty and "DONE" in tty
 
     piped = subprocess.run(
         [sys.executable, str(script)],
@@ -120,13 +137,13 @@ def test_terminal_gets_a_live_bar_and_a_pipe_gets_plain_lines(script: Path) -> N
     assert body[-1] == "DONE"
     messages = [line.split("] ", 1)[1] for line in body[:-1]]
     assert all(line.startswith("[") for line in body[:-1])
-    assert messages[0].startswith("Epoch 1: 1/30, ETA: ")
+    assert messages[0].startswith("Epoch 0: 1/30, ETA: ")
     assert messages[0].endswith("(first batch)")
     assert [m.split(",")[0] for m in messages] == [
-        "Epoch 1: 1/30",
-        "Epoch 1: 10/30",
-        "Epoch 1: 20/30",
-        "Epoch 1: 30/30",
+        "Epoch 0: 1/30",
+        "Epoch 0: 10/30",
+        "Epoch 0: 20/30",
+        "Epoch 0: 30/30",
         "Testing 5/5",
     ]
     assert f"loss: {sum(1 / k for k in range(21, 31)) / 10:.4f}" in messages[-2]
@@ -135,7 +152,84 @@ def test_terminal_gets_a_live_bar_and_a_pipe_gets_plain_lines(script: Path) -> N
 def test_dumb_terminal_gets_plain_lines(script: Path) -> None:
     out = run_in_pty(script, "dumb")
     assert "\x1b" not in out and "━" not in out
-    assert "Epoch 1: 30/30" in out
+    assert "Epoch 0: 30/30" in out
+
+
+DETECTION_RUN = textwrap.dedent(
+    """
+    import logging
+    import time
+    import torch
+    from vistrain.engine.callbacks.logging import LoggingCallback
+
+    callback = LoggingCallback(refresh_rate=10)
+    callback.setup()
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    state = {"current_epoch": 15, "num_epochs": 20, "global_step": 450, "num_steps": -1,
+             "train_dataloader": None, "num_train_batches": 30, "test_dataloader": None,
+             "num_test_batches": [5], "optimizers": [optimizer]}
+    callback.on_train_epoch_start(state, None, None)
+    for batch_idx in range(30):
+        batch = {"images": torch.zeros(2, 3, 4, 4)}
+        callback.on_train_batch_start(state, None, None, batch, batch_idx)
+        time.sleep(0.06)
+        state["global_step"] += 1
+        state["metrics"] = {
+            f"det.{name}": torch.tensor(4.4 + batch_idx)
+            for name in ("loss_bbox", "loss_cls", "loss_obj", "loss_l1", "loss_total")
+        }
+        callback.on_train_batch_end(state, None, None, {}, batch, batch_idx)
+    callback.on_test_epoch_start(state, None)
+    for batch_idx in range(5):
+        time.sleep(0.06)
+        callback.on_test_batch_end(state, None, {}, {}, batch_idx)
+    callback.on_test_epoch_end(state, None)
+    logging.getLogger("vistrain").info("FINAL TABLE\\n| AP | 0.5 |\\n| AP50 | 0.8 |")
+    callback.on_fit_end(state, None)
+    print("DONE")
+    """
+)
+
+_BAR_ROW = re.compile(
+    r"^Epoch 15 (?P<bar>[━╸╺ ]+) (?P<done>\d+)/30 \d:\d\d:\d\d ETA (\d+:\d\d:\d\d|\?)\s*$"
+)
+
+
+def screens(chunks: list[str], columns: int, lines: int = 40) -> list[list[str]]:
+    """What the terminal showed after each chunk of output (pyte emulates the terminal)."""
+    screen = pyte.Screen(columns, lines)
+    stream = pyte.Stream(screen)
+    shown = []
+    for chunk in chunks:
+        stream.feed(chunk)
+        shown.append(list(screen.display))
+    return shown
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_bar_fits_the_terminal_with_metrics_on_their_own_line(tmp_path: Path, columns: int) -> None:
+    script = tmp_path / "run.py"
+    script.write_text(DETECTION_RUN)
+    frames = screens(run_in_pty_chunks(script, "xterm-256color", columns=columns), columns)
+    with_metrics = 0
+    for rows in frames:
+        bar_rows = [i for i, row in enumerate(rows) if "━" in row and row.startswith("Epoch")]
+        for i in bar_rows:
+            match = _BAR_ROW.match(rows[i])
+            # Bar, k/N, elapsed and ETA all on the one row, whatever else is shown.
+            assert match, f"bar row cut at {columns} columns: {rows[i]!r}"
+            assert len(match["bar"]) >= columns // 3  # the bar takes the width that is left
+            below = rows[i + 1]
+            if "det.loss_bbox" in below:
+                with_metrics += 1
+                assert below.startswith("  lr: 1.000e-02, det.loss_bbox: ")
+                assert len(below.rstrip()) <= columns
+                if len(f"  lr: 1.000e-02, {'det.loss_bbox: 14.4000, ' * 5}") > columns:
+                    assert below.rstrip().endswith("…")  # cut at the edge, never wrapped
+    assert with_metrics > 0, "no frame showed the bar together with its metrics line"
+    final = [row.rstrip() for row in frames[-1] if row.strip()]
+    assert not any("━" in row for row in final)  # the last frame is erased
+    assert final[-3:] == ["| AP | 0.5 |", "| AP50 | 0.8 |", "DONE"]
 
 
 class FakeStream(io.StringIO):
@@ -169,7 +263,7 @@ def test_progress_mode_detection_and_override(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_other_ranks_draw_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(vlog, "get_rank", lambda: 1)
+    monkeypatch.setattr(progress, "get_rank", lambda: 1)
     display = create_progress_display("rich")
     assert type(display) is ProgressDisplay and not display.live
 
@@ -210,7 +304,7 @@ def test_setup_logger_on_other_ranks_warns_only(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setattr(vlog, "get_rank", lambda: 1)
+    monkeypatch.setattr(log_setup, "get_rank", lambda: 1)
     logger = setup_logger("DEBUG", log_file=tmp_path / "rank1.log")
     logger.info("progress")
     logger.warning("careful")
@@ -252,4 +346,4 @@ def test_real_fit_command_on_a_terminal_and_into_a_pipe(tmp_path: Path) -> None:
     )
     for text in (piped.stdout, piped.stderr, (tmp_path / "pipe" / "log.txt").read_text()):
         assert "\x1b" not in text and "\r" not in text and "━" not in text
-    assert "Epoch 1: 2/2" in piped.stdout and "Testing 1/1" in piped.stdout
+    assert "Epoch 0: 2/2" in piped.stdout and "Testing 1/1" in piped.stdout

@@ -61,3 +61,17 @@ def test_bad_input() -> None:
         evaluator.evaluate("Cls")
     with pytest.raises(ValueError, match="Unknown metric"):
         evaluator.evaluate("Det")
+
+
+@pytest.mark.parametrize("num_classes", [4, 5, 7])
+def test_report_names_the_k_of_its_key(num_classes: int) -> None:
+    evaluator = ClassificationEvaluator(num_classes)
+    logits = torch.arange(num_classes, dtype=torch.float32).repeat(2, 1)  # ranks classes high->low
+    labels = torch.tensor([num_classes - 1, 0])  # top-1 hit; last-ranked class
+    evaluator.process_batch(logits, labels)
+    logs, report = evaluator.evaluate("Cls")
+    top5 = 1.0 if num_classes <= 5 else 0.5
+    assert logs == {"top1": 0.5, "top5": top5}
+    assert f"top-1 0.5000, top-5 {top5:.4f}" in report
+    assert ("within the top 5" in report) == (num_classes <= 5)
+    assert "top-4" not in report

@@ -48,6 +48,7 @@ from vistrain.common.device import resolve_device
 from vistrain.common.distributed import is_distributed
 from vistrain.common.typing import DictData, MetricLogs
 from vistrain.engine.callbacks.base import Callback
+from vistrain.engine.callbacks.logging import log_callback_train_logs, log_evaluation_logs
 from vistrain.engine.callbacks.trainer_state import TrainerState
 from vistrain.engine.connectors import DataConnector
 from vistrain.engine.loss_module import LossModule
@@ -391,6 +392,7 @@ class Trainer:
                 )
                 if cb_logs:
                     logs = dict(cb_logs) if logs is None else {**logs, **cb_logs}
+                    log_callback_train_logs(callback, cb_logs, state)
             if logs or step % log_every == 0 or step == 1:
                 self._log_train(logs or {})
             if val_every and step % val_every == 0:
@@ -426,6 +428,7 @@ class Trainer:
         with preserved_rng_state():
             logs = self._run_test(model)
         self.val_logs = {key: float(value) for key, value in logs.items()}
+        log_evaluation_logs("Validation", self.val_logs, self.current_epoch, self.global_step)
         if self._scalars is not None and logs:
             self._scalars.log(
                 {f"val/{key}": value for key, value in logs.items()},
@@ -468,6 +471,7 @@ class Trainer:
         self._setup()
         logs = self._run_test(model)
         result = {key: float(value) for key, value in logs.items()}
+        log_evaluation_logs("Test", result)
         scalars = ScalarLogger(self.output_dir, tensorboard=self.tensorboard)
         try:
             scalars.log(

@@ -20,8 +20,9 @@ class ClassificationEvaluator(Evaluator):
         logs, report = evaluator.evaluate("Cls")   # rank 0: {"top1": 0.71, "top5": 0.93}
 
     Counts stay on the logits' device as tensors, so ``process_batch`` never waits for the
-    device; they are read once, in ``gather``. With fewer than five classes ``top5`` is
-    the top-``num_classes`` accuracy (1.0). Samples are not de-duplicated: a sample a
+    device; they are read once, in ``gather``. With five classes or fewer, every label is
+    within the top five and ``top5`` is 1.0; the report names the k it computed, ``top-5``,
+    like the key. Samples are not de-duplicated: a sample a
     ``DistributedSampler`` repeats to pad the last batch counts twice (at most
     ``world_size - 1`` extra samples).
 
@@ -117,6 +118,8 @@ class ClassificationEvaluator(Evaluator):
         logs = {"top1": top1 / num if num else 0.0, "top5": top5 / num if num else 0.0}
         report = (
             f"Classification accuracy over {num} samples: top-1 {logs['top1']:.4f}, "
-            f"top-{self._topk} {logs['top5']:.4f}"
+            f"top-5 {logs['top5']:.4f}"
         )
+        if self.num_classes <= 5:
+            report += f" (all {self.num_classes} classes are within the top 5)"
         return logs, report

@@ -2,18 +2,28 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils.data import DataLoader
 
 import vistrain.common.timer as timer_module
 import vistrain.engine.callbacks.logging as logging_module
+import vistrain.engine.metric_window as metric_window
 from dist_utils import run_distributed
-from vistrain.common.logging import ProgressDisplay
+from vistrain.common.progress import ProgressDisplay
+from vistrain.engine.callbacks.base import Callback
+from vistrain.engine.callbacks.checkpoint import CheckpointCallback
 from vistrain.engine.callbacks.logging import LoggingCallback, format_eta, total_train_steps
+from vistrain.engine.callbacks.yolox_callbacks import YOLOXModeSwitchCallback
+from vistrain.engine.connectors import DataConnector, LossConnector, data_key, pred_key
+from vistrain.engine.loss_module import LossModule
+from vistrain.engine.trainer import Trainer
 
 
 class FakeClock:
@@ -134,10 +144,10 @@ def test_epoch_line_format_rates_data_time_and_first_batch(
     callback.on_train_epoch_start(state, None, None)  # type: ignore[arg-type]
     logs = train(callback, state, clock, 40, metrics=lambda step: default_metrics(step - 241))
     # First batch logged at once: 0.4 s for 1 step, 959 steps left -> 383.6 s.
-    assert lines[0] == "Epoch 3: 1/120, ETA: 0:06:24, loss: 0.0000, loss_cls: 0.2500 (first batch)"
+    assert lines[0] == "Epoch 2: 1/120, ETA: 0:06:24, loss: 0.0000, loss_cls: 0.2500 (first batch)"
     # 40 batches: 19.9 s of training (timer starts at the first batch), 920 steps left.
     assert lines[1] == (
-        "Epoch 3: 40/120, ETA: 0:07:38, 2.01 it/s, 16.1 img/s, data: 0.100s, "
+        "Epoch 2: 40/120, ETA: 0:07:38, 2.01 it/s, 16.1 img/s, data: 0.100s, "
         "loss: 19.5000, loss_cls: 0.2500"
     )
     assert len(lines) == 2
@@ -155,7 +165,7 @@ def test_validation_time_is_not_training_time(clock: FakeClock, lines: list[str]
     train(callback, state, clock, 40)
     # 39.8 s of training for 80 steps, 880 left -> 437.8 s; 150 s of validation excluded.
     assert lines[-1].startswith(
-        "Epoch 3: 80/120, ETA: 0:07:18, 2.01 it/s, 16.1 img/s, data: 0.100s"
+        "Epoch 2: 80/120, ETA: 0:07:18, 2.01 it/s, 16.1 img/s, data: 0.100s"
     )
 
 
@@ -167,7 +177,7 @@ def test_eta_after_mid_epoch_resume_uses_steps_of_this_process(
     callback.on_train_epoch_start(state, None, None)  # type: ignore[arg-type]
     train(callback, state, clock, 10, data_s=0.0, step_s=1.0)
     # 1 step/s measured over the 10 steps done here; 1200 - 670 = 530 steps left.
-    assert lines[-1].startswith("Epoch 6: 70/120, ETA: 0:08:50, 1.00 it/s")
+    assert lines[-1].startswith("Epoch 5: 70/120, ETA: 0:08:50, 1.00 it/s")
 
 
 def test_eta_unknown_without_limit_and_never_negative(clock: FakeClock, lines: list[str]) -> None:
@@ -252,7 +262,7 @@ class CountHostReads(TorchFunctionMode):
 @pytest.fixture
 def as_on_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
     """Treat CPU metric tensors as if they lived on a GPU (where a host read waits)."""
-    monkeypatch.setattr(logging_module, "_read_at_once", lambda device: False)
+    monkeypatch.setattr(metric_window, "_read_at_once", lambda device: False)
 
 
 @pytest.mark.parametrize("python_number", [False, True])
@@ -292,7 +302,7 @@ def test_resume_mid_window_returns_the_same_averages(
     clock: FakeClock, python_number: bool, on_accelerator: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if on_accelerator:
-        monkeypatch.setattr(logging_module, "_read_at_once", lambda device: False)
+        monkeypatch.setattr(metric_window, "_read_at_once", lambda device: False)
 
     def metrics(step: int) -> dict[str, Any]:
         acc = 0.5 * step
@@ -352,8 +362,8 @@ def test_window_sums_mixed_shapes_and_dtypes_and_never_keeps_a_graph(
     on_accelerator: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if on_accelerator:
-        monkeypatch.setattr(logging_module, "_read_at_once", lambda device: False)
-    window = logging_module._MetricWindow()
+        monkeypatch.setattr(metric_window, "_read_at_once", lambda device: False)
+    window = metric_window.MetricWindow()
     for step in range(1, 5):
         window.add(
             {
@@ -377,7 +387,7 @@ def test_window_sums_mixed_shapes_and_dtypes_and_never_keeps_a_graph(
 
 
 def test_cpu_metrics_are_read_at_once_and_not_kept() -> None:
-    window = logging_module._MetricWindow()
+    window = metric_window.MetricWindow()
     for step in range(3):
         window.add({"loss": torch.tensor(float(step)), "acc": torch.tensor(0.5)})
     assert window._pending == [], "CPU tensors are summed as floats, not kept alive"
@@ -387,3 +397,76 @@ def test_cpu_metrics_are_read_at_once_and_not_kept() -> None:
     assert window.counts == {} and window.snapshot() == {}
     window.add({"loss": torch.tensor(4.0), "acc": torch.tensor(1.0)})
     assert window.snapshot() == {"acc": 1.0, "loss": 4.0}
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pred": self.layer(x)}
+
+
+class _UserMetrics(Callback):
+    """A user's callback: train logs every second batch and a validation score."""
+
+    def on_train_batch_end(self, trainer_state, model, loss_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if (batch_idx + 1) % 2 == 0:
+            return {"acc": 0.25 * (batch_idx + 1)}
+        return None
+
+    def on_test_epoch_end(self, trainer_state, model):  # type: ignore[no-untyped-def]
+        return {"my/score": 1.5}
+
+
+def test_real_run_prints_user_metrics_lr_and_one_epoch_numbering(
+    lines: list[str], tmp_path: Any
+) -> None:
+    """Through the real Trainer: a user's logs on the console, lr in each line, and the mode
+    switch, checkpoint names and log lines agreeing on the epoch number."""
+    samples = [{"x": torch.randn(2), "y": torch.randn(1)} for _ in range(8)]
+    train_loader = DataLoader(samples, batch_size=2)  # type: ignore[arg-type]
+    test_loader = DataLoader(samples[:4], batch_size=2)  # type: ignore[arg-type]
+    loss = LossModule(
+        {
+            "loss": torch.nn.MSELoss(),
+            "connector": LossConnector({"input": pred_key("pred"), "target": data_key("y")}),
+            "name": "mse",
+        }
+    )
+    model = _Linear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    connector = DataConnector({"x": "x"})
+    callbacks = [
+        LoggingCallback(refresh_rate=2),
+        _UserMetrics(),
+        YOLOXModeSwitchCallback(switch_epoch=1),
+        CheckpointCallback(save_prefix=str(tmp_path), async_save=False),
+    ]
+    trainer = Trainer(
+        "cpu",
+        str(tmp_path),
+        train_loader,
+        test_loader,
+        connector,
+        connector,
+        callbacks,
+        num_epochs=2,
+    )
+    trainer.fit(model, [optimizer], [], loss)
+
+    assert "Epoch 0: 2/4, _UserMetrics: acc: 0.5000" in lines
+    assert "Epoch 1: 4/4, _UserMetrics: acc: 1.0000" in lines
+    assert "Validation (epoch 0, step 4): my/score: 1.5000" in lines
+    assert "Validation (epoch 1, step 8): my/score: 1.5000" in lines
+    train_lines = [line for line in lines if re.match(r"Epoch \d: \d/4, ETA", line)]
+    assert len(train_lines) == 5  # first batch + 2 per epoch
+    assert all(", lr: 1.000e-01, " in line for line in train_lines)
+    end_of_0 = lines.index(next(line for line in train_lines if line.startswith("Epoch 0: 4/4")))
+    switch = next(i for i, line in enumerate(lines) if line.startswith("YOLOX mode switch"))
+    first_of_1 = lines.index(next(line for line in train_lines if line.startswith("Epoch 1:")))
+    assert end_of_0 < switch < first_of_1
+    assert lines[switch].startswith("YOLOX mode switch at epoch 0:")
+    saved = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert saved == ["epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt", "last.ckpt"]

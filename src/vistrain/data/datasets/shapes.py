@@ -12,6 +12,7 @@ and reuses it afterwards. Layout of a split folder::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -23,6 +24,8 @@ import numpy as np
 from PIL import Image
 
 from vistrain.data.datasets.shapes_render import SHAPE_NAMES, render_shapes_image
+
+logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
 """Bumped whenever the generator's output changes, so caches are regenerated."""
@@ -232,6 +235,15 @@ def ensure_shapes_dataset(
     }
     if _read_marker(root) == params:
         return _paths(root)
+    logger.info(
+        "Generating the shapes data set's %r split: %d images of %dx%d pixels into %s "
+        "(once; later runs reuse it).",
+        split,
+        num_images,
+        image_size,
+        image_size,
+        root,
+    )
     return generate_shapes_dataset(
         root, num_images, image_size, split_seed(seed, split), num_classes, max_objects
     )

@@ -14,16 +14,21 @@ Where it sits in the loop (``R`` = ``refresh_rate``)::
 
 A training line looks like::
 
-    Epoch 3: 40/120, ETA: 0:01:12, 2.31 it/s, 73.9 img/s, data: 0.004s, loss: 1.2345, ...
+    Epoch 3: 40/120, ETA: 0:01:12, 2.31 it/s, 73.9 img/s, data: 0.004s, lr: 1.000e-03,
+        loss: 1.2345, ...   (one line)
 
-(``Iter 40/1000`` when the callback is step based, ``Testing 5/20`` while testing). The epoch
-is counted from 1. ``ETA`` covers the whole run: the rate is measured over the steps this
-process has trained (so it is right after a resume), the remaining steps come from
-``global_step`` and ``num_steps`` or ``num_epochs * num_train_batches``; without a limit it
+(``Iter 40/1000`` when the callback is step based, ``Testing 5/20`` while testing). Epochs are
+numbered from 0, as in checkpoint names (``epoch=3-step=...``), ``metrics.jsonl`` and the
+engines' ``current_epoch``: ``Epoch 3`` is the fourth epoch. ``ETA`` covers the whole run: the
+rate is measured over the steps this process has trained (so it is right after a resume), the
+remaining steps come from ``global_step`` and ``num_steps`` or ``num_epochs *
+num_train_batches``; without a limit it
 reads ``ETA: ?``. ``it/s``, ``img/s`` (per-rank batch size from ``batch["images"]`` times the
 world size) and ``data`` (average time per batch between the end of one
 ``on_train_batch_end`` and the next ``on_train_batch_start``, i.e. waiting for the loader
-and for callbacks listed after this one) cover the batches since the previous line.
+and for callbacks listed after this one) cover the batches since the previous line. ``lr`` is
+the learning rate after the step (one value when every parameter group shares it, else
+``lr/opt<i>/group<j>`` per group, the names the engines log).
 
 The first batch this process trains also logs a line at once (rank 0's own values of that
 batch, not averaged and not returned), so a slow run shows signs of life and a resumed run
@@ -38,10 +43,9 @@ import datetime
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from vistrain.common.distributed import (
@@ -50,12 +54,14 @@ from vistrain.common.distributed import (
     is_distributed,
     is_rank_zero,
 )
-from vistrain.common.logging import ProgressDisplay, create_progress_display, ensure_logger
+from vistrain.common.log_setup import ensure_logger
+from vistrain.common.progress import ProgressDisplay, create_progress_display
 from vistrain.common.timer import Timer
 from vistrain.common.typing import DictData, MetricLogs
 from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.trainer_state import TrainerState
 from vistrain.engine.loss_module import LossModule
+from vistrain.engine.metric_window import MetricWindow, to_floats
 
 _BAR_INTERVAL_S = 0.2
 """Shortest time between two live-bar updates (the bar redraws at 4 Hz anyway)."""
@@ -77,6 +83,45 @@ def format_value(value: float) -> str:
     return f"{value:.3e}"
 
 
+def format_metrics(values: Mapping[str, float]) -> str:
+    """``key: value, ...`` in the order given, each value as ``format_value`` writes it.
+
+    Learning rates (``lr``, ``lr/...``) are always written ``1.000e-02``: their leading
+    digits matter at every magnitude.
+    """
+    return ", ".join(
+        f"{key}: {value:.3e}" if _is_lr(key) else f"{key}: {format_value(value)}"
+        for key, value in values.items()
+    )
+
+
+def _is_lr(key: str) -> bool:
+    return key == "lr" or key.startswith("lr/")
+
+
+def learning_rates(trainer_state: TrainerState) -> dict[str, float]:
+    """The learning rates to show: ``{"lr": x}`` when every group shares one, else per group."""
+    optimizers = trainer_state.get("optimizers")
+    if not optimizers:
+        return {}
+    # Imported here: run_state imports the callbacks package, which imports this module.
+    from vistrain.engine.run_state import lr_scalars
+
+    rates = lr_scalars(optimizers)
+    if len(set(rates.values())) == 1:
+        return {"lr": next(iter(rates.values()))}
+    return rates
+
+
+def step_metrics(trainer_state: TrainerState) -> Mapping[str, Any] | None:
+    """The step's loss metrics as the engine hands them over (tensors or numbers), or None.
+
+    The only place that reads ``trainer_state["metrics"]``: the values go to the metric window
+    unconverted, so reading them costs no device sync.
+    """
+    return trainer_state.get("metrics") or None
+
+
 def total_train_steps(trainer_state: TrainerState) -> int | None:
     """Optimizer steps the run will take in all, or None when there is no limit.
 
@@ -92,178 +137,6 @@ def total_train_steps(trainer_state: TrainerState) -> int | None:
     if num_epochs is not None and num_epochs > 0 and num_batches:
         limits.append(int(num_epochs) * int(num_batches))
     return min(limits) if limits else None
-
-
-def _to_floats(values: dict[str, Any]) -> dict[str, float]:
-    """Python floats of a dict of scalars, with one device-to-host transfer for all tensors."""
-    out = {key: float(value) for key, value in values.items() if not isinstance(value, Tensor)}
-    tensor_keys = [key for key, value in values.items() if isinstance(value, Tensor)]
-    if tensor_keys:
-        device = values[tensor_keys[0]].device
-        stacked = torch.stack([values[key].to(device).reshape(()) for key in tensor_keys])
-        out.update(zip(tensor_keys, stacked.tolist()))
-    return out
-
-
-def _sum_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
-class _MetricWindow:
-    """Running sums of the metrics since the last logged line.
-
-    The common case is the same keys every step as one-element tensors on one device. On
-    the CPU each value is read at once and added to a Python float (reading CPU memory
-    syncs nothing, and the tensors are freed at once). On an accelerator the steps'
-    tensors are kept and summed (one ``torch.stack`` and one sum, in float64) only when
-    the window is read, on log steps and checkpoints, so nothing waits for the device in
-    between. Other steps (keys that change, Python numbers) fall back to one sum per key.
-    Sums are folded at the same points whether or not a run was resumed (saving a
-    checkpoint reads the window), so a window restored from a checkpoint continues bit for
-    bit. ``clear()`` keeps the key layout for the next window.
-    """
-
-    def __init__(self) -> None:
-        self._sums: dict[str, Tensor | float] = {}  # folded sums
-        self._counts: dict[str, int] = {}  # steps folded into each sum
-        self._keys: tuple[str, ...] | None = None  # layout of the steps not yet folded
-        self._on_host = False  # layout's tensors live on the CPU: sum as floats
-        self._host_sums: list[float] = []
-        self._steps = 0  # steps in the layout's accumulators
-        self._pending: list[list[Tensor]] = []  # accelerator steps, not yet summed
-
-    @property
-    def counts(self) -> dict[str, int]:
-        """Number of steps that contributed to each key's sum."""
-        if not self._steps or self._keys is None:
-            return self._counts
-        merged = dict(self._counts)
-        for key in self._keys:
-            merged[key] = merged.get(key, 0) + self._steps
-        return merged
-
-    def add(self, metrics: dict[str, Any]) -> None:
-        """Add one step's metrics (no device sync)."""
-        keys = tuple(metrics)
-        if keys != self._keys:
-            self._fold()
-            if not _keepable(metrics):
-                self._keys = None
-                self._add_per_key(metrics)
-                return
-            self._keys = keys
-            self._on_host = _read_at_once(next(iter(metrics.values())).device)
-            self._host_sums = [0.0] * len(keys)
-        if self._on_host:
-            sums = self._host_sums
-            for index, value in enumerate(metrics.values()):
-                sums[index] += value.item()
-        else:
-            self._pending.append(list(metrics.values()))
-        self._steps += 1
-
-    def _fold(self) -> None:
-        """Move the layout's accumulators into the per-key sums (no host read)."""
-        keys, steps = self._keys, self._steps
-        if not steps or keys is None:
-            return
-        columns: Sequence[Tensor | float]
-        if self._on_host:
-            columns = self._host_sums
-            self._host_sums = [0.0] * len(keys)
-        else:
-            flat = [value for step in self._pending for value in step]
-            with torch.no_grad():
-                try:
-                    stacked = torch.stack(flat)
-                except RuntimeError:  # mixed shapes or dtypes: () next to (1,), say
-                    dtype = _sum_dtype(flat[0].device)
-                    stacked = torch.stack([value.reshape(()).to(dtype) for value in flat])
-                totals = stacked.reshape(steps, len(keys)).to(_sum_dtype(stacked.device))
-                columns = totals.sum(0).unbind()
-            self._pending.clear()
-        sums, counts = self._sums, self._counts
-        for key, column in zip(keys, columns):
-            previous = sums.get(key)
-            sums[key] = column if previous is None else column + previous  # type: ignore[operator,assignment]
-            counts[key] = counts.get(key, 0) + steps
-        self._steps = 0
-
-    def _add_per_key(self, metrics: dict[str, Any]) -> None:
-        sums = self._sums
-        for key, value in metrics.items():
-            _check_metric(key, value)
-            total = sums.get(key)
-            if isinstance(value, Tensor):
-                value = value.detach().reshape(())
-                if isinstance(total, Tensor):
-                    sums[key] = total + value
-                else:  # first value, or a float restored from a checkpoint
-                    start = 0.0 if total is None else total
-                    sums[key] = value.to(_sum_dtype(value.device), copy=True).add_(start)
-            else:
-                sums[key] = (0.0 if total is None else total) + float(value)
-            self._counts[key] = self._counts.get(key, 0) + 1
-
-    def snapshot(self) -> dict[str, Tensor | float]:
-        """Key to running sum (tensors stay on their device), sorted by key."""
-        self._fold()
-        return {key: self._sums[key] for key in sorted(self._sums)}
-
-    def replace(self, sums: dict[str, Tensor | float]) -> None:
-        """Overwrite the sums (counts unchanged), e.g. with their mean across ranks."""
-        self._fold()
-        self._sums.update(sums)
-
-    def clear(self) -> None:
-        """Start an empty window (the key layout is kept: the next step needs no checks)."""
-        self._pending.clear()
-        if self._keys is not None:
-            self._host_sums = [0.0] * len(self._keys)
-        self._steps = 0
-        self._sums = {}
-        self._counts = {}
-
-    def load(self, sums: dict[str, float], counts: dict[str, int]) -> None:
-        """Restore sums and counts saved with ``snapshot`` converted to floats."""
-        self._pending.clear()
-        self._keys, self._steps = None, 0
-        self._sums = {key: float(value) for key, value in sums.items()}
-        self._counts = {key: int(value) for key, value in counts.items()}
-
-
-def _read_at_once(device: torch.device) -> bool:
-    """Whether reading a metric on the host is free: CPU memory, no device to wait for."""
-    return device.type == "cpu"
-
-
-def _keepable(metrics: dict[str, Any]) -> bool:
-    """True when a step's metrics can be kept as they are and summed later in one stack.
-
-    That needs one-element tensors on one device that carry no autograd graph (a kept
-    tensor with a graph would keep the graph alive until the window is read).
-    """
-    values = list(metrics.values())
-    for key, value in metrics.items():
-        _check_metric(key, value)
-    if not values or not all(isinstance(value, Tensor) for value in values):
-        return False
-    device = values[0].device
-    return all(value.device == device and not value.requires_grad for value in values)
-
-
-def _check_metric(key: str, value: Any) -> None:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise TypeError(
-                f"Metric {key!r} has shape {tuple(value.shape)}; trainer_state['metrics'] "
-                "must hold scalars (0-d tensors or numbers)."
-            )
-    elif not isinstance(value, (int, float)):
-        raise TypeError(
-            f"Metric {key!r} is a {type(value).__name__}; trainer_state['metrics'] must hold "
-            "scalars (0-d tensors or numbers)."
-        )
 
 
 class LoggingCallback(Callback):
@@ -298,7 +171,7 @@ class LoggingCallback(Callback):
         self._start_step: int | None = None
         self._first_line_done = False
         # Window since the last line: metric sums, batch and image counts, timing marks.
-        self._window = _MetricWindow()
+        self._window = MetricWindow()
         self._window_batches = 0
         self._window_images = 0
         self._window_start_time = 0.0
@@ -306,7 +179,6 @@ class LoggingCallback(Callback):
         self._data_batches = 0
         self._last_batch_end: float | None = None
         self._next_bar_update = 0.0
-        self._metrics_text = ""
         self._test_done = 0
         self._test_total: int | None = None
 
@@ -329,7 +201,7 @@ class LoggingCallback(Callback):
             return {}
         if is_distributed():
             values = all_reduce_dict(values, "mean")
-        totals = _to_floats(values)
+        totals = to_floats(values)
         counts = self._window.counts
         return {key: totals[key] / counts[key] for key in values}
 
@@ -364,13 +236,13 @@ class LoggingCallback(Callback):
         if self.epoch_based:
             num_batches = trainer_state.get("num_train_batches")
             total = "?" if not num_batches else str(num_batches)
-            epoch = trainer_state["current_epoch"] + 1
+            epoch = trainer_state["current_epoch"]
             return f"Epoch {epoch}: {batch_idx + 1}/{total}", batch_idx + 1
         steps = total_train_steps(trainer_state)
         step = trainer_state["global_step"]
         return f"Iter {step}/{'?' if steps is None else steps}", step
 
-    def _train_line(self, prefix: str, eta: str, metrics: dict[str, float]) -> str:
+    def _train_line(self, prefix: str, eta: str, metrics: Mapping[str, float]) -> str:
         parts = [prefix, f"ETA: {eta}"]
         window_time = self._train_timer.elapsed() - self._window_start_time
         if window_time > 0 and self._window_batches > 0:
@@ -380,19 +252,20 @@ class LoggingCallback(Callback):
                 parts.append(f"{images / window_time:.1f} img/s")
         if self._data_batches > 0:
             parts.append(f"data: {self._data_time / self._data_batches:.3f}s")
-        parts.extend(f"{key}: {format_value(value)}" for key, value in metrics.items())
+        if metrics:
+            parts.append(format_metrics(metrics))
         return ", ".join(parts)
 
-    def _update_bar(
-        self, key: str, completed: int, info: str | None = None, force: bool = False
-    ) -> None:
+    def _bar_due(self, force: bool = False) -> ProgressDisplay | None:
+        """The live display when the bar should be updated now (at most every 0.2 s), else None."""
         display = self._display
         if display is None or not display.live:
-            return
+            return None
         now = time.perf_counter()
         if force or now >= self._next_bar_update:
             self._next_bar_update = now + _BAR_INTERVAL_S
-            display.update_task(key, completed, info, redraw=force)
+            return display
+        return None
 
     # ------------------------------------------------------------------ training hooks
 
@@ -408,7 +281,7 @@ class LoggingCallback(Callback):
         if self.epoch_based:
             display.start_task(
                 "train",
-                f"Epoch {trainer_state['current_epoch'] + 1}",
+                f"Epoch {trainer_state['current_epoch']}",
                 trainer_state.get("num_train_batches") or None,
                 completed=trainer_state.get("batches_done", 0) or 0,
             )
@@ -454,7 +327,7 @@ class LoggingCallback(Callback):
 
         Every rank must run this hook on every batch: log steps all-reduce the averages.
         """
-        metrics = trainer_state.get("metrics")
+        metrics = step_metrics(trainer_state)
         if metrics:
             self._window.add(metrics)
         self._window_batches += 1
@@ -468,9 +341,10 @@ class LoggingCallback(Callback):
         else:
             if not self._first_line_done and is_rank_zero():
                 self._log_first_batch(trainer_state, batch_idx, metrics)
-            display = self._display
-            if display is not None and display.live:
-                self._update_bar("train", self._position(trainer_state, batch_idx)[1])
+            display = self._bar_due()
+            if display is not None:
+                completed = self._position(trainer_state, batch_idx)[1]
+                display.update_task("train", completed, eta=self._eta(trainer_state))
         self._first_line_done = True
         self._last_batch_end = time.perf_counter()
         return logs
@@ -479,26 +353,28 @@ class LoggingCallback(Callback):
         """Close the window: average it (collective), print its line, return the averages."""
         averages = self._reduce_window()
         if is_rank_zero():
-            self._metrics_text = ", ".join(
-                f"{key}: {format_value(value)}" for key, value in averages.items()
-            )
+            shown = {**learning_rates(trainer_state), **averages}
             prefix, completed = self._position(trainer_state, batch_idx)
             eta = self._eta(trainer_state)
-            self._update_bar("train", completed, f"ETA: {eta}  {self._metrics_text}", force=True)
-            logger.info(self._train_line(prefix, eta, averages))
+            display = self._bar_due(force=True)
+            if display is not None:
+                display.update_task(
+                    "train", completed, eta=eta, metrics=format_metrics(shown), redraw=True
+                )
+            logger.info(self._train_line(prefix, eta, shown))
         self._reset_window()
         return dict(averages) if averages else None
 
     def _log_first_batch(
-        self, trainer_state: TrainerState, batch_idx: int, metrics: dict[str, Any] | None
+        self, trainer_state: TrainerState, batch_idx: int, metrics: Mapping[str, Any] | None
     ) -> None:
         """Rank 0's values of the first batch of this process, at once (one sync, once)."""
-        values: dict[str, float] = {}
-        for key, value in (metrics or {}).items():
-            values[key] = float(value.detach()) if isinstance(value, Tensor) else float(value)
+        values = to_floats(dict(metrics or {}))
+        shown = {**learning_rates(trainer_state), **dict(sorted(values.items()))}
         prefix, _ = self._position(trainer_state, batch_idx)
         parts = [prefix, f"ETA: {self._eta(trainer_state)}"]
-        parts.extend(f"{key}: {format_value(value)}" for key, value in sorted(values.items()))
+        if shown:
+            parts.append(format_metrics(shown))
         logger.info(", ".join(parts) + " (first batch)")
 
     # ------------------------------------------------------------------ testing hooks
@@ -527,12 +403,23 @@ class LoggingCallback(Callback):
         self._test_done += 1
         per_loader = trainer_state.get("num_test_batches") or []
         num_batches = per_loader[dataloader_idx] if dataloader_idx < len(per_loader) else None
-        if (batch_idx + 1) % self.refresh_rate == 0 or batch_idx + 1 == num_batches:
-            self._update_bar("test", self._test_done, force=True)
-            if is_rank_zero():
-                logger.info(self._test_line(batch_idx, dataloader_idx, num_batches, per_loader))
-        else:
-            self._update_bar("test", self._test_done)
+        log_step = (batch_idx + 1) % self.refresh_rate == 0 or batch_idx + 1 == num_batches
+        display = self._bar_due(force=log_step)
+        if display is not None:
+            eta = format_eta(self._test_eta_seconds())
+            display.update_task("test", self._test_done, eta=eta, redraw=log_step)
+        if log_step and is_rank_zero():
+            logger.info(self._test_line(batch_idx, dataloader_idx, num_batches, per_loader))
+
+    def _test_rate(self) -> float:
+        elapsed = self._test_timer.elapsed()
+        return self._test_done / elapsed if elapsed > 0 else 0.0
+
+    def _test_eta_seconds(self) -> float | None:
+        rate = self._test_rate()
+        if self._test_total is None or rate <= 0:
+            return None
+        return max(self._test_total - self._test_done, 0) / rate
 
     def _test_line(
         self, batch_idx: int, dataloader_idx: int, num_batches: int | None, per_loader: list[int]
@@ -540,12 +427,8 @@ class LoggingCallback(Callback):
         loader = f" [loader {dataloader_idx + 1}/{len(per_loader)}]" if len(per_loader) > 1 else ""
         total = "?" if num_batches is None else str(num_batches)
         parts = [f"Testing{loader} {batch_idx + 1}/{total}"]
-        elapsed = self._test_timer.elapsed()
-        rate = self._test_done / elapsed if elapsed > 0 else 0.0
-        eta = None
-        if self._test_total is not None and rate > 0:
-            eta = max(self._test_total - self._test_done, 0) / rate
-        parts.append(f"ETA: {format_eta(eta)}")
+        parts.append(f"ETA: {format_eta(self._test_eta_seconds())}")
+        rate = self._test_rate()
         if rate > 0:
             parts.append(f"{rate:.2f} it/s")
         return ", ".join(parts)
@@ -578,7 +461,7 @@ class LoggingCallback(Callback):
         """The partial metric window (empty right after a logged line)."""
         if not self._window.counts:
             return {}
-        return {"sums": _to_floats(self._window.snapshot()), "counts": dict(self._window.counts)}
+        return {"sums": to_floats(self._window.snapshot()), "counts": dict(self._window.counts)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the partial metric window so the next line averages the same batches."""
@@ -591,3 +474,42 @@ class LoggingCallback(Callback):
             )
         # Kept as floats: the next metric tensors carry them onto their own device.
         self._window.load(sums, counts)
+
+
+# ---------------------------------------------------------------------- other callbacks' logs
+
+
+def log_callback_train_logs(
+    callback: Callback, logs: Mapping[str, Any], trainer_state: TrainerState
+) -> None:
+    """Print the logs another callback returned from ``on_train_batch_end`` (rank 0).
+
+    The engines write every callback's returned logs to the scalar files as ``train/<key>``;
+    this puts the same values on the console, one line whenever a callback returns some::
+
+        Epoch 3: 40/120, AccuracyCallback: acc: 0.8125
+
+    A ``LoggingCallback``'s own averages are on its progress line already and are skipped.
+    """
+    if isinstance(callback, LoggingCallback) or not logs or not is_rank_zero():
+        return
+    num_batches = trainer_state.get("num_train_batches") or "?"
+    done = trainer_state.get("batches_done", 0)
+    position = f"Epoch {trainer_state['current_epoch']}: {done}/{num_batches}"
+    values = to_floats(dict(logs))
+    logger.info("%s, %s: %s", position, type(callback).__name__, format_metrics(values))
+
+
+def log_evaluation_logs(
+    stage: str, logs: Mapping[str, Any], epoch: int | None = None, step: int | None = None
+) -> None:
+    """One line with every scalar a validation or test returned, built-in or a user's (rank 0).
+
+    ``Validation (epoch 3, step 1200): Det/AP: 0.5663, ..., my/metric: 1.0000``: the same keys,
+    in the same order, as the ``val/<key>`` or ``test/<key>`` scalars in the files. Without
+    ``epoch`` and ``step`` the parenthesis is left out.
+    """
+    if not logs or not is_rank_zero():
+        return
+    where = "" if epoch is None or step is None else f" (epoch {epoch}, step {step})"
+    logger.info("%s%s: %s", stage, where, format_metrics(to_floats(dict(logs))))
