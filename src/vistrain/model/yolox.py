@@ -19,6 +19,8 @@ fine-tuned from official weights keeps it in its checkpoints.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -26,7 +28,13 @@ from torch import Tensor, nn
 
 from vistrain.op.detect.csp_darknet import CSPDarknet
 from vistrain.op.detect.pafpn import PAFPN
-from vistrain.op.detect.yolox import DetOut, YOLOXHead, YOLOXOut, postprocess_detections
+from vistrain.op.detect.yolox import (
+    DetOut,
+    YOLOXHead,
+    YOLOXOut,
+    decode_predictions,
+    postprocess_detections,
+)
 
 __all__ = ["SIZES", "YOLOX", "DetOut", "YOLOXOut"]
 
@@ -114,6 +122,68 @@ class YOLOX(nn.Module):
         )
         self.register_buffer("bgr_input", torch.tensor(bool(bgr_input)))
 
+    def decoded(self, images: Tensor) -> Tensor:
+        """Decoded predictions before NMS, in official YOLOX's eval layout.
+
+        Args:
+            images: ``(B, 3, H, W)`` float RGB in 0..255.
+
+        Returns:
+            ``(B, A, 5 + C)``: centre x, y, width, height in input pixels, objectness and
+            class probabilities, for every anchor point (see ``decode_predictions``).
+        """
+        self._check_images(images)
+        outputs: YOLOXOut = self.head(self.neck(self.backbone(self.normalize(images))))
+        return decode_predictions(outputs, self.strides)
+
+    @classmethod
+    def from_official(
+        cls,
+        checkpoint: str | os.PathLike[str] | Mapping[str, Any],
+        size: str,
+        num_classes: int | None = None,
+        legacy: bool = False,
+        **kwargs: Any,
+    ) -> YOLOX:
+        """Build a YOLOX from an official (Megvii ``yolox``) checkpoint.
+
+        The returned model takes vistrain's usual input (RGB floats 0..255) and gives the
+        official model's output for the same picture: it feeds the network BGR 0..255
+        (official >= 0.2) or, with ``legacy``, RGB normalised with the ImageNet statistics
+        (official 0.1.x).
+
+        Args:
+            checkpoint: The ``.pth`` file official training writes, its loaded dict
+                (``{"model": state_dict, ...}``) or the bare state dict.
+            size: The model size the checkpoint is of (one of ``SIZES``).
+            num_classes: Classes of the new model; None takes the checkpoint's. Another
+                count leaves the class predictors at their initialisation (fine-tuning).
+            legacy: The checkpoint is from YOLOX 0.1.x.
+            **kwargs: Other ``YOLOX`` arguments (thresholds, detection caps).
+
+        Raises:
+            FileNotFoundError: If the file does not exist.
+            ValueError: If it is not an official checkpoint or not of ``size``.
+        """
+        from vistrain.model.weights import load_init_weights, read_weights_file
+        from vistrain.model.yolox_official import is_official_state_dict, official_num_classes
+
+        loaded = (
+            read_weights_file(checkpoint)
+            if isinstance(checkpoint, (str, os.PathLike))
+            else checkpoint
+        )
+        state = loaded.get("model", loaded)
+        if not is_official_state_dict(state):
+            raise ValueError(
+                "Not an official YOLOX checkpoint: no 'backbone.backbone.stem.conv.conv.weight' "
+                "entry; pass the file official training writes, its dict or its 'model' entry."
+            )
+        classes = official_num_classes(state) if num_classes is None else num_classes
+        model = cls(classes, size, bgr_input=not legacy, **kwargs)
+        load_init_weights(model, state, legacy=legacy)
+        return model
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -142,6 +212,19 @@ class YOLOX(nn.Module):
         std = self.pixel_std.to(images.dtype)
         return torch.where(self.bgr_input, images.flip(1), (images / 255.0 - mean) / std)
 
+    @staticmethod
+    def _check_images(images: Tensor) -> None:
+        if (
+            images.dim() != 4
+            or images.shape[1] != 3
+            or images.shape[-1] % 2
+            or images.shape[-2] % 2
+        ):
+            raise ValueError(
+                f"images has shape {tuple(images.shape)}; expected (B, 3, H, W) with even H "
+                "and W (multiples of 32 work best)."
+            )
+
     def forward(
         self, images: Tensor, input_hw: Any = None, original_hw: Any = None
     ) -> YOLOXOut | DetOut:
@@ -160,16 +243,7 @@ class YOLOX(nn.Module):
         Raises:
             ValueError: If ``images`` is not a ``(B, 3, H, W)`` tensor with even sides.
         """
-        if (
-            images.dim() != 4
-            or images.shape[1] != 3
-            or images.shape[-1] % 2
-            or images.shape[-2] % 2
-        ):
-            raise ValueError(
-                f"images has shape {tuple(images.shape)}; expected (B, 3, H, W) with even H "
-                "and W (multiples of 32 work best)."
-            )
+        self._check_images(images)
         features = self.neck(self.backbone(self.normalize(images)))
         outputs: YOLOXOut = self.head(features)
         if self.training:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from vistrain.common.distributed import all_reduce_dict, is_distributed
-from vistrain.op.box import aligned_box_giou, aligned_box_iou, batched_nms
+from vistrain.op.box import aligned_box_giou, aligned_box_iou, batched_nms, box_cxcywh_to_xyxy
 from vistrain.op.detect.csp_darknet import ConvBNAct, make_conv
 from vistrain.op.detect.simota import SimOTAAssigner
 
@@ -151,17 +151,45 @@ def flatten_levels(maps: Sequence[Tensor]) -> Tensor:
     return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
 
 
-def decode_boxes(reg: Tensor, grid: Tensor, strides: Tensor) -> Tensor:
-    """Raw ``(..., A, 4)`` regression to xyxy boxes in input pixels.
+def decode_cxcywh(reg: Tensor, grid: Tensor, strides: Tensor) -> Tensor:
+    """Raw ``(..., A, 4)`` regression to ``(cx, cy, w, h)`` boxes in input pixels.
 
     As official YOLOX (>= 0.1) and the paper: centre ``(cell + (dx, dy)) * stride``, size
-    ``exp((dw, dh)) * stride``, corners ``centre -/+ size / 2``, in that order of float
-    operations so that official weights give official boxes to the last bit.
+    ``exp((dw, dh)) * stride``, in that order of float operations so that official weights
+    give official boxes to the last bit. Log sizes are clamped at ``MAX_LOG_SIZE`` first.
     """
     stride = strides[:, None]
     centre = (reg[..., :2] + grid) * stride
     size = reg[..., 2:].clamp(max=MAX_LOG_SIZE).exp() * stride
-    return torch.cat((centre - size / 2, centre + size / 2), dim=-1)
+    return torch.cat((centre, size), dim=-1)
+
+
+def decode_boxes(reg: Tensor, grid: Tensor, strides: Tensor) -> Tensor:
+    """Raw ``(..., A, 4)`` regression to xyxy boxes (``centre -/+ size / 2``, as official)."""
+    return box_cxcywh_to_xyxy(decode_cxcywh(reg, grid, strides))
+
+
+def decode_predictions(outputs: YOLOXOut, strides: Sequence[int]) -> Tensor:
+    """Head maps to official YOLOX's eval output: ``(B, A, 5 + C)`` before NMS.
+
+    Each row is box centre x, y, width, height in input pixels, then objectness and the
+    class probabilities after the sigmoid, anchors ordered levels, rows, columns (the
+    layout official YOLOX's eval forward returns and its exported models emit).
+    """
+    _check_levels(outputs.cls_score, outputs.bbox_pred, outputs.objectness, len(strides))
+    grid, grid_strides = anchor_grid(
+        [(int(m.shape[-2]), int(m.shape[-1])) for m in outputs.cls_score],
+        strides,
+        outputs.cls_score[0].device,
+    )
+    return torch.cat(
+        (
+            decode_cxcywh(flatten_levels(outputs.bbox_pred).float(), grid, grid_strides),
+            flatten_levels(outputs.objectness).float().sigmoid(),
+            flatten_levels(outputs.cls_score).float().sigmoid(),
+        ),
+        dim=-1,
+    )
 
 
 def _check_levels(
@@ -441,18 +469,13 @@ def postprocess_detections(
     Returns:
         ``DetOut`` of per-image tensors, by descending score.
     """
-    _check_levels(outputs.cls_score, outputs.bbox_pred, outputs.objectness, len(strides))
     first = outputs.cls_score[0]
     batch, device = first.shape[0], first.device
     image_h, image_w = image_size
-    grid, grid_strides = anchor_grid(
-        [(int(m.shape[-2]), int(m.shape[-1])) for m in outputs.cls_score], strides, device
-    )
-    probs = flatten_levels(outputs.cls_score).float().sigmoid()
-    obj = flatten_levels(outputs.objectness).float().sigmoid().squeeze(-1)
-    boxes = decode_boxes(flatten_levels(outputs.bbox_pred).float(), grid, grid_strides)
-    class_prob, class_ids = probs.max(-1)
-    scores = obj * class_prob
+    predictions = decode_predictions(outputs, strides)
+    boxes = box_cxcywh_to_xyxy(predictions[..., :4])
+    class_prob, class_ids = predictions[..., 5:].max(-1)
+    scores = predictions[..., 4] * class_prob
 
     if input_hw is None:
         in_hw = torch.tensor([[image_h, image_w]] * batch, dtype=torch.float32, device=device)
