@@ -5,6 +5,8 @@ Where it sits in a run::
     model.train(); out = model(images)              # YOLOXOut: raw maps for YOLOXHeadLoss
     model.eval();  det = model(images, input_hw, original_hw)
                                                     # DetOut: boxes/scores/class_ids per image
+    model.decoded(images)                           # (B, A, 5 + C) before NMS, official layout
+    YOLOX.from_official("yolox_nano.pth", "nano")   # official weights, official outputs
 
 ``images`` are ``(B, 3, H, W)`` float RGB in 0..255 (padding value 114); the model
 normalises them itself, so data pipelines stay in pixel units. ``H`` and ``W`` should be

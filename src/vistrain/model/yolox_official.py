@@ -49,8 +49,8 @@ _TOP_NAMES = {"backbone": "backbone.backbone", "neck": "backbone", "head": "head
 """Official YOLOX nests the backbone inside its PAFPN module, named ``backbone``."""
 
 CLASS_PREDICTOR_PREFIX = "head.cls_preds."
-"""Vistrain (and official) prefix of the class predictors, the only class-count-shaped
-tensors."""
+"""Prefix (vistrain's and official's) of the class predictors: the only tensors whose shape
+depends on the class count."""
 
 
 def official_key(model: nn.Module, key: str) -> str:
