@@ -41,7 +41,6 @@ callback's state of the same step.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,34 +52,17 @@ from vistrain.data.datasets.shapes_render import SHAPE_NAMES
 from vistrain.data.loader import build_test_dataloader, build_train_dataloader
 from vistrain.data.presets import yolox_test_pipe, yolox_train_pipe
 from vistrain.engine.callbacks.base import Callback
-from vistrain.engine.callbacks.checkpoint import CheckpointCallback
-from vistrain.engine.callbacks.ema import EMACallback
-from vistrain.engine.callbacks.evaluator import EvaluatorCallback
-from vistrain.engine.callbacks.logging import LoggingCallback
-from vistrain.engine.callbacks.visualizer import VisualizerCallback
-from vistrain.engine.callbacks.yolox_callbacks import (
-    YOLOXModeSwitchCallback,
-    YOLOXSyncNormCallback,
-    YOLOXSyncRandomResizeCallback,
-)
-from vistrain.engine.connectors import (
-    CallbackConnector,
-    DataConnector,
-    LossConnector,
-    data_key,
-    pred_key,
-)
-from vistrain.engine.loss_module import LossModule
 from vistrain.engine.optim import warmup_cosine
-from vistrain.eval.coco import COCODetectEvaluator
 from vistrain.model.adapter import ModelExpEMAAdapter
 from vistrain.model.yolox import YOLOX
-from vistrain.op.detect.yolox import YOLOXHeadLoss
 from vistrain.zoo._yolox_parts import (
-    DetectionVisualizer,
     configure_threads,
     sgd_param_groups,
     shapes_cache_dir,
+    square_sizes,
+    yolox_callbacks,
+    yolox_data_connectors,
+    yolox_loss_module,
 )
 from vistrain.zoo.base import Experiment
 
@@ -275,67 +257,19 @@ def _datasets(params: Params) -> tuple[COCODataset, COCODataset]:
 def _callbacks(
     params: Params, output_dir: str, annotation_file: str, class_names: list[str]
 ) -> list[Callback]:
-    size = params.image_size
-    sizes = [
-        (size + STRIDE * k, size + STRIDE * k)
-        for k in range(-params.resize_steps, params.resize_steps + 1)
-        if k != 0
-    ] + [(size, size)]  # the last entry is the size before the first draw
-    visualizer = DetectionVisualizer(
-        vis_freq=params.vis_every, class_names=class_names, score_threshold=0.3, max_images=4
+    size, steps = params.image_size, params.resize_steps
+    return yolox_callbacks(
+        output_dir,
+        annotation_file,
+        class_names,
+        switch_epoch=params.switch_epoch,
+        sizes=square_sizes(size - STRIDE * steps, size + STRIDE * steps, size, STRIDE),
+        resize_interval=params.resize_interval,
+        seed=params.seed,
+        log_every=params.log_every,
+        vis_every=params.vis_every,
+        checkpoint_period=params.checkpoint_period,
     )
-    return [
-        EMACallback(),
-        YOLOXModeSwitchCallback(switch_epoch=params.switch_epoch),
-        YOLOXSyncRandomResizeCallback(
-            size_list=sizes, interval=params.resize_interval, seed=params.seed
-        ),
-        YOLOXSyncNormCallback(),
-        LoggingCallback(refresh_rate=params.log_every),
-        VisualizerCallback(
-            visualizer=visualizer,
-            visualize_train=True,
-            save_prefix=output_dir,
-            train_connector=CallbackConnector(
-                {
-                    "images": data_key("images"),
-                    "image_names": data_key("sample_names"),
-                    "cls_score": pred_key("cls_score"),
-                    "bbox_pred": pred_key("bbox_pred"),
-                    "objectness": pred_key("objectness"),
-                }
-            ),
-            test_connector=CallbackConnector(
-                {
-                    "images": data_key("original_images"),
-                    "image_names": data_key("sample_names"),
-                    "boxes": pred_key("boxes"),
-                    "scores": pred_key("scores"),
-                    "class_ids": pred_key("class_ids"),
-                }
-            ),
-        ),
-        EvaluatorCallback(
-            evaluator=COCODetectEvaluator(annotation_file),
-            save_predictions=True,
-            save_prefix=os.path.join(output_dir, "eval"),
-            test_connector=CallbackConnector(
-                {
-                    "coco_image_id": data_key("coco_image_id"),
-                    "pred_boxes": pred_key("boxes"),
-                    "pred_scores": pred_key("scores"),
-                    "pred_classes": pred_key("class_ids"),
-                }
-            ),
-        ),
-        CheckpointCallback(
-            save_prefix=output_dir,
-            checkpoint_period=params.checkpoint_period,
-            max_to_keep=3,
-            monitor="Det/AP",
-            mode="max",
-        ),
-    ]
 
 
 def build(params: Params, output_dir: str) -> Experiment:
@@ -382,23 +316,9 @@ def build(params: Params, output_dir: str) -> Experiment:
         num_epochs=params.num_epochs,
         warmup_epochs_done=max(1, int(params.warmup_epochs + 0.999)),
     )
-    loss_module = LossModule(
-        {
-            "loss": YOLOXHeadLoss(params.num_classes, strides=YOLOX.strides),
-            "connector": LossConnector(
-                {
-                    "cls_outs": pred_key("cls_score"),
-                    "reg_outs": pred_key("bbox_pred"),
-                    "obj_outs": pred_key("objectness"),
-                    "target_boxes": data_key("boxes2d"),
-                    "target_class_ids": data_key("boxes2d_classes"),
-                    "images_hw": data_key("input_hw"),
-                }
-            ),
-            "name": "det",
-        }
-    )
+    loss_module = yolox_loss_module(params.num_classes, YOLOX.strides)
     callbacks = _callbacks(params, output_dir, val_set.annotation_file, list(val_set.class_names))
+    train_connector, test_connector = yolox_data_connectors()
     return Experiment(
         model=model,
         loss_module=loss_module,
@@ -406,10 +326,8 @@ def build(params: Params, output_dir: str) -> Experiment:
         lr_schedulers=[scheduler],
         train_dataloader=train_loader,
         test_dataloader=test_loader,
-        train_data_connector=DataConnector({"images": "images"}),
-        test_data_connector=DataConnector(
-            {"images": "images", "input_hw": "input_hw", "original_hw": "original_hw"}
-        ),
+        train_data_connector=train_connector,
+        test_data_connector=test_connector,
         callbacks=callbacks,
         trainer_kwargs={
             "num_epochs": params.num_epochs,
