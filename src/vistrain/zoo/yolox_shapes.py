@@ -55,6 +55,7 @@ from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.optim import warmup_cosine
 from vistrain.model.adapter import ModelExpEMAAdapter
 from vistrain.model.yolox import YOLOX
+from vistrain.predict import DetectorInfo
 from vistrain.zoo._yolox_parts import (
     configure_threads,
     sgd_param_groups,
@@ -337,4 +338,10 @@ def build(params: Params, output_dir: str) -> Experiment:
     )
 
 
-__all__ = ["DESCRIPTION", "Params", "build"]
+def detector_info(params: Params) -> DetectorInfo:
+    """What the classes of this run's detector mean, for ``vistrain predict``/``export``."""
+    names = list(SHAPE_NAMES[: params.num_classes])
+    return DetectorInfo(names, list(range(1, len(names) + 1)), params.image_size)
+
+
+__all__ = ["DESCRIPTION", "Params", "build", "detector_info"]
