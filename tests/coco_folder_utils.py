@@ -85,3 +85,32 @@ def coco_sets(folder: Path) -> list[str]:
         "val_images": folder / "val" / "images",
     }
     return [arg for key, value in pairs.items() for arg in ("--set", f"{key}={value}")]
+
+
+TINY_FIT = [
+    "size=nano",
+    "image_size=64",
+    "multiscale_min=64",
+    "multiscale_max=64",
+    "batch_size=4",
+    "num_epochs=2",
+    "no_aug_epochs=1",
+    "warmup_epochs=0",
+    "lr_per_64=0.5",
+    "val_every=1",
+    "vis_every=100",
+    "num_workers=0",
+    "num_threads=1",
+    "ema_warmup_steps=2",
+]
+"""``--set`` items of a few-second ``yolox_coco`` run on the tiny folder."""
+
+
+def train_tiny(folder: Path, out: Path) -> Path:
+    """Train ``yolox_coco`` briefly on ``folder``; return ``last.ckpt``."""
+    sets = [arg for item in TINY_FIT for arg in ("--set", item)]
+    code = main(
+        ["fit", "--config", "yolox_coco", *coco_sets(folder), *sets, "--output-dir", str(out)]
+    )
+    assert code == 0
+    return out / "checkpoints" / "last.ckpt"

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from coco_folder_utils import coco_sets, make_awkward_coco
 
+from coco_folder_utils import coco_sets, make_awkward_coco
 from vistrain.cli import main
 from vistrain.engine.optim import yolox_warm_cos
 from vistrain.zoo import load_config
 from vistrain.zoo.base import apply_overrides
-from vistrain.zoo.yolox_coco import Params, official_recipe
+from vistrain.zoo.yolox_coco import Params
 
 TINY = [
     "size=nano",
