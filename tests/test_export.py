@@ -72,9 +72,13 @@ def test_decoded_predictions_are_what_postprocessing_keeps(checkpoint: Path) -> 
 
 
 def test_torchscript_equals_eager(checkpoint: Path, tmp_path: Path) -> None:
-    output = tmp_path / "model.pt"
-    _export(checkpoint, "torchscript", output)
-    loaded = torch.jit.load(str(output))
+    """Without --output the file lands beside the checkpoint, named after it."""
+    copy = tmp_path / "run.ckpt"
+    copy.write_bytes(checkpoint.read_bytes())
+    code = main(["export", "--ckpt", str(copy), "--format", "torchscript",
+                 "--set", f"image_size={SIZE}"])  # fmt: skip
+    assert code == 0 and not list(tmp_path.glob("*.partial"))
+    loaded = torch.jit.load(str(tmp_path / "run.pt"))
     with torch.no_grad():
         exported = loaded(_images())
     torch.testing.assert_close(exported, _eager(checkpoint), rtol=1e-5, atol=1e-4)
@@ -87,14 +91,6 @@ def test_onnx_equals_eager(checkpoint: Path, tmp_path: Path) -> None:
     session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
     (exported,) = session.run(None, {"images": _images().numpy()})
     torch.testing.assert_close(torch.from_numpy(exported), _eager(checkpoint), rtol=1e-4, atol=1e-3)
-
-
-def test_default_output_sits_beside_the_checkpoint(checkpoint: Path, tmp_path: Path) -> None:
-    copy = tmp_path / "run.ckpt"
-    copy.write_bytes(checkpoint.read_bytes())
-    assert main(["export", "--ckpt", str(copy), "--format", "torchscript",
-                 "--set", f"image_size={SIZE}"]) == 0  # fmt: skip
-    assert (tmp_path / "run.pt").is_file()
 
 
 def test_output_that_is_a_folder_is_refused(
