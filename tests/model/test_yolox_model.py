@@ -57,11 +57,25 @@ def test_eval_boxes_are_scaled_to_original_pixels() -> None:
         assert torch.equal(scaled.class_ids[i], plain.class_ids[i])
         assert torch.equal(scaled.scores[i], plain.scores[i])
         assert torch.all(plain.scores[i][:-1] >= plain.scores[i][1:])
-    # Content smaller than the padded input: boxes stay inside the original image.
+    # Content smaller than the padded input: boxes are scaled, not clipped (as official).
     with torch.no_grad():
         cropped = model(images, input_hw=[(32, 48), (64, 96)], original_hw=[(64, 96), (64, 96)])
-    assert float(cropped.boxes[0][:, 2].max()) <= 96.0
-    assert float(cropped.boxes[0][:, 3].max()) <= 64.0
+    assert torch.allclose(cropped.boxes[0], plain.boxes[0] * 2, atol=1e-4)
+    assert float(cropped.boxes[0][:, 2].max()) > 96.0
+
+
+def test_no_caps_keep_every_box_above_the_threshold() -> None:
+    torch.manual_seed(0)
+    capped = YOLOX(3, "nano", score_threshold=0.0, nms_threshold=1.0).eval()
+    uncapped = YOLOX(
+        3, "nano", score_threshold=0.0, nms_threshold=1.0, max_detections=None, pre_nms_top_k=None
+    ).eval()
+    uncapped.load_state_dict(capped.state_dict())
+    images = torch.rand(1, 3, 256, 256) * 255
+    with torch.no_grad():
+        assert len(capped(images).boxes[0]) == 100
+        # 1344 anchor points, all scoring >= 0 and none suppressed at NMS threshold 1.
+        assert len(uncapped(images).boxes[0]) == 32 * 32 + 16 * 16 + 8 * 8
 
 
 def _one_hot_maps(num_classes: int = 2) -> YOLOXOut:
@@ -73,17 +87,22 @@ def _one_hot_maps(num_classes: int = 2) -> YOLOXOut:
         out.bbox_pred.append(torch.zeros(1, 4, n, n))
         out.objectness.append(torch.full((1, 1, n, n), -20.0))
     cls, reg, obj = out.cls_score[0], out.bbox_pred[0], out.objectness[0]
-    # Cell (row 2, col 3): centre (28, 20), 16 px wide (log 2 strides), 8 px high, class 1.
+    # Cell (row 2, col 3) with offset 0.5: centre (28, 20), 16 px wide (log 2 strides), 8 px
+    # high, class 1.
     obj[0, 0, 2, 3] = 5.0
     cls[0, 1, 2, 3] = 5.0
+    reg[0, :2, 2, 3] = 0.5
     reg[0, 2, 2, 3] = math.log(2.0)
-    # Cell (2, 4) overlaps it: same class -> suppressed, other class -> kept.
+    # Cell (2, 4), offset (0, 0.5): centre (32, 20), overlaps it: same class -> suppressed,
+    # other class -> kept.
     obj[0, 0, 2, 4] = 4.0
     cls[0, 1, 2, 4] = 4.0
+    reg[0, 1, 2, 4] = 0.5
     reg[0, 2, 2, 4] = math.log(2.0)
-    # Cell (7, 7): bottom-right corner, box 24 px, partly in the padding.
+    # Cell (7, 7), offset 0.5: bottom-right corner, box 24 px, partly in the padding.
     obj[0, 0, 7, 7] = 3.0
     cls[0, 0, 7, 7] = 3.0
+    reg[0, :2, 7, 7] = 0.5
     reg[0, 2:, 7, 7] = math.log(3.0)
     return out
 
@@ -94,14 +113,18 @@ def test_postprocess_decodes_thresholds_nms_and_scales_by_hand() -> None:
         maps, (8, 16, 32), 0.5, 0.3, 10, (64, 64), input_hw=[(48, 64)], original_hw=[(96, 32)]
     )
     sig = torch.sigmoid
-    # The second cell is suppressed (IoU 1/3 > 0.3 with the first, same class).
+    # The second cell (24, 16, 40, 24) is suppressed (IoU 0.6 > 0.3 with the first, same
+    # class).
     assert det.class_ids[0].tolist() == [1, 0]
     assert det.scores[0][0].item() == pytest.approx(float(sig(torch.tensor(5.0)) ** 2))
     assert det.scores[0][1].item() == pytest.approx(float(sig(torch.tensor(3.0)) ** 2))
     # First box: input (20, 16, 36, 24) scaled by (x 0.5, y 2).
     assert det.boxes[0][0].tolist() == pytest.approx([10.0, 32.0, 18.0, 48.0])
-    # Corner box: input (48, 48, 72, 72) clipped to the 64 x 48 content, then scaled.
-    assert det.boxes[0][1].tolist() == pytest.approx([24.0, 96.0, 32.0, 96.0])
+    # Corner box: input (48, 48, 72, 72) scaled, not clipped to the content (as official).
+    assert det.boxes[0][1].tolist() == pytest.approx([24.0, 96.0, 36.0, 144.0])
+    # The threshold keeps scores equal to it (official compares with >=).
+    at = postprocess_detections(maps, (8, 16, 32), float(det.scores[0][1]), 0.3, 10, (64, 64))
+    assert at.class_ids[0].tolist() == [1, 0]
 
     maps.cls_score[0][0, 1, 2, 4] = -20.0
     maps.cls_score[0][0, 0, 2, 4] = 4.0

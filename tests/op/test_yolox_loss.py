@@ -11,7 +11,8 @@ from vistrain.op.box import box_iou
 from vistrain.op.detect.simota import SimOTAAssigner
 from vistrain.op.detect.yolox import (
     YOLOXHeadLoss,
-    anchor_points,
+    anchor_grid,
+    cell_centres,
     decode_boxes,
     flatten_levels,
 )
@@ -28,11 +29,14 @@ def _maps(
     obj_logit: float = 0.0,
     requires_grad: bool = False,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Head maps whose every anchor predicts a square of ``box_side`` strides on itself."""
+    """Head maps whose every anchor predicts a square of ``box_side`` strides on its cell.
+
+    The offset 0.5 puts the box centre on the cell's centre (decoding starts at its corner).
+    """
     cls, reg, obj = [], [], []
     for stride in STRIDES:
         n = size // stride
-        r = torch.zeros(batch, 4, n, n)
+        r = torch.full((batch, 4, n, n), 0.5)
         r[:, 2:] = math.log(box_side)
         cls.append(torch.full((batch, num_classes, n, n), cls_logit))
         reg.append(r)
@@ -52,13 +56,17 @@ def _assign(
     classes: list[torch.Tensor],
     hw: list[tuple[int, int]],
 ):  # type: ignore[no-untyped-def]
-    """Run the loss's assigner exactly as the loss does, returning its result and anchors."""
+    """Run the loss's assigner exactly as the loss does, returning its result and anchors.
+
+    The anchors are returned as cell centres in pixels (the points of the centre prior).
+    """
     sizes = [(m.shape[-2], m.shape[-1]) for m in cls]
-    points, strides = anchor_points(sizes, STRIDES, torch.device("cpu"))
+    grid, strides = anchor_grid(sizes, STRIDES, torch.device("cpu"))
+    points = cell_centres(grid, strides)
     reg_flat = flatten_levels(reg)
-    gt_boxes, gt_classes, valid = loss._pad_targets(boxes, classes, hw, len(boxes), points.device)
+    gt_boxes, gt_classes, valid = loss._pad_targets(boxes, classes, len(boxes), points.device)
     res = loss.assigner(
-        decode_boxes(reg_flat, points, strides).detach(),
+        decode_boxes(reg_flat, grid, strides).detach(),
         flatten_levels(cls).detach(),
         flatten_levels(obj).squeeze(-1).detach(),
         points,
@@ -68,6 +76,21 @@ def _assign(
         valid,
     )
     return res, points, strides
+
+
+def test_decoding_is_official_cell_corner_plus_offset_times_stride() -> None:
+    grid, strides = anchor_grid([(2, 3), (1, 2)], (8, 16), torch.device("cpu"))
+    assert grid.tolist() == [[0, 0], [1, 0], [2, 0], [0, 1], [1, 1], [2, 1], [0, 0], [1, 0]]
+    assert strides.tolist() == [8.0] * 6 + [16.0] * 2
+    assert cell_centres(grid, strides)[4].tolist() == [12.0, 12.0]
+    reg = torch.zeros(8, 4)
+    reg[4] = torch.tensor([0.25, -0.5, math.log(2.0), 0.0])  # cell (1, 1) of stride 8
+    reg[7] = torch.tensor([0.0, 0.0, 0.0, math.log(3.0)])  # cell (1, 0) of stride 16
+    boxes = decode_boxes(reg, grid, strides)
+    # centre (1 + 0.25) * 8 = 10, (1 - 0.5) * 8 = 4; size 16 x 8.
+    assert boxes[4].tolist() == pytest.approx([2.0, 0.0, 18.0, 8.0])
+    # centre (16, 0), size 16 x 48: the raw offset 0 is the cell's corner, not its centre.
+    assert boxes[7].tolist() == pytest.approx([8.0, -24.0, 24.0, 24.0])
 
 
 def test_one_box_assigns_centred_anchors_of_the_matching_level() -> None:
@@ -201,7 +224,7 @@ def test_vectorised_simota_matches_a_loop_reference(seed: int) -> None:
     for level in range(3):
         cls[level] = torch.randn(cls[level].shape, generator=gen)
         obj[level] = torch.randn(obj[level].shape, generator=gen)
-        reg[level][:, :2] = torch.rand(reg[level][:, :2].shape, generator=gen) * 2 - 1
+        reg[level][:, :2] = torch.rand(reg[level][:, :2].shape, generator=gen) * 2 - 0.5
         reg[level][:, 2:] = torch.rand(reg[level][:, 2:].shape, generator=gen) * 2
     boxes, classes = [], []
     for n in (4, 2):
@@ -211,7 +234,7 @@ def test_vectorised_simota_matches_a_loop_reference(seed: int) -> None:
         classes.append(torch.randint(0, num_classes, (n,), generator=gen))
     loss = YOLOXHeadLoss(num_classes)
     res, points, strides = _assign(loss, cls, reg, obj, boxes, classes, [(size, size)] * batch)
-    pred = decode_boxes(flatten_levels(reg), points, strides)
+    pred = decode_boxes(flatten_levels(reg), points / strides[:, None] - 0.5, strides)
     for i in range(batch):
         fg, matched = _reference_simota(
             pred[i],
@@ -273,8 +296,9 @@ def test_l1_term_appears_only_after_enable() -> None:
     assert first is not None and loss.loss_l1 is first
     out = loss(cls, reg, obj, boxes, classes, [(64, 64)])
     assert set(out) == {"loss_cls", "loss_obj", "loss_bbox", "loss_l1"}
-    # Hand check: every anchor predicts (dx, dy) = 0 and log-size log 4 = the target's
-    # log(32 / 8), so the L1 error of a positive at (x, y) is |x - 28| / 8 + |y - 28| / 8.
+    # Hand check: every anchor predicts its cell centre, (dx, dy) = 0.5, and log-size log 4
+    # = the target's log(32 / 8), so the L1 error of a positive whose cell centre is (x, y)
+    # is |x - 28| / s + |y - 28| / s.
     res, points, strides = _assign(loss, cls, reg, obj, boxes, classes, [(64, 64)])
     fg = res.fg_mask[0]
     err = ((points[fg] - 28.0).abs() / strides[fg, None]).sum()
@@ -282,14 +306,18 @@ def test_l1_term_appears_only_after_enable() -> None:
     assert out["loss_l1"].item() > 0
 
 
-def test_boxes_are_clipped_to_the_content_and_empty_ones_ignored() -> None:
+def test_boxes_are_taken_as_given_and_empty_ones_ignored() -> None:
     loss = YOLOXHeadLoss(num_classes=1)
-    boxes = [torch.tensor([[10.0, 10.0, 90.0, 40.0], [70.0, 0.0, 90.0, 20.0]])]
-    gt, _, valid = loss._pad_targets(
-        boxes, [torch.tensor([0, 0])], [(48, 64)], 1, torch.device("cpu")
-    )
-    assert gt[0, 0].tolist() == [10.0, 10.0, 64.0, 40.0]
-    assert valid[0].tolist() == [True, False]  # the second box lies in the padding
+    boxes = [torch.tensor([[10.0, 10.0, 90.0, 40.0], [70.0, 0.0, 70.0, 20.0]])]
+    gt, _, valid = loss._pad_targets(boxes, [torch.tensor([0, 0])], 1, torch.device("cpu"))
+    assert gt[0, 0].tolist() == [10.0, 10.0, 90.0, 40.0]  # not clipped, as official YOLOX
+    assert valid[0].tolist() == [True, False]  # the second box has no width
+    # The content size does not change the loss: nothing is clipped to it.
+    cls, reg, obj = _maps(1, 96, 1)
+    classes = [torch.tensor([0, 0])]
+    small = loss(cls, reg, obj, boxes, classes, [(48, 64)])
+    full = loss(cls, reg, obj, boxes, classes, [(96, 96)])
+    assert all(torch.equal(small[k], full[k]) for k in full)
 
 
 def test_bad_inputs_raise_clear_errors() -> None:
@@ -302,8 +330,6 @@ def test_bad_inputs_raise_clear_errors() -> None:
         loss(_maps(1, 64, 3)[0], reg, obj, box, cl, [(64, 64)])
     with pytest.raises(ValueError, match=r"one .* entry per image"):
         loss(cls, reg, obj, box * 2, cl, [(64, 64)])
-    with pytest.raises(ValueError, match="images_hw"):
-        loss(cls, reg, obj, box, cl, [(64, 64), (64, 64)])
     with pytest.raises(ValueError, match="iou_loss"):
         YOLOXHeadLoss(2, iou_loss="diou")
     with pytest.raises(ValueError, match="center_radius"):

@@ -1,10 +1,11 @@
 """YOLOX decoupled head, its anchor-free decoding and its training loss.
 
-The head predicts, at every point of every pyramid level, class logits, objectness and a
-box as ``(dx, dy, log w, log h)`` in units of the level's stride relative to the point
-(anchor-free: one prediction per location, no anchor boxes). ``YOLOXHeadLoss`` assigns
-targets with SimOTA and scores the predictions; ``postprocess_detections`` turns head
-maps into per-image boxes for evaluation.
+The head predicts, at every cell of every pyramid level, class logits, objectness and a
+box as ``(dx, dy, log w, log h)`` in units of the level's stride: centre ``(cell + d) *
+stride``, size ``exp(log w) * stride`` (anchor-free: one prediction per location, no anchor
+boxes). The numerics follow official YOLOX (>= 0.2) so that its weights give its outputs.
+``YOLOXHeadLoss`` assigns targets with SimOTA and scores the predictions;
+``postprocess_detections`` turns head maps into per-image boxes for evaluation.
 
 Wiring into a ``LossModule``::
 
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from vistrain.common.distributed import all_reduce_dict, is_distributed
-from vistrain.op.box import aligned_box_giou, aligned_box_iou, batched_nms
+from vistrain.op.box import aligned_box_giou, aligned_box_iou, batched_nms, box_cxcywh_to_xyxy
 from vistrain.op.detect.csp_darknet import ConvBNAct, make_conv
 from vistrain.op.detect.simota import SimOTAAssigner
 
@@ -115,25 +116,34 @@ class YOLOXHead(nn.Module):
         return out
 
 
-def anchor_points(
+def anchor_grid(
     sizes: Sequence[tuple[int, int]], strides: Sequence[int], device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    """Centres of the grid cells of every level, in the order ``flatten_levels`` uses.
+    """Grid cells of every level, in the order ``flatten_levels`` uses.
 
     Returns:
-        ``(A, 2)`` xy points in input pixels (cell ``(i, j)`` of stride ``s`` sits at
-        ``((j + 0.5) s, (i + 0.5) s)``) and ``(A,)`` their strides.
+        ``(A, 2)`` xy cell indices (cell ``(i, j)`` is ``(j, i)``) and ``(A,)`` their strides.
+        A prediction's box centre is ``(cell + (dx, dy)) * stride`` (see ``decode_boxes``).
     """
-    points, point_strides = [], []
+    cells, cell_strides = [], []
     for (h, w), stride in zip(sizes, strides):
         ys, xs = torch.meshgrid(
             torch.arange(h, device=device, dtype=torch.float32),
             torch.arange(w, device=device, dtype=torch.float32),
             indexing="ij",
         )
-        points.append((torch.stack((xs, ys), dim=-1).reshape(-1, 2) + 0.5) * stride)
-        point_strides.append(torch.full((h * w,), float(stride), device=device))
-    return torch.cat(points), torch.cat(point_strides)
+        cells.append(torch.stack((xs, ys), dim=-1).reshape(-1, 2))
+        cell_strides.append(torch.full((h * w,), float(stride), device=device))
+    return torch.cat(cells), torch.cat(cell_strides)
+
+
+def cell_centres(grid: Tensor, strides: Tensor) -> Tensor:
+    """Centres of the cells of ``anchor_grid`` in input pixels: ``(cell + 0.5) * stride``.
+
+    SimOTA's centre prior measures distances from these points (as official YOLOX does),
+    while the box decoding starts from the cell's corner.
+    """
+    return (grid + 0.5) * strides[:, None]
 
 
 def flatten_levels(maps: Sequence[Tensor]) -> Tensor:
@@ -141,12 +151,45 @@ def flatten_levels(maps: Sequence[Tensor]) -> Tensor:
     return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
 
 
-def decode_boxes(reg: Tensor, points: Tensor, strides: Tensor) -> Tensor:
-    """Raw ``(..., A, 4)`` regression to xyxy boxes in input pixels."""
+def decode_cxcywh(reg: Tensor, grid: Tensor, strides: Tensor) -> Tensor:
+    """Raw ``(..., A, 4)`` regression to ``(cx, cy, w, h)`` boxes in input pixels.
+
+    As official YOLOX (>= 0.1) and the paper: centre ``(cell + (dx, dy)) * stride``, size
+    ``exp((dw, dh)) * stride``, in that order of float operations so that official weights
+    give official boxes to the last bit. Log sizes are clamped at ``MAX_LOG_SIZE`` first.
+    """
     stride = strides[:, None]
-    centre = points + reg[..., :2] * stride
+    centre = (reg[..., :2] + grid) * stride
     size = reg[..., 2:].clamp(max=MAX_LOG_SIZE).exp() * stride
-    return torch.cat((centre - size / 2, centre + size / 2), dim=-1)
+    return torch.cat((centre, size), dim=-1)
+
+
+def decode_boxes(reg: Tensor, grid: Tensor, strides: Tensor) -> Tensor:
+    """Raw ``(..., A, 4)`` regression to xyxy boxes (``centre -/+ size / 2``, as official)."""
+    return box_cxcywh_to_xyxy(decode_cxcywh(reg, grid, strides))
+
+
+def decode_predictions(outputs: YOLOXOut, strides: Sequence[int]) -> Tensor:
+    """Head maps to official YOLOX's eval output: ``(B, A, 5 + C)`` before NMS.
+
+    Each row is box centre x, y, width, height in input pixels, then objectness and the
+    class probabilities after the sigmoid, anchors ordered levels, rows, columns (the
+    layout official YOLOX's eval forward returns and its exported models emit).
+    """
+    _check_levels(outputs.cls_score, outputs.bbox_pred, outputs.objectness, len(strides))
+    grid, grid_strides = anchor_grid(
+        [(int(m.shape[-2]), int(m.shape[-1])) for m in outputs.cls_score],
+        strides,
+        outputs.cls_score[0].device,
+    )
+    return torch.cat(
+        (
+            decode_cxcywh(flatten_levels(outputs.bbox_pred).float(), grid, grid_strides),
+            flatten_levels(outputs.objectness).float().sigmoid(),
+            flatten_levels(outputs.cls_score).float().sigmoid(),
+        ),
+        dim=-1,
+    )
 
 
 def _check_levels(
@@ -245,11 +288,15 @@ class YOLOXHeadLoss(nn.Module):
         self,
         target_boxes: Sequence[Tensor],
         target_class_ids: Sequence[Tensor],
-        images_hw: Any,
         batch: int,
         device: torch.device,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Stack per-image targets into ``(B, G, 4)``, ``(B, G)``, ``(B, G)`` valid mask."""
+        """Stack per-image targets into ``(B, G, 4)``, ``(B, G)``, ``(B, G)`` valid mask.
+
+        Boxes are taken as given, as official YOLOX does: a box reaching past the image
+        content is not clipped (the augmentations already clip what they move). Only boxes
+        without area are left out, since no prediction can overlap them.
+        """
         if len(target_boxes) != batch or len(target_class_ids) != batch:
             raise ValueError(
                 f"Got {len(target_boxes)} box lists and {len(target_class_ids)} class lists "
@@ -274,9 +321,6 @@ class YOLOXHeadLoss(nn.Module):
         for i, (boxes, classes) in enumerate(zip(target_boxes, target_class_ids)):
             gt_boxes[i, : counts[i]] = boxes.to(device=device, dtype=torch.float32)
             gt_classes[i, : counts[i]] = classes.to(device=device, dtype=torch.long)
-        hw = _hw_tensor(images_hw, batch, device, "images_hw")
-        limit = hw.flip(-1).repeat(1, 2)[:, None, :]  # (B, 1, 4): w, h, w, h
-        gt_boxes = torch.minimum(gt_boxes.clamp(min=0), limit)
         present = (
             torch.arange(num_gt, device=device)[None, :]
             < torch.tensor(counts, device=device)[:, None]
@@ -302,8 +346,9 @@ class YOLOXHeadLoss(nn.Module):
             obj_outs: Per level ``(B, 1, H, W)`` objectness logits.
             target_boxes: Per image ``(N, 4)`` xyxy boxes in input pixels (N may be 0).
             target_class_ids: Per image ``(N,)`` class indices in ``[0, num_classes)``.
-            images_hw: Per image ``(h, w)`` of the content before padding; boxes are
-                clipped to it and boxes left empty are ignored.
+            images_hw: Per image ``(h, w)`` of the content before padding. Not used: the
+                loss takes the boxes as given, as official YOLOX does (kept so that the
+                call and its wiring stay the same).
 
         Returns:
             ``{"loss_cls", "loss_obj", "loss_bbox"}`` and ``"loss_l1"`` when enabled, each a
@@ -320,22 +365,22 @@ class YOLOXHeadLoss(nn.Module):
             )
         batch = cls_outs[0].shape[0]
         device = cls_outs[0].device
-        points, strides = anchor_points(
+        grid, strides = anchor_grid(
             [(int(m.shape[-2]), int(m.shape[-1])) for m in cls_outs], self.strides, device
         )
         cls_logits = flatten_levels(cls_outs).float()  # (B, A, C)
         reg_raw = flatten_levels(reg_outs).float()  # (B, A, 4)
         obj_logits = flatten_levels(obj_outs).float().squeeze(-1)  # (B, A)
-        pred_boxes = decode_boxes(reg_raw, points, strides)
+        pred_boxes = decode_boxes(reg_raw, grid, strides)
         gt_boxes, gt_classes, gt_valid = self._pad_targets(
-            target_boxes, target_class_ids, images_hw, batch, device
+            target_boxes, target_class_ids, batch, device
         )
 
         assigned = self.assigner(
             pred_boxes.detach(),
             cls_logits.detach(),
             obj_logits.detach(),
-            points,
+            cell_centres(grid, strides),
             strides,
             gt_boxes,
             gt_classes,
@@ -370,18 +415,21 @@ class YOLOXHeadLoss(nn.Module):
             "loss_bbox": self.bbox_weight * loss_bbox / norm,
         }
         if self.loss_l1 is not None:
-            target = self._l1_targets(matched_boxes, points, strides)
+            target = self._l1_targets(matched_boxes, grid, strides)
             l1 = self.loss_l1(reg_raw, target).sum(-1)
             losses["loss_l1"] = self.l1_weight * (l1 * fg_float).sum() / norm
         return losses
 
     @staticmethod
-    def _l1_targets(boxes: Tensor, points: Tensor, strides: Tensor) -> Tensor:
-        """Raw regression that would decode exactly to ``boxes`` (xyxy) at each point."""
+    def _l1_targets(boxes: Tensor, grid: Tensor, strides: Tensor) -> Tensor:
+        """Raw regression that would decode exactly to ``boxes`` (xyxy) in each cell.
+
+        ``centre / stride - cell`` and ``log(size / stride + 1e-8)``, official's formula.
+        """
         stride = strides[:, None]
         centre = (boxes[..., :2] + boxes[..., 2:]) / 2
         size = boxes[..., 2:] - boxes[..., :2]
-        return torch.cat(((centre - points) / stride, torch.log(size / stride + 1e-8)), dim=-1)
+        return torch.cat((centre / stride - grid, torch.log(size / stride + 1e-8)), dim=-1)
 
 
 @torch.no_grad()
@@ -390,47 +438,44 @@ def postprocess_detections(
     strides: Sequence[int],
     score_threshold: float,
     nms_threshold: float,
-    max_detections: int,
+    max_detections: int | None,
     image_size: tuple[int, int],
-    pre_nms_top_k: int = 1000,
+    pre_nms_top_k: int | None = 1000,
     input_hw: Any = None,
     original_hw: Any = None,
 ) -> DetOut:
-    """Decode head maps into per-image detections.
+    """Decode head maps into per-image detections, as official YOLOX's ``postprocess``.
 
     Each anchor point proposes one box with its best class, scored ``objectness *
-    class probability``. Boxes above ``score_threshold`` (at most ``pre_nms_top_k`` per
-    image) go through class-wise NMS; the best ``max_detections`` are kept, clipped to
-    the image content and scaled to original pixels.
+    class probability``. Boxes scoring at least ``score_threshold`` (at most
+    ``pre_nms_top_k`` per image, the best ones) go through class-wise NMS; the best
+    ``max_detections`` are kept and scaled to original pixels. Boxes are not clipped to
+    the image (official YOLOX does not either); whoever draws or exports them clips.
 
     Args:
         outputs: Head maps.
         strides: Stride of each level.
         score_threshold: Minimum score.
         nms_threshold: IoU above which a lower-scoring box of the same class is dropped.
-        max_detections: Maximum boxes per image.
+        max_detections: Maximum boxes per image; None keeps all.
         image_size: ``(H, W)`` of the padded network input.
-        pre_nms_top_k: Bound on the boxes per image entering NMS (its cost is quadratic).
+        pre_nms_top_k: Bound on the boxes per image entering NMS (its cost is quadratic);
+            None lets every box above the threshold in.
         input_hw: Per image ``(h, w)`` of the content before padding; the full input
             when None.
         original_hw: Per image ``(h, w)`` of the original image; boxes are scaled by
             ``original_hw / input_hw`` per axis. Input pixels when None.
 
     Returns:
-        ``DetOut`` of per-image tensors.
+        ``DetOut`` of per-image tensors, by descending score.
     """
-    _check_levels(outputs.cls_score, outputs.bbox_pred, outputs.objectness, len(strides))
     first = outputs.cls_score[0]
     batch, device = first.shape[0], first.device
     image_h, image_w = image_size
-    points, point_strides = anchor_points(
-        [(int(m.shape[-2]), int(m.shape[-1])) for m in outputs.cls_score], strides, device
-    )
-    probs = flatten_levels(outputs.cls_score).float().sigmoid()
-    obj = flatten_levels(outputs.objectness).float().sigmoid().squeeze(-1)
-    boxes = decode_boxes(flatten_levels(outputs.bbox_pred).float(), points, point_strides)
-    class_prob, class_ids = probs.max(-1)
-    scores = obj * class_prob
+    predictions = decode_predictions(outputs, strides)
+    boxes = box_cxcywh_to_xyxy(predictions[..., :4])
+    class_prob, class_ids = predictions[..., 5:].max(-1)
+    scores = predictions[..., 4] * class_prob
 
     if input_hw is None:
         in_hw = torch.tensor([[image_h, image_w]] * batch, dtype=torch.float32, device=device)
@@ -438,17 +483,18 @@ def postprocess_detections(
         in_hw = _hw_tensor(input_hw, batch, device, "input_hw")
     out_hw = in_hw if original_hw is None else _hw_tensor(original_hw, batch, device, "original_hw")
     scale = (out_hw / in_hw).flip(-1).repeat(1, 2)  # (B, 4): sx, sy, sx, sy
-    limit = in_hw.flip(-1).repeat(1, 2)
+    rescale = input_hw is not None or original_hw is not None
 
     result = DetOut([], [], [])
     for i in range(batch):
-        keep = (scores[i] > score_threshold).nonzero().squeeze(1)
-        if keep.numel() > pre_nms_top_k:
+        keep = (scores[i] >= score_threshold).nonzero().squeeze(1)
+        if pre_nms_top_k is not None and keep.numel() > pre_nms_top_k:
             keep = keep[scores[i, keep].topk(pre_nms_top_k).indices]
-        img_boxes = torch.minimum(boxes[i, keep].clamp(min=0), limit[i])
-        img_scores, img_classes = scores[i, keep], class_ids[i, keep]
-        kept = batched_nms(img_boxes, img_scores, img_classes, nms_threshold)[:max_detections]
-        result.boxes.append(img_boxes[kept] * scale[i])
+        img_boxes, img_scores, img_classes = boxes[i, keep], scores[i, keep], class_ids[i, keep]
+        kept = batched_nms(img_boxes, img_scores, img_classes, nms_threshold)
+        if max_detections is not None:
+            kept = kept[:max_detections]
+        result.boxes.append(img_boxes[kept] * scale[i] if rescale else img_boxes[kept])
         result.scores.append(img_scores[kept])
         result.class_ids.append(img_classes[kept])
     return result
