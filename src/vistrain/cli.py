@@ -243,7 +243,6 @@ def _configs() -> int:
 
 def _load_detector(args: argparse.Namespace) -> tuple[Any, Any]:
     """The checkpoint's detector and the predict settings, from ``--ckpt/--config/--set``."""
-    from vistrain.engine.checkpointing import CheckpointError
     from vistrain.predict import PredictParams, load_detector
 
     own_keys = set(param_types(PredictParams))
@@ -263,7 +262,7 @@ def _load_detector(args: argparse.Namespace) -> tuple[Any, Any]:
         elif rest:
             apply_overrides(PredictParams(), rest)  # reports the unknown key
         return load_detector(args.ckpt, params, info), params
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
+    except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
 
 

@@ -20,24 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from vistrain.model.yolox import YOLOX
-from vistrain.op.detect.yolox import YOLOXOut, anchor_points, decode_boxes, flatten_levels
 
 logger = logging.getLogger("vistrain")
 
 FORMATS = ("torchscript", "onnx")
 SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx"}
-
-
-def decoded_predictions(outputs: YOLOXOut, strides: tuple[int, ...]) -> Tensor:
-    """Raw head maps to ``(B, N, 5 + C)``: cx, cy, w, h, objectness, class probabilities."""
-    sizes = [(int(m.shape[-2]), int(m.shape[-1])) for m in outputs.cls_score]
-    points, point_strides = anchor_points(sizes, strides, outputs.cls_score[0].device)
-    boxes = decode_boxes(flatten_levels(outputs.bbox_pred), points, point_strides)
-    centre = (boxes[..., :2] + boxes[..., 2:]) / 2
-    size = boxes[..., 2:] - boxes[..., :2]
-    objectness = flatten_levels(outputs.objectness).sigmoid()
-    classes = flatten_levels(outputs.cls_score).sigmoid()
-    return torch.cat((centre, size, objectness, classes), dim=-1)
 
 
 class DecodedYOLOX(nn.Module):
@@ -53,10 +40,7 @@ class DecodedYOLOX(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """``(B, 3, S, S)`` float RGB 0..255 to ``(B, N, 5 + C)`` decoded predictions."""
-        model = self.model
-        normalised = (images - model.pixel_mean) / model.pixel_std
-        outputs: YOLOXOut = model.head(model.neck(model.backbone(normalised)))
-        return decoded_predictions(outputs, tuple(model.strides))
+        return self.model.decoded(images)
 
 
 def default_output(ckpt_path: str, fmt: str) -> str:
@@ -112,4 +96,4 @@ def _export_onnx(wrapper: nn.Module, example: Tensor, output: str) -> None:
     )
 
 
-__all__ = ["FORMATS", "DecodedYOLOX", "decoded_predictions", "default_output", "export_detector"]
+__all__ = ["FORMATS", "DecodedYOLOX", "default_output", "export_detector"]

@@ -38,9 +38,11 @@ from vistrain.data.const import CommonKeys
 from vistrain.data.datasets.coco import load_image
 from vistrain.data.loader import collate_batch
 from vistrain.data.presets import yolox_test_pipe
-from vistrain.engine.checkpointing import CheckpointError, load_checkpoint
+from vistrain.engine.checkpointing import CHECKPOINT_FORMAT
 from vistrain.eval.coco import load_coco_annotations
+from vistrain.model.weights import read_weights_file
 from vistrain.model.yolox import SIZES, YOLOX
+from vistrain.model.yolox_official import is_official_state_dict
 from vistrain.vis.image import BoundingBoxVisualizer
 
 logger = logging.getLogger("vistrain")
@@ -132,7 +134,7 @@ def _size_from_stem(stem: Tensor, path: str) -> str:
     for size, (_, width, _) in SIZES.items():
         if round(64 * width) == stem.shape[0]:
             return size
-    raise CheckpointError(
+    raise ValueError(
         f"{path}: a stem of {stem.shape[0]} channels matches no YOLOX size "
         f"({', '.join(SIZES)}); is it a YOLOX checkpoint?"
     )
@@ -143,30 +145,30 @@ def _read_weights(path: str) -> tuple[str, Mapping[str, Tensor]]:
 
     A vistrain checkpoint gives its EMA weights when it has them (prefix ``ema_model.``),
     else the trained ones; adapters' prefixes are removed.
+
+    Raises:
+        FileNotFoundError / ValueError: If the file is missing, unreadable or neither kind.
     """
-    try:
-        return "vistrain", _model_weights(load_checkpoint(path)["state_dict"])
-    except CheckpointError as err:
-        if "is not a vistrain checkpoint" not in str(err):
-            raise
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    state = obj.get("model", obj) if isinstance(obj, Mapping) else None
-    if isinstance(state, Mapping) and OFFICIAL_STEM_KEY in state:
+    obj = read_weights_file(path)
+    if obj.get("format") == CHECKPOINT_FORMAT and isinstance(obj.get("state_dict"), Mapping):
+        return "vistrain", _model_weights(obj["state_dict"], path)
+    state = obj.get("model", obj)
+    if is_official_state_dict(state):
         return "official", state
-    raise CheckpointError(
+    raise ValueError(
         f"{path} is neither a vistrain checkpoint nor an official YOLOX checkpoint "
-        f"(no {OFFICIAL_STEM_KEY!r} in it)"
+        f"(found keys {sorted(map(str, obj))[:8]})"
     )
 
 
-def _model_weights(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def _model_weights(state: Mapping[str, Tensor], path: str) -> dict[str, Tensor]:
     for prefix in ("ema_model.", "model.", ""):
         found = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if VISTRAIN_STEM_KEY in found:
             return found
-    raise CheckpointError(
-        f"the checkpoint's weights are not a YOLOX's (no {VISTRAIN_STEM_KEY!r}, with or "
-        "without an EMA adapter's prefix)"
+    raise ValueError(
+        f"{path} holds no YOLOX weights (no {VISTRAIN_STEM_KEY!r}, with or without an EMA "
+        "adapter's prefix); predict and export run YOLOX checkpoints"
     )
 
 
@@ -183,7 +185,7 @@ def load_detector(
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        CheckpointError: If it is not a readable YOLOX checkpoint or the class names do not
+        ValueError: If it is not a readable YOLOX checkpoint or the class names do not
             match its class count.
     """
     params = params or PredictParams()
@@ -192,7 +194,7 @@ def load_detector(
     kind, state = _read_weights(ckpt_path)
     if kind == "official":
         size = _size_from_stem(state[OFFICIAL_STEM_KEY], ckpt_path)
-        model = YOLOX.from_official(dict(state), size, legacy=params.legacy)  # type: ignore[attr-defined]
+        model = YOLOX.from_official(state, size, legacy=params.legacy)
         source = f"official YOLOX-{size} weights"
     else:
         size = _size_from_stem(state[VISTRAIN_STEM_KEY], ckpt_path)
@@ -243,7 +245,7 @@ def _class_info(
         count = model.num_classes
         info = DetectorInfo([f"class_{i}" for i in range(count)], list(range(count)))
     if len(info.class_names) != model.num_classes:
-        raise CheckpointError(
+        raise ValueError(
             f"{path} predicts {model.num_classes} classes but {len(info.class_names)} class "
             "names were given (classes_from or --config); use the annotation file or "
             "experiment the model was trained with"
@@ -277,7 +279,7 @@ def list_images(input_path: str) -> list[Path]:
 
 
 class ImageFiles(Dataset[DictData]):
-    """Image files as test samples (``images``, sizes, ``original_images``, names)."""
+    """Image files as test samples (``images``, sizes, ``original_images``, names, no boxes)."""
 
     def __init__(self, paths: Sequence[Path]) -> None:
         self.paths = list(paths)
@@ -294,6 +296,9 @@ class ImageFiles(Dataset[DictData]):
             CommonKeys.original_images: original,
             CommonKeys.original_hw: (height, width),
             CommonKeys.sample_names: self.paths[index].name,
+            # No ground truth; the resize transforms scale boxes along with the pixels.
+            CommonKeys.boxes2d: torch.zeros((0, 4)),
+            CommonKeys.boxes2d_classes: torch.zeros((0,), dtype=torch.long),
         }
 
 
