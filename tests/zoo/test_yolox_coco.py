@@ -19,9 +19,12 @@ import torch
 from coco_folder_utils import coco_sets, make_awkward_coco
 from vistrain.cli import main
 from vistrain.engine.optim import yolox_warm_cos
+from vistrain.model.yolox import YOLOX
 from vistrain.zoo import load_config
 from vistrain.zoo.base import apply_overrides
 from vistrain.zoo.yolox_coco import Params
+
+OFFICIAL = Path("/work/shared/fixtures/yolox_official/yolox_nano_official.pth")
 
 TINY = [
     "size=nano",
@@ -136,6 +139,7 @@ def test_lr_scales_with_the_batch(coco_folder: Path, tmp_path: Path) -> None:
         (["image_size=100"], "image_size=100 must be a positive multiple of 32"),
         (["no_aug_epochs=400"], "must be <= num_epochs=300"),
         (["mosaic_scale_min=3"], "mosaic_scale_min=3.0 and mosaic_scale_max=1.5"),
+        (["init_weights=missing.pth"], "init_weights='missing.pth' is not a file"),
     ],
 )
 def test_bad_settings_are_one_line_errors(
@@ -164,3 +168,26 @@ def test_mismatched_categories_are_refused(coco_folder: Path, tmp_path: Path) ->
     sets = [*coco_sets(coco_folder)[1::2], f"val_ann={other}", *TINY]
     with pytest.raises(ValueError, match="both files need the same categories"):
         module.build(apply_overrides(module.Params(), sets), str(tmp_path))
+
+
+def test_fine_tune_from_official_weights(coco_folder: Path, tmp_path: Path) -> None:
+    """80-class official nano into a 3-class model: all but the class predictors load;
+    with the backbone frozen, a short run leaves it exactly at the official weights."""
+    official = YOLOX.from_official(OFFICIAL, "nano")
+    out = tmp_path / "run"
+    sets = [f"init_weights={OFFICIAL}", "freeze_backbone=true"]
+    code = main(["fit", "--config", "yolox_coco", *coco_sets(coco_folder), *_sets(TINY),
+                 *_sets(sets), "--output-dir", str(out)])  # fmt: skip
+    assert code == 0
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for prefix in ("model.", "ema_model."):
+        for key, value in official.backbone.state_dict().items():
+            assert torch.equal(state[f"{prefix}backbone.{key}"], value), key
+        assert bool(state[f"{prefix}bgr_input"])  # official >= 0.2 input convention kept
+    assert state["model.head.cls_preds.0.weight"].shape[0] == 3
+    # The neck trained (it started at the official weights).
+    neck_key = next(k for k in official.neck.state_dict() if k.endswith("weight"))
+    assert not torch.equal(state[f"model.neck.{neck_key}"], official.neck.state_dict()[neck_key])
+    # Weights only: the run started at step 0.
+    log = (out / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(log[0])["step"] <= 1

@@ -39,6 +39,9 @@ from vistrain.engine.connectors import (
 )
 from vistrain.engine.loss_module import LossModule
 from vistrain.eval.coco import COCODetectEvaluator
+from vistrain.model.weights import freeze_backbone as freeze_yolox_backbone
+from vistrain.model.weights import freeze_batchnorm, load_init_weights
+from vistrain.model.yolox import YOLOX
 from vistrain.op.detect.yolox import YOLOXHeadLoss, YOLOXOut, postprocess_detections
 from vistrain.vis.image import BoundingBoxVisualizer
 
@@ -194,6 +197,36 @@ class DetectionVisualizer(BoundingBoxVisualizer):
         super().process(cur_iter, images, image_names, boxes, scores, class_ids)
 
 
+def check_init_weights(init_weights: str) -> None:
+    """Refuse an ``init_weights`` value that names no file (before anything is built).
+
+    Raises:
+        ValueError: If ``init_weights`` is set and is not a file.
+    """
+    if init_weights and not os.path.isfile(os.path.expanduser(init_weights)):
+        raise ValueError(
+            f"init_weights={init_weights!r} is not a file; pass a vistrain checkpoint or an "
+            "official YOLOX checkpoint"
+        )
+
+
+def start_from_weights(
+    net: YOLOX, init_weights: str, freeze_backbone: bool, freeze_bn: bool
+) -> None:
+    """Apply the ``init_weights``, ``freeze_backbone`` and ``freeze_bn`` keys to a new YOLOX.
+
+    Weights only (``load_init_weights``: no optimizer state, no loop position; class
+    predictors of another class count keep their initialisation and are logged); freezing
+    comes after loading so that the loaded BatchNorm statistics are the ones kept.
+    """
+    if init_weights:
+        load_init_weights(net, os.path.expanduser(init_weights))
+    if freeze_backbone:
+        freeze_yolox_backbone(net)
+    if freeze_bn:
+        freeze_batchnorm(net)
+
+
 def yolox_loss_module(num_classes: int, strides: Sequence[int] = (8, 16, 32)) -> LossModule:
     """YOLOX's head loss wired to the model's raw maps and the batch's boxes."""
     return LossModule(
@@ -322,11 +355,13 @@ def yolox_callbacks(
 __all__ = [
     "CACHE_ENV",
     "DetectionVisualizer",
+    "check_init_weights",
     "configure_threads",
     "images_to_uint8",
     "sgd_param_groups",
     "shapes_cache_dir",
     "square_sizes",
+    "start_from_weights",
     "yolox_callbacks",
     "yolox_data_connectors",
     "yolox_loss_module",

@@ -56,9 +56,11 @@ from vistrain.model.adapter import ModelExpEMAAdapter
 from vistrain.model.yolox import SIZES, YOLOX
 from vistrain.predict import DetectorInfo, info_from_annotations
 from vistrain.zoo._yolox_parts import (
+    check_init_weights,
     configure_threads,
     sgd_param_groups,
     square_sizes,
+    start_from_weights,
     yolox_callbacks,
     yolox_data_connectors,
     yolox_loss_module,
@@ -151,6 +153,12 @@ class Params:
         num_workers: Data loader worker processes per process (0 loads in the main one).
         num_threads: Torch threads; 0 = the cores minus one per loader worker, at least 1.
         seed: Seed of the weights, the shuffling and the augmentations.
+        init_weights: Start from these weights: a vistrain checkpoint (its trained
+            weights) or an official YOLOX checkpoint of the same size, told apart by
+            content; weights only (no optimizer state, epoch 0). Class predictors of another
+            class count keep their initialisation. Empty = train from scratch.
+        freeze_backbone: Freeze the CSPDarknet backbone (weights and BatchNorm statistics).
+        freeze_bn: Freeze every BatchNorm layer (statistics and scale/shift).
     """
 
     train_ann: str = ""
@@ -192,6 +200,9 @@ class Params:
     num_workers: int = 4
     num_threads: int = 0
     seed: int = 0
+    init_weights: str = ""
+    freeze_backbone: bool = False
+    freeze_bn: bool = False
 
     def recipe(self) -> SizeRecipe:
         """The size-dependent settings of this run: the keys set, else the official ones."""
@@ -289,6 +300,7 @@ class Params:
             raise ValueError(f"ema_decay={self.ema_decay} must be in (0, 1)")
         if self.degrees < 0 or self.shear < 0:
             raise ValueError(f"degrees={self.degrees} and shear={self.shear} must be >= 0")
+        check_init_weights(self.init_weights)
 
 
 def _datasets(params: Params) -> tuple[COCODataset, COCODataset]:
@@ -327,6 +339,7 @@ def build(params: Params, output_dir: str) -> Experiment:
         score_threshold=params.score_threshold,
         nms_threshold=params.nms_threshold,
     )
+    start_from_weights(net, params.init_weights, params.freeze_backbone, params.freeze_bn)
     model = ModelExpEMAAdapter(net, decay=params.ema_decay, warmup_steps=params.ema_warmup_steps)
     lr = params.lr_per_64 * params.batch_size * get_world_size() / 64
     optimizer = torch.optim.SGD(
