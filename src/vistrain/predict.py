@@ -200,7 +200,11 @@ def load_detector(
         size = _size_from_stem(state[VISTRAIN_STEM_KEY], ckpt_path)
         num_classes = int(state["head.cls_preds.0.weight"].shape[0])
         model = YOLOX(num_classes, size)
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            reason = str(err).splitlines()[0]
+            raise ValueError(f"{ckpt_path} does not fit a YOLOX-{size}: {reason}") from None
         source = f"vistrain YOLOX-{size} weights"
     model.score_threshold = params.score_threshold
     model.nms_threshold = params.nms_threshold
@@ -210,7 +214,9 @@ def load_detector(
     if params.image_size is not None:
         info.image_size = params.image_size
     elif info.image_size is None:
-        info.image_size = 416 if size in ("nano", "tiny") else 640
+        from vistrain.zoo.yolox_coco import official_recipe  # the zoo imports this module
+
+        info.image_size = official_recipe(size).image_size
     return Detector(model, info, f"{source} of {ckpt_path}")
 
 
