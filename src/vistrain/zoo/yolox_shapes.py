@@ -61,6 +61,8 @@ from vistrain.data.presets import yolox_test_pipe, yolox_train_pipe
 from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.optim import warmup_cosine
 from vistrain.model.adapter import ModelExpEMAAdapter
+from vistrain.model.summary import summarize
+from vistrain.model.weights import freeze_backbone, freeze_batchnorm, load_init_weights
 from vistrain.model.yolox import YOLOX
 from vistrain.predict import DetectorInfo
 from vistrain.zoo._yolox_parts import (
@@ -124,6 +126,12 @@ class Params:
             (unless OMP_NUM_THREADS is set).
         cache_dir: Folder of the generated data; empty = $VISTRAIN_CACHE or
             ~/.cache/vistrain/shapes.
+        init_weights: Start from these weights: a vistrain checkpoint (its plain model
+            weights) or an official YOLOX-nano checkpoint, told apart by content; weights
+            only (no optimizer state, epoch 0). Class predictors of another class count
+            keep their initialisation. Empty = train from scratch.
+        freeze_backbone: Freeze the CSPDarknet backbone (weights and BatchNorm statistics).
+        freeze_bn: Freeze every BatchNorm layer (statistics and scale/shift).
     """
 
     num_epochs: int = 20
@@ -158,6 +166,9 @@ class Params:
     resize_interval: int = 10
     num_threads: int = 0
     cache_dir: str = ""
+    init_weights: str = ""
+    freeze_backbone: bool = False
+    freeze_bn: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the first key whose value no run can use."""
@@ -216,6 +227,11 @@ class Params:
         for name in ("mosaic_prob", "mixup_prob", "hsv_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
+        if self.init_weights and not os.path.isfile(os.path.expanduser(self.init_weights)):
+            raise ValueError(
+                f"init_weights={self.init_weights!r} is not a file; pass a vistrain checkpoint "
+                "or an official YOLOX checkpoint"
+            )
         if not 0 < self.mosaic_scale_min <= self.mosaic_scale_max:
             raise ValueError(
                 f"mosaic_scale_min={self.mosaic_scale_min} and mosaic_scale_max="
@@ -287,6 +303,15 @@ def build(params: Params, output_dir: str) -> Experiment:
     train_set, val_set = _datasets(params)
 
     net = YOLOX(num_classes=params.num_classes, size="nano")
+    if params.init_weights:
+        load_init_weights(net, os.path.expanduser(params.init_weights))
+    if params.freeze_backbone:
+        freeze_backbone(net)
+    if params.freeze_bn:
+        freeze_batchnorm(net)
+    if is_rank_zero():
+        size = (params.image_size, params.image_size)
+        logger.info("YOLOX-nano: %s.", summarize(net, size, forward=net.decoded))
     model = ModelExpEMAAdapter(net, decay=params.ema_decay, warmup_steps=params.ema_warmup_steps)
     optimizer = torch.optim.SGD(
         sgd_param_groups(net, params.weight_decay),
