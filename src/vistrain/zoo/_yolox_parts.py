@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from vistrain.common.distributed import is_rank_zero
 from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.checkpoint import CheckpointCallback
 from vistrain.engine.callbacks.ema import EMACallback
@@ -39,6 +40,7 @@ from vistrain.engine.connectors import (
 )
 from vistrain.engine.loss_module import LossModule
 from vistrain.eval.coco import COCODetectEvaluator
+from vistrain.model.summary import summarize
 from vistrain.model.weights import freeze_backbone as freeze_yolox_backbone
 from vistrain.model.weights import freeze_batchnorm, load_init_weights
 from vistrain.model.yolox import YOLOX
@@ -227,6 +229,13 @@ def start_from_weights(
         freeze_batchnorm(net)
 
 
+def log_yolox_summary(net: YOLOX, image_size: int) -> None:
+    """Log the model's parameters and GFLOPs at the training input size (rank 0 only)."""
+    if is_rank_zero():
+        size = (image_size, image_size)
+        logger.info("YOLOX-%s: %s.", net.size, summarize(net, size, forward=net.decoded))
+
+
 def yolox_loss_module(num_classes: int, strides: Sequence[int] = (8, 16, 32)) -> LossModule:
     """YOLOX's head loss wired to the model's raw maps and the batch's boxes."""
     return LossModule(
@@ -358,6 +367,7 @@ __all__ = [
     "check_init_weights",
     "configure_threads",
     "images_to_uint8",
+    "log_yolox_summary",
     "sgd_param_groups",
     "shapes_cache_dir",
     "square_sizes",

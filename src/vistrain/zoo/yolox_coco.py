@@ -58,6 +58,7 @@ from vistrain.predict import DetectorInfo, info_from_annotations
 from vistrain.zoo._yolox_parts import (
     check_init_weights,
     configure_threads,
+    log_yolox_summary,
     sgd_param_groups,
     square_sizes,
     start_from_weights,
@@ -340,6 +341,7 @@ def build(params: Params, output_dir: str) -> Experiment:
         nms_threshold=params.nms_threshold,
     )
     start_from_weights(net, params.init_weights, params.freeze_backbone, params.freeze_bn)
+    log_yolox_summary(net, recipe.image_size)
     model = ModelExpEMAAdapter(net, decay=params.ema_decay, warmup_steps=params.ema_warmup_steps)
     lr = params.lr_per_64 * params.batch_size * get_world_size() / 64
     optimizer = torch.optim.SGD(

@@ -61,15 +61,16 @@ from vistrain.data.presets import yolox_test_pipe, yolox_train_pipe
 from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.optim import warmup_cosine
 from vistrain.model.adapter import ModelExpEMAAdapter
-from vistrain.model.summary import summarize
-from vistrain.model.weights import freeze_backbone, freeze_batchnorm, load_init_weights
 from vistrain.model.yolox import YOLOX
 from vistrain.predict import DetectorInfo
 from vistrain.zoo._yolox_parts import (
+    check_init_weights,
     configure_threads,
+    log_yolox_summary,
     sgd_param_groups,
     shapes_cache_dir,
     square_sizes,
+    start_from_weights,
     yolox_callbacks,
     yolox_data_connectors,
     yolox_loss_module,
@@ -227,11 +228,7 @@ class Params:
         for name in ("mosaic_prob", "mixup_prob", "hsv_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
-        if self.init_weights and not os.path.isfile(os.path.expanduser(self.init_weights)):
-            raise ValueError(
-                f"init_weights={self.init_weights!r} is not a file; pass a vistrain checkpoint "
-                "or an official YOLOX checkpoint"
-            )
+        check_init_weights(self.init_weights)
         if not 0 < self.mosaic_scale_min <= self.mosaic_scale_max:
             raise ValueError(
                 f"mosaic_scale_min={self.mosaic_scale_min} and mosaic_scale_max="
@@ -303,15 +300,8 @@ def build(params: Params, output_dir: str) -> Experiment:
     train_set, val_set = _datasets(params)
 
     net = YOLOX(num_classes=params.num_classes, size="nano")
-    if params.init_weights:
-        load_init_weights(net, os.path.expanduser(params.init_weights))
-    if params.freeze_backbone:
-        freeze_backbone(net)
-    if params.freeze_bn:
-        freeze_batchnorm(net)
-    if is_rank_zero():
-        size = (params.image_size, params.image_size)
-        logger.info("YOLOX-nano: %s.", summarize(net, size, forward=net.decoded))
+    start_from_weights(net, params.init_weights, params.freeze_backbone, params.freeze_bn)
+    log_yolox_summary(net, params.image_size)
     model = ModelExpEMAAdapter(net, decay=params.ema_decay, warmup_steps=params.ema_warmup_steps)
     optimizer = torch.optim.SGD(
         sgd_param_groups(net, params.weight_decay),
