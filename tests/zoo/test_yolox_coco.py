@@ -43,6 +43,8 @@ TINY = [
     "num_threads=1",
     "ema_warmup_steps=2",
     "score_threshold=0",  # an untrained model scores below the official 0.01
+    "mosaic_prob=1",  # every sample through mosaic and mixup (the empty image too)
+    "mixup_prob=1",
 ]
 
 
