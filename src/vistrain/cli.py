@@ -1,4 +1,4 @@
-"""The ``vistrain`` command line: ``fit``, ``test`` and ``configs``.
+"""The ``vistrain`` command line; ``vistrain --help`` lists its subcommands.
 
 Usage errors (an unknown config or ``--set`` key, a value of the wrong type, a missing
 file) print one line and exit with status 2 before anything is written.
@@ -74,7 +74,49 @@ def _parser() -> argparse.ArgumentParser:
     common(test)
     test.add_argument("--ckpt", required=True, help="checkpoint file to evaluate")
     sub.add_parser("configs", help="list the built-in experiments and their parameters")
+    _add_predict_parsers(sub)
     return parser
+
+
+def _add_predict_parsers(sub: Any) -> None:
+    """The ``predict``, ``export`` and ``make-shapes`` subcommands."""
+
+    def checkpoint_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--ckpt", required=True, help="vistrain or official YOLOX checkpoint")
+        p.add_argument(
+            "--config",
+            default=None,
+            help="the experiment the checkpoint was trained with (class names, input size)",
+        )
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="score_threshold, nms_threshold, max_detections, image_size, legacy, "
+            "classes_from, or a key of --config",
+        )
+
+    predict = sub.add_parser("predict", help="detect objects in images with a checkpoint")
+    checkpoint_args(predict)
+    predict.add_argument("--input", required=True, help="an image file or a folder of images")
+    predict.add_argument(
+        "--output-dir", default=None, help="where predictions.json and pictures/ go"
+    )
+    export = sub.add_parser("export", help="write a checkpoint's detector without NMS")
+    checkpoint_args(export)
+    export.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    export.add_argument("--output", default=None, help="file to write (default: beside --ckpt)")
+    shapes = sub.add_parser(
+        "make-shapes", help="write generated shapes as a COCO folder (train/ and val/)"
+    )
+    shapes.add_argument("--out", required=True, help="new or empty folder to write")
+    shapes.add_argument("--num-train", type=int, default=200)
+    shapes.add_argument("--num-val", type=int, default=50)
+    shapes.add_argument("--image-size", type=int, default=256)
+    shapes.add_argument("--num-classes", type=int, default=3)
+    shapes.add_argument("--seed", type=int, default=0)
 
 
 def _config_name(config: str) -> str:
@@ -219,6 +261,95 @@ def _configs() -> int:
     return 0
 
 
+def _load_detector(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The checkpoint's detector and the predict settings, from ``--ckpt/--config/--set``."""
+    from vistrain.predict import PredictParams, load_detector
+
+    own_keys = set(param_types(PredictParams))
+    own = [item for item in args.overrides if item.split("=", 1)[0].strip() in own_keys]
+    rest = [item for item in args.overrides if item not in own]
+    info = None
+    try:
+        params = apply_overrides(PredictParams(), own)
+        if args.config is not None:
+            module = load_config(args.config)
+            if not hasattr(module, "detector_info"):
+                raise ValueError(
+                    f"config {args.config!r} defines no detector_info(params); use "
+                    "--set classes_from=ANNOTATIONS.json instead of --config"
+                )
+            info = module.detector_info(apply_overrides(module.Params(), rest))
+        elif rest:
+            apply_overrides(PredictParams(), rest)  # reports the unknown key
+        return load_detector(args.ckpt, params, info), params
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from vistrain.common.log_setup import setup_logger
+    from vistrain.predict import list_images, predict_images
+
+    detector, params = _load_detector(args)
+    try:
+        paths = list_images(args.input)
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
+    output_dir = args.output_dir or os.path.join(
+        "runs", "predict", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    )
+    setup_logger()
+    logger.info("Predicting with the %s.", detector.source)
+    summary = predict_images(detector, paths, output_dir, params)
+    print(
+        f"{summary.num_detections} detections in {summary.num_images} images -> "
+        f"{summary.predictions_file}"
+    )
+    for path, reason in summary.skipped:
+        print(f"skipped {path}: {reason}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from vistrain.common.log_setup import setup_logger
+    from vistrain.export import default_output, export_detector
+
+    detector, _ = _load_detector(args)
+    output = args.output or default_output(args.ckpt, args.format)
+    if os.path.isdir(output):
+        raise UsageError(f"--output {output!r} is a folder; name the file to write")
+    setup_logger()
+    try:
+        export_detector(detector.model, args.format, output, int(detector.info.image_size))
+    except ImportError as err:
+        raise UsageError(
+            f"--format onnx needs the onnx package ({err}): pip install 'vistrain[onnx]'"
+        ) from None
+    print(output)
+    return 0
+
+
+def _make_shapes(args: argparse.Namespace) -> int:
+    from vistrain.data.datasets import write_shapes_coco
+
+    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+        raise UsageError(f"--out {args.out!r} exists and is not an empty folder; choose a new one")
+    try:
+        splits = write_shapes_coco(
+            args.out,
+            num_train=args.num_train,
+            num_val=args.num_val,
+            image_size=args.image_size,
+            seed=args.seed,
+            num_classes=args.num_classes,
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    for name, paths in splits.items():
+        print(f"{name}: {paths.annotation_file} (images in {paths.image_root})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vistrain`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -232,6 +363,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fit(args, argv)
         if args.command == "test":
             return _test(args)
+        if args.command == "predict":
+            return _predict(args)
+        if args.command == "export":
+            return _export(args)
+        if args.command == "make-shapes":
+            return _make_shapes(args)
         return _configs()
     except UsageError as err:
         print(f"vistrain: error: {err}", file=sys.stderr)

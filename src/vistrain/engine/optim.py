@@ -18,12 +18,13 @@ scheduler and the optimizer's current learning rates, so a resume continues exac
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler
+from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, LRScheduler
 
 from vistrain.op.norm import NORM_TYPES
 
@@ -221,3 +222,65 @@ def sgd_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return [group for group in groups if group["params"]]
+
+
+class WarmCosFactor:
+    """Learning-rate factor per optimizer step of YOLOX's ``yoloxwarmcos`` schedule.
+
+    Quadratic warm-up from 0 over ``warmup_steps``, a cosine from 1 down to ``min_ratio``
+    that ends ``flat_steps`` before ``total_steps``, then ``min_ratio`` to the end. A plain
+    object rather than a closure so that ``LambdaLR.state_dict`` records its settings.
+    """
+
+    def __init__(
+        self, warmup_steps: int, total_steps: int, flat_steps: int, min_ratio: float
+    ) -> None:
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.flat_steps = flat_steps
+        self.min_ratio = min_ratio
+
+    def __call__(self, step: int) -> float:
+        """Factor of the peak learning rate after ``step`` optimizer steps."""
+        if self.warmup_steps > 0 and step <= self.warmup_steps:
+            return (step / self.warmup_steps) ** 2
+        cosine_end = self.total_steps - self.flat_steps
+        if step >= cosine_end:
+            return self.min_ratio
+        progress = (step - self.warmup_steps) / max(cosine_end - self.warmup_steps, 1)
+        return self.min_ratio + 0.5 * (1.0 - self.min_ratio) * (1.0 + math.cos(math.pi * progress))
+
+
+def yolox_warm_cos(
+    optimizer: Optimizer,
+    warmup_steps: int,
+    total_steps: int,
+    flat_steps: int,
+    min_lr_ratio: float = 0.05,
+) -> LRSchedulerWrapper:
+    """YOLOX's schedule, per optimizer step: quadratic warm-up, cosine, flat minimum.
+
+    The learning rate of step ``k`` (0-based) is ``lr * f(k)`` with ``f`` of
+    :class:`WarmCosFactor`; the first step runs at 0 as official YOLOX's does (its
+    ``warmup_lr`` is 0). The flat tail is meant to cover the epochs without mosaic.
+
+    Args:
+        optimizer: The optimizer; its current learning rates are the peak ones.
+        warmup_steps: Steps of quadratic warm-up (0 disables it).
+        total_steps: Steps of the whole run.
+        flat_steps: Last steps held at ``min_lr_ratio * lr``.
+        min_lr_ratio: Final learning rate as a fraction of the peak one.
+
+    Raises:
+        ValueError: If the warm-up and the flat tail do not fit into the run.
+    """
+    if warmup_steps < 0 or flat_steps < 0 or warmup_steps + flat_steps > total_steps:
+        raise ValueError(
+            f"warmup_steps={warmup_steps} and flat_steps={flat_steps} must be >= 0 and fit "
+            f"into total_steps={total_steps}."
+        )
+    if not 0 <= min_lr_ratio <= 1:
+        raise ValueError(f"min_lr_ratio={min_lr_ratio} must be in [0, 1].")
+    factor = WarmCosFactor(warmup_steps, total_steps, flat_steps, min_lr_ratio)
+    config = LRSchedulerConfig(LambdaLR, {"lr_lambda": factor}, 0, None, epoch_based=False)
+    return LRSchedulerWrapper(optimizer, [config])

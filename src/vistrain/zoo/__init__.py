@@ -14,6 +14,7 @@ import types
 
 BUILTIN_EXPERIMENTS: dict[str, str] = {
     "yolox_shapes": "vistrain.zoo.yolox_shapes",
+    "yolox_coco": "vistrain.zoo.yolox_coco",
     "toy_classifier": "vistrain.zoo.toy_classifier",
 }
 DEFAULT_EXPERIMENT = "yolox_shapes"

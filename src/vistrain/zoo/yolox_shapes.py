@@ -5,13 +5,13 @@ triangles by default, up to five classes, on textured backgrounds, COCO format) 
 generated on first use into a cache folder (``$VISTRAIN_CACHE`` or
 ``~/.cache/vistrain/shapes``) and reused afterwards.
 
-What a run does, in YOLOX's recipe scaled down:
+It is a short CPU recipe built from YOLOX's parts, not official YOLOX-nano training (that
+is ``yolox_coco`` with ``size=nano``). What a run does:
 
 - SGD with Nesterov momentum, weight decay on convolution weights only, linear warm-up for
   ``warmup_epochs`` then a cosine decay per epoch;
-- mosaic + random affine (the nano setting: zoom 0.5..1.5, no mixup), HSV jitter and flips;
-  multi-scale training with ``YOLOXSyncRandomResizeCallback`` (``--set resize_steps=1``;
-  a single scale by default, see below);
+- mosaic + random affine (zoom 0.5..1.5, no rotation or shear, no mixup), HSV jitter and
+  flips; one input size (multi-scale with ``--set resize_steps=1``);
 - in the last ``num_epochs - switch_epoch`` epochs: no mosaic, the L1 box term on and a
   validation every epoch (``YOLOXModeSwitchCallback``);
 - an EMA of the weights (``ModelExpEMAAdapter``) that is what validation and ``vistrain
@@ -19,6 +19,15 @@ What a run does, in YOLOX's recipe scaled down:
 - COCO box AP on the validation split after every ``val_every`` epochs (and every epoch after
   the switch), with predictions saved under ``eval/Det``; pictures of detections under
   ``vis/train`` and ``vis/test``; checkpoints under ``checkpoints``.
+
+Where it departs from the official nano recipe (``exps/default/yolox_nano.py`` on
+``yolox_base.py``), each to fit a few minutes on two cores: 20 epochs instead of 300;
+160-pixel inputs instead of 416, and no multi-scale (official: 320..640); batch 4 at lr
+0.01, 16 times official's 0.01 per 64 images; a one-epoch linear warm-up instead of five
+quadratic ones from 0, and a per-epoch cosine instead of a per-step one held at its minimum
+for the last 15 epochs; the switch 4 epochs before the end instead of 15; EMA decay 0.99
+with a 50-step ramp instead of 0.9998 and 2000; mosaic always (official nano: half the
+samples); no rotation or shear (official: up to 10 and 2 degrees).
 
 How the defaults were chosen (2-core CPU, 800 training and 200 validation images, AP50):
 the budget of a few minutes allows only a few thousand optimizer steps, and the number of
@@ -32,16 +41,13 @@ run) left the evaluated weights far behind (AP50 0.05 against 0.31 for the raw w
 0.99 tracks them; 3 classes instead of 5 lifted AP50 from 0.62 to 0.74 after 12 epochs.
 The default run measured AP50 0.807 and AP 0.566 in 4 min 42 s (data generation included).
 
-Callback order matters: EMA first, so the EMA is updated right after the optimizer step
-and before anything saves or draws; the norm sync before the evaluator (its test-epoch
-hook averages statistics first); the checkpoint callback last, so it sees every other
-callback's state of the same step.
+The callbacks, and why their order matters, are ``yolox_callbacks`` of ``yolox_wiring``,
+shared with ``yolox_coco``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,33 +61,20 @@ from vistrain.data.datasets.shapes_render import SHAPE_NAMES
 from vistrain.data.loader import build_test_dataloader, build_train_dataloader
 from vistrain.data.presets import yolox_test_pipe, yolox_train_pipe
 from vistrain.engine.callbacks.base import Callback
-from vistrain.engine.callbacks.checkpoint import CheckpointCallback
-from vistrain.engine.callbacks.ema import EMACallback
-from vistrain.engine.callbacks.evaluator import EvaluatorCallback
-from vistrain.engine.callbacks.logging import LoggingCallback
-from vistrain.engine.callbacks.visualizer import VisualizerCallback
-from vistrain.engine.callbacks.yolox_callbacks import (
-    YOLOXModeSwitchCallback,
-    YOLOXSyncNormCallback,
-    YOLOXSyncRandomResizeCallback,
-)
-from vistrain.engine.connectors import (
-    CallbackConnector,
-    DataConnector,
-    LossConnector,
-    data_key,
-    pred_key,
-)
-from vistrain.engine.loss_module import LossModule
 from vistrain.engine.optim import sgd_param_groups, warmup_cosine
-from vistrain.eval.coco import COCODetectEvaluator
 from vistrain.model.adapter import ModelExpEMAAdapter
-from vistrain.model.summary import summarize
-from vistrain.model.weights import freeze_backbone, freeze_batchnorm, load_init_weights
 from vistrain.model.yolox import YOLOX
-from vistrain.op.detect.yolox import YOLOXHeadLoss
-from vistrain.vis.detection import DetectionVisualizer
+from vistrain.predict import DetectorInfo
 from vistrain.zoo.base import Experiment
+from vistrain.zoo.yolox_wiring import (
+    check_init_weights,
+    log_yolox_summary,
+    square_sizes,
+    start_from_weights,
+    yolox_callbacks,
+    yolox_data_connectors,
+    yolox_loss_module,
+)
 
 DESCRIPTION = "YOLOX-nano on generated shapes (3 classes), COCO box AP; the default experiment"
 
@@ -234,11 +227,7 @@ class Params:
         for name in ("mosaic_prob", "mixup_prob", "hsv_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
-        if self.init_weights and not os.path.isfile(os.path.expanduser(self.init_weights)):
-            raise ValueError(
-                f"init_weights={self.init_weights!r} is not a file; pass a vistrain checkpoint "
-                "or an official YOLOX checkpoint"
-            )
+        check_init_weights(self.init_weights)
         if not 0 < self.mosaic_scale_min <= self.mosaic_scale_max:
             raise ValueError(
                 f"mosaic_scale_min={self.mosaic_scale_min} and mosaic_scale_max="
@@ -288,67 +277,19 @@ def _datasets(params: Params) -> tuple[COCODataset, COCODataset]:
 def _callbacks(
     params: Params, output_dir: str, annotation_file: str, class_names: list[str]
 ) -> list[Callback]:
-    size = params.image_size
-    sizes = [
-        (size + STRIDE * k, size + STRIDE * k)
-        for k in range(-params.resize_steps, params.resize_steps + 1)
-        if k != 0
-    ] + [(size, size)]  # the last entry is the size before the first draw
-    visualizer = DetectionVisualizer(
-        vis_freq=params.vis_every, class_names=class_names, score_threshold=0.3, max_images=4
+    size, steps = params.image_size, params.resize_steps
+    return yolox_callbacks(
+        output_dir,
+        annotation_file,
+        class_names,
+        switch_epoch=params.switch_epoch,
+        sizes=square_sizes(size - STRIDE * steps, size + STRIDE * steps, size, STRIDE),
+        resize_interval=params.resize_interval,
+        seed=params.seed,
+        log_every=params.log_every,
+        vis_every=params.vis_every,
+        checkpoint_period=params.checkpoint_period,
     )
-    return [
-        EMACallback(),
-        YOLOXModeSwitchCallback(switch_epoch=params.switch_epoch),
-        YOLOXSyncRandomResizeCallback(
-            size_list=sizes, interval=params.resize_interval, seed=params.seed
-        ),
-        YOLOXSyncNormCallback(),
-        LoggingCallback(refresh_rate=params.log_every),
-        VisualizerCallback(
-            visualizer=visualizer,
-            visualize_train=True,
-            save_prefix=output_dir,
-            train_connector=CallbackConnector(
-                {
-                    "images": data_key("images"),
-                    "image_names": data_key("sample_names"),
-                    "cls_score": pred_key("cls_score"),
-                    "bbox_pred": pred_key("bbox_pred"),
-                    "objectness": pred_key("objectness"),
-                }
-            ),
-            test_connector=CallbackConnector(
-                {
-                    "images": data_key("original_images"),
-                    "image_names": data_key("sample_names"),
-                    "boxes": pred_key("boxes"),
-                    "scores": pred_key("scores"),
-                    "class_ids": pred_key("class_ids"),
-                }
-            ),
-        ),
-        EvaluatorCallback(
-            evaluator=COCODetectEvaluator(annotation_file),
-            save_predictions=True,
-            save_prefix=os.path.join(output_dir, "eval"),
-            test_connector=CallbackConnector(
-                {
-                    "coco_image_id": data_key("coco_image_id"),
-                    "pred_boxes": pred_key("boxes"),
-                    "pred_scores": pred_key("scores"),
-                    "pred_classes": pred_key("class_ids"),
-                }
-            ),
-        ),
-        CheckpointCallback(
-            save_prefix=output_dir,
-            checkpoint_period=params.checkpoint_period,
-            max_to_keep=3,
-            monitor="Det/AP",
-            mode="max",
-        ),
-    ]
 
 
 def build(params: Params, output_dir: str) -> Experiment:
@@ -358,15 +299,8 @@ def build(params: Params, output_dir: str) -> Experiment:
     train_set, val_set = _datasets(params)
 
     net = YOLOX(num_classes=params.num_classes, size="nano")
-    if params.init_weights:
-        load_init_weights(net, os.path.expanduser(params.init_weights))
-    if params.freeze_backbone:
-        freeze_backbone(net)
-    if params.freeze_bn:
-        freeze_batchnorm(net)
-    if is_rank_zero():
-        size = (params.image_size, params.image_size)
-        logger.info("YOLOX-nano: %s.", summarize(net, size, forward=net.decoded))
+    start_from_weights(net, params.init_weights, params.freeze_backbone, params.freeze_bn)
+    log_yolox_summary(net, params.image_size)
     model = ModelExpEMAAdapter(net, decay=params.ema_decay, warmup_steps=params.ema_warmup_steps)
     optimizer = torch.optim.SGD(
         sgd_param_groups(net, params.weight_decay),
@@ -404,23 +338,9 @@ def build(params: Params, output_dir: str) -> Experiment:
         num_epochs=params.num_epochs,
         warmup_epochs_done=max(1, int(params.warmup_epochs + 0.999)),
     )
-    loss_module = LossModule(
-        {
-            "loss": YOLOXHeadLoss(params.num_classes, strides=YOLOX.strides),
-            "connector": LossConnector(
-                {
-                    "cls_outs": pred_key("cls_score"),
-                    "reg_outs": pred_key("bbox_pred"),
-                    "obj_outs": pred_key("objectness"),
-                    "target_boxes": data_key("boxes2d"),
-                    "target_class_ids": data_key("boxes2d_classes"),
-                    "images_hw": data_key("input_hw"),
-                }
-            ),
-            "name": "det",
-        }
-    )
+    loss_module = yolox_loss_module(params.num_classes, YOLOX.strides)
     callbacks = _callbacks(params, output_dir, val_set.annotation_file, list(val_set.class_names))
+    train_connector, test_connector = yolox_data_connectors()
     return Experiment(
         model=model,
         loss_module=loss_module,
@@ -428,10 +348,8 @@ def build(params: Params, output_dir: str) -> Experiment:
         lr_schedulers=[scheduler],
         train_dataloader=train_loader,
         test_dataloader=test_loader,
-        train_data_connector=DataConnector({"images": "images"}),
-        test_data_connector=DataConnector(
-            {"images": "images", "input_hw": "input_hw", "original_hw": "original_hw"}
-        ),
+        train_data_connector=train_connector,
+        test_data_connector=test_connector,
         callbacks=callbacks,
         trainer_kwargs={
             "num_epochs": params.num_epochs,
@@ -441,4 +359,10 @@ def build(params: Params, output_dir: str) -> Experiment:
     )
 
 
-__all__ = ["DESCRIPTION", "Params", "build"]
+def detector_info(params: Params) -> DetectorInfo:
+    """What the classes of this run's detector mean, for ``vistrain predict``/``export``."""
+    names = list(SHAPE_NAMES[: params.num_classes])
+    return DetectorInfo(names, list(range(1, len(names) + 1)), params.image_size)
+
+
+__all__ = ["DESCRIPTION", "Params", "build", "detector_info"]

@@ -5,6 +5,7 @@ from vistrain.data.datasets.shapes import (
     ShapesPaths,
     ensure_shapes_dataset,
     generate_shapes_dataset,
+    write_shapes_coco,
 )
 from vistrain.data.datasets.shapes_render import SHAPE_NAMES
 
@@ -14,4 +15,5 @@ __all__ = [
     "ShapesPaths",
     "ensure_shapes_dataset",
     "generate_shapes_dataset",
+    "write_shapes_coco",
 ]

@@ -247,3 +247,42 @@ def ensure_shapes_dataset(
     return generate_shapes_dataset(
         root, num_images, image_size, split_seed(seed, split), num_classes, max_objects
     )
+
+
+def write_shapes_coco(
+    out_dir: str | os.PathLike[str],
+    num_train: int = 200,
+    num_val: int = 50,
+    image_size: int = 256,
+    seed: int = 0,
+    num_classes: int = 3,
+    max_objects: int = 6,
+) -> dict[str, ShapesPaths]:
+    """Write generated shapes as a COCO folder with a ``train`` and a ``val`` split.
+
+    A small data set in the layout of a user's own data, to try ``yolox_coco`` and
+    ``vistrain predict`` on (``vistrain make-shapes`` calls this)::
+
+        <out_dir>/train/annotations.json  <out_dir>/train/images/000000.png ...
+        <out_dir>/val/annotations.json    <out_dir>/val/images/000000.png ...
+
+    Returns:
+        The paths of each split by name.
+
+    Raises:
+        ValueError: If a count or size is out of range.
+    """
+    counts = {"train": num_train, "val": num_val}
+    for count in counts.values():
+        _check_params(count, image_size, num_classes, max_objects)
+    return {
+        split: generate_shapes_dataset(
+            Path(out_dir) / split,
+            count,
+            image_size=image_size,
+            seed=split_seed(seed, split),
+            num_classes=num_classes,
+            max_objects=max_objects,
+        )
+        for split, count in counts.items()
+    }
