@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+from vistrain import __version__
+from vistrain.common.cpu import usable_cores
 from vistrain.common.launch_env import adopt_slurm_env, launch_run_id
 from vistrain.run_folder import (
     HELD_LOCK_ENV,
@@ -38,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vistrain", description="Train and evaluate vision models with callbacks."
     )
+    parser.add_argument("--version", action="version", version=f"vistrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -47,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
             help=f"built-in experiment name or a .py file (default: {DEFAULT_EXPERIMENT})",
         )
         p.add_argument(
-            "--output-dir", default=None, help="run folder (default: runs/<config>/<time>)"
+            "--output-dir",
+            default=None,
+            help="run folder (default: runs/<config>/<time>, for test <time>-test)",
         )
         p.add_argument(
             "--set",
@@ -147,14 +152,24 @@ def _find_last_checkpoint(args: argparse.Namespace) -> tuple[str, str]:
     return found[-1], os.path.dirname(os.path.dirname(found[-1]))
 
 
-def _output_dir(args: argparse.Namespace) -> str:
+def _output_dir(args: argparse.Namespace, suffix: str = "") -> str:
     if args.output_dir is not None:
         return str(args.output_dir)
     run_id = launch_run_id()  # ranks started by srun or torchrun agree on it without talking
     if run_id is not None:
-        return os.path.join("runs", _config_name(args.config), f"run-{run_id}")
+        return os.path.join("runs", _config_name(args.config), f"run-{run_id}{suffix}")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join("runs", _config_name(args.config), stamp)
+    return os.path.join("runs", _config_name(args.config), stamp + suffix)
+
+
+def _launcher_env(nproc: int) -> None:
+    """Choose the workers' OpenMP threads before torchrun does (it prints a banner).
+
+    Each of ``nproc`` processes gets an equal share of this process's cores (at least
+    one); a value the user set in ``OMP_NUM_THREADS`` is kept.
+    """
+    if not os.environ.get("OMP_NUM_THREADS"):
+        os.environ["OMP_NUM_THREADS"] = str(max(1, usable_cores() // nproc))
 
 
 def _launch_workers(args: argparse.Namespace, argv: Sequence[str], output_dir: str) -> int:
@@ -185,6 +200,7 @@ def _launch_workers(args: argparse.Namespace, argv: Sequence[str], output_dir: s
         output_dir,
     ]
     os.environ[HELD_LOCK_ENV] = "1"  # the workers run under this process's lock
+    _launcher_env(args.devices)
     try:
         torchrun_main(launch_args)
     except Exception as err:  # the launcher raises ChildFailedError with every rank's error
@@ -240,12 +256,14 @@ def _test(args: argparse.Namespace) -> int:
     from vistrain.engine.checkpointing import CheckpointError
     from vistrain.runner import run_test
 
+    output_dir = _output_dir(args, suffix="-test")
     try:
-        logs = run_test(module, params, _output_dir(args), args.ckpt)
+        logs = run_test(module, params, output_dir, args.ckpt)
     except CheckpointError as err:
         raise UsageError(str(err)) from None
     for key, value in logs.items():
         print(f"test/{key}: {value:.4f}")
+    print(f"Results in {os.path.abspath(output_dir)}")
     return 0
 
 

@@ -2,6 +2,11 @@
 
 The command line calls these after validating its arguments; they also serve scripts
 that want the same behaviour as ``vistrain fit`` / ``vistrain test``.
+
+Every run carries a ``RunInfoCallback``, so its checkpoints name the experiment that
+wrote them; a checkpoint whose weights do not fit is then reported with that name. A test
+runs every callback but the checkpoint one (a test saves no checkpoint) and labels its
+scalars with the checkpoint's epoch and step, so they line up with the run's validations.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ import torch
 
 from vistrain.common.distributed import destroy_process_group, get_rank, init_process_group
 from vistrain.common.log_setup import setup_logger
-from vistrain.engine.checkpointing import check_model_state, load_checkpoint
+from vistrain.engine.callbacks.base import Callback
+from vistrain.engine.callbacks.checkpoint import CheckpointCallback
+from vistrain.engine.checkpointing import CheckpointError, check_model_state, load_checkpoint
 from vistrain.engine.trainer import Trainer
 from vistrain.model.adapter import find_ema_adapters
+from vistrain.run_info import RunInfoCallback, checkpoint_experiment, experiment_name
 from vistrain.run_summary import log_run_summary
 from vistrain.zoo.base import Experiment
 
@@ -48,10 +56,13 @@ def _build(module: ModuleType, params: Any, output_dir: str) -> Experiment:
             f"build() of {module.__name__} returned {type(experiment).__name__}; "
             "it must return a vistrain.zoo.base.Experiment."
         )
+    experiment.callbacks.append(RunInfoCallback(experiment_name(module)))
     return experiment
 
 
-def _trainer(experiment: Experiment, output_dir: str) -> Trainer:
+def _trainer(
+    experiment: Experiment, output_dir: str, callbacks: list[Callback] | None = None
+) -> Trainer:
     return Trainer(
         device=_device(),
         output_dir=output_dir,
@@ -59,9 +70,45 @@ def _trainer(experiment: Experiment, output_dir: str) -> Trainer:
         test_dataloader=experiment.test_dataloader,
         train_data_connector=experiment.train_data_connector,
         test_data_connector=experiment.test_data_connector,
-        callbacks=experiment.callbacks,
+        callbacks=experiment.callbacks if callbacks is None else callbacks,
         **experiment.trainer_kwargs,
     )
+
+
+def foreign_checkpoint_error(
+    ckpt_path: str, experiment: str, reason: CheckpointError
+) -> CheckpointError:
+    """``reason`` re-worded when ``ckpt_path`` was written by another experiment.
+
+    Returns ``reason`` itself when the checkpoint names no experiment or this one.
+    """
+    try:
+        origin = checkpoint_experiment(load_checkpoint(ckpt_path))
+    except (CheckpointError, FileNotFoundError):
+        return reason
+    if origin is None or origin == experiment:
+        return reason
+    return CheckpointError(
+        f"{ckpt_path} is a checkpoint of experiment {origin!r}, not {experiment!r}; "
+        f"pass --config {origin} (or a checkpoint of {experiment})."
+    )
+
+
+def _fit_with(engine: str, experiment: Experiment, output_dir: str, ckpt_path: str | None) -> None:
+    if engine == "lightning":
+        from vistrain.pl.quiet import quiet_lightning
+        from vistrain.pl.runner import fit_with_lightning
+
+        with quiet_lightning():
+            fit_with_lightning(experiment, output_dir, ckpt_path)
+    else:
+        _trainer(experiment, output_dir).fit(
+            experiment.model,
+            experiment.optimizers,
+            experiment.lr_schedulers,
+            experiment.loss_module,
+            ckpt_path=ckpt_path,
+        )
 
 
 def run_fit(
@@ -80,18 +127,12 @@ def run_fit(
         setup_logger(log_file=os.path.join(output_dir, "log.txt") if get_rank() == 0 else None)
         logger.info("Run folder: %s", os.path.abspath(output_dir))
         experiment = _build(module, params, output_dir)
-        if engine == "lightning":
-            from vistrain.pl.runner import fit_with_lightning
-
-            fit_with_lightning(experiment, output_dir, ckpt_path)
-        else:
-            _trainer(experiment, output_dir).fit(
-                experiment.model,
-                experiment.optimizers,
-                experiment.lr_schedulers,
-                experiment.loss_module,
-                ckpt_path=ckpt_path,
-            )
+        try:
+            _fit_with(engine, experiment, output_dir, ckpt_path)
+        except CheckpointError as err:
+            if ckpt_path is None:
+                raise
+            raise foreign_checkpoint_error(ckpt_path, experiment_name(module), err) from None
         del experiment
         finished = True
         log_run_summary(module, params, output_dir, time.perf_counter() - started)
@@ -109,23 +150,44 @@ def describe_weights(model: torch.nn.Module) -> str:
 
 
 def run_test(module: ModuleType, params: Any, output_dir: str, ckpt_path: str) -> dict[str, float]:
-    """Evaluate the weights of ``ckpt_path`` on the experiment's test data."""
+    """Evaluate the weights of ``ckpt_path`` on the experiment's test data.
+
+    Pictures, saved predictions, scalars and ``log.txt`` go to ``output_dir``; the scalars
+    carry the checkpoint's epoch and global step. Nothing is written there before the
+    checkpoint is known to fit.
+
+    Raises:
+        CheckpointError: If the file is not a readable vistrain checkpoint or its weights
+            do not fit the model (naming the experiment that wrote it, when another one).
+    """
     created_group = init_process_group()
     finished = False
     try:
         setup_logger()
         experiment = _build(module, params, output_dir)
         ckpt = load_checkpoint(ckpt_path)
-        check_model_state(experiment.model, ckpt["state_dict"], ckpt_path)
+        try:
+            check_model_state(experiment.model, ckpt["state_dict"], ckpt_path)
+        except CheckpointError as err:
+            raise foreign_checkpoint_error(ckpt_path, experiment_name(module), err) from None
         experiment.model.load_state_dict(ckpt["state_dict"])
+        os.makedirs(output_dir, exist_ok=True)
+        setup_logger(log_file=os.path.join(output_dir, "log.txt") if get_rank() == 0 else None)
+        epoch, step = int(ckpt.get("epoch", 0)), int(ckpt.get("global_step", 0))
         logger.info(
-            "Evaluating the %s of %s (epoch %s, step %s).",
+            "Evaluating the %s of %s (epoch %d, step %d).",
             describe_weights(experiment.model),
             ckpt_path,
-            ckpt.get("epoch"),
-            ckpt.get("global_step"),
+            epoch,
+            step,
         )
-        logs = _trainer(experiment, output_dir).test(experiment.model)
+        tester = _trainer(
+            experiment,
+            output_dir,
+            [cb for cb in experiment.callbacks if not isinstance(cb, CheckpointCallback)],
+        )
+        tester.current_epoch, tester.global_step = epoch, step
+        logs = tester.test(experiment.model)
         del experiment
         finished = True
         return logs

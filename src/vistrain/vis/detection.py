@@ -60,8 +60,11 @@ class DetectionVisualizer(BoundingBoxVisualizer):
         cls_score: Sequence[Tensor] | None = None,
         bbox_pred: Sequence[Tensor] | None = None,
         objectness: Sequence[Tensor] | None = None,
+        **ground_truth: Any,
     ) -> None:
         """Draw detections (given, or decoded from raw head maps) if ``cur_iter`` is due.
+
+        ``ground_truth`` (``gt_boxes``, ``gt_class_ids``, ``gt_hw``) is drawn beside them.
 
         Raises:
             ValueError: If neither ``boxes`` nor all three head maps are given.
@@ -88,4 +91,4 @@ class DetectionVisualizer(BoundingBoxVisualizer):
                 "DetectionVisualizer needs boxes (decoded detections) or cls_score, bbox_pred "
                 "and objectness (raw YOLOX head maps)."
             )
-        super().process(cur_iter, images, image_names, boxes, scores, class_ids)
+        super().process(cur_iter, images, image_names, boxes, scores, class_ids, **ground_truth)

@@ -10,6 +10,7 @@ An experiment is a Python module (built in, or a file passed to ``--config``) th
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -108,6 +109,17 @@ def param_types(params_cls: type[Any]) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(params_cls)}
 
 
+def unknown_key_message(key: str, valid_keys: list[str]) -> str:
+    """One line for a mistyped ``--set`` key: the closest valid key first, then all of them.
+
+    The suggestion comes from ``difflib`` (a ratio of matching characters, so a missing or
+    swapped letter still finds the key); without a close match only the list is given.
+    """
+    close = difflib.get_close_matches(key, valid_keys, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown key {key!r} for --set; {hint}valid keys: {', '.join(sorted(valid_keys))}"
+
+
 def apply_overrides(params: Any, overrides: list[str]) -> Any:
     """Return a copy of ``params`` with ``KEY=VALUE`` overrides applied and type-checked.
 
@@ -123,9 +135,7 @@ def apply_overrides(params: Any, overrides: list[str]) -> Any:
         key, value = item.split("=", 1)
         key = key.strip()
         if key not in types_by_name:
-            raise ValueError(
-                f"unknown key {key!r} for --set; valid keys: {', '.join(sorted(types_by_name))}"
-            )
+            raise ValueError(unknown_key_message(key, list(types_by_name)))
         annotation = types_by_name[key]
         try:
             changes[key] = _convert(value, annotation)

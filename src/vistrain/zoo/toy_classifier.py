@@ -7,6 +7,7 @@ frequency, tint and noise, so the task needs spatial features but no download.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
+from vistrain.common.cpu import configure_threads
 from vistrain.data.loader import build_test_dataloader, build_train_dataloader
 from vistrain.engine.callbacks.checkpoint import CheckpointCallback
 from vistrain.engine.callbacks.ema import EMACallback
@@ -36,10 +38,16 @@ from vistrain.zoo.base import Experiment
 DESCRIPTION = "CNN classifier on generated stripe images (4 classes), top-1/top-5 accuracy"
 NUM_CLASSES = 4
 
+logger = logging.getLogger("vistrain")
+
 
 @dataclass
 class Params:
-    """Parameters of the toy classifier (``--set KEY=VALUE``)."""
+    """Parameters of the toy classifier (``--set KEY=VALUE``).
+
+    ``num_threads`` is the number of torch threads, as in the YOLOX experiment: 0 = the
+    cores minus one per loader worker, at least 1 (unless OMP_NUM_THREADS is set).
+    """
 
     num_epochs: int = 4
     batch_size: int = 32
@@ -54,6 +62,7 @@ class Params:
     log_every: int = 10
     ema: bool = True
     norm: str = "batch"
+    num_threads: int = 0
 
     def validate(self) -> None:
         """Raise ValueError for values no run can use."""
@@ -62,6 +71,8 @@ class Params:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.num_val_images < 1 or self.num_workers < 0 or self.lr <= 0:
             raise ValueError("num_val_images must be >= 1, num_workers >= 0 and lr > 0")
+        if self.num_threads < 0:
+            raise ValueError(f"num_threads={self.num_threads} must be >= 0 (0 = automatic)")
         if self.norm not in ("batch", "group"):
             raise ValueError(f"norm={self.norm!r} must be 'batch' or 'group'")
 
@@ -106,7 +117,7 @@ class SmallCNN(nn.Module):
         for c_in, c_out in itertools.pairwise(channels):
             layers += [
                 nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False),
-                nn.BatchNorm2d(c_out),
+                nn.BatchNorm2d(c_out) if norm == "batch" else nn.GroupNorm(4, c_out),
                 nn.ReLU(),
             ]
         self.features = nn.Sequential(*layers)
@@ -119,6 +130,8 @@ class SmallCNN(nn.Module):
 
 def build(params: Params, output_dir: str) -> Experiment:
     """Build the toy classification run."""
+    threads = configure_threads(params.num_threads, params.num_workers)
+    logger.info("Torch uses %d thread(s).", threads)
     train_set = StripesDataset(params.num_train_images, params.image_size, params.seed)
     val_set = StripesDataset(params.num_val_images, params.image_size, params.seed + 1)
     net = SmallCNN(norm=params.norm)

@@ -12,8 +12,9 @@ is ``yolox_coco`` with ``size=nano``). What a run does:
   ``warmup_epochs`` then a cosine decay per epoch;
 - mosaic + random affine (zoom 0.5..1.5, no rotation or shear, no mixup), HSV jitter and
   flips; one input size (multi-scale with ``--set resize_steps=1``);
-- in the last ``num_epochs - switch_epoch`` epochs: no mosaic, the L1 box term on and a
-  validation every epoch (``YOLOXModeSwitchCallback``);
+- in the last ``no_aug_epochs`` epochs (official YOLOX: 15 of 300; here 4 of 20, so the
+  switch follows ``num_epochs``): no mosaic, the L1 box term on and a validation every
+  epoch (``YOLOXModeSwitchCallback``);
 - an EMA of the weights (``ModelExpEMAAdapter``) that is what validation and ``vistrain
   test`` evaluate;
 - COCO box AP on the validation split after every ``val_every`` epochs (and every epoch after
@@ -99,7 +100,10 @@ class Params:
         seed: Seed of the weights, the shuffling and the augmentations.
         lr: Base learning rate of SGD (reached after the warm-up).
         checkpoint_period: Save a checkpoint every this many epochs.
-        switch_epoch: Epochs with strong augmentation before the YOLOX mode switch.
+        no_aug_epochs: The last this many epochs run without mosaic, with the L1 term
+            (YOLOX's ``no_aug_epochs``); a run shorter than that runs all epochs so.
+        switch_epoch: Epochs with strong augmentation before the YOLOX mode switch; None =
+            ``num_epochs - no_aug_epochs``. At or past ``num_epochs``: never switch (warned).
         val_every: Validate every this many epochs before the switch (every epoch after).
         log_every: Log averaged training metrics every this many batches.
         vis_every: Draw training detections every this many steps (test: every this many
@@ -143,7 +147,8 @@ class Params:
     seed: int = 0
     lr: float = 0.01
     checkpoint_period: int = 1
-    switch_epoch: int = 16
+    no_aug_epochs: int = 4
+    switch_epoch: int | None = None
     val_every: int = 6
     log_every: int = 10
     vis_every: int = 200
@@ -178,7 +183,6 @@ class Params:
             "num_train_images",
             "num_val_images",
             "checkpoint_period",
-            "switch_epoch",
             "val_every",
             "log_every",
             "vis_every",
@@ -195,11 +199,10 @@ class Params:
                 f"image_size={self.image_size} must be a multiple of {STRIDE} and >= "
                 f"{2 * STRIDE} (e.g. 160, 192, 224)"
             )
-        if self.switch_epoch > self.num_epochs:
-            raise ValueError(
-                f"switch_epoch={self.switch_epoch} must be <= num_epochs={self.num_epochs} "
-                "(the epochs trained before the mode switch)"
-            )
+        if self.no_aug_epochs < 0:
+            raise ValueError(f"no_aug_epochs={self.no_aug_epochs} must be >= 0")
+        if self.switch_epoch is not None and self.switch_epoch < 0:
+            raise ValueError(f"switch_epoch={self.switch_epoch} must be >= 0 (or none)")
         if self.batch_size > self.num_train_images:
             raise ValueError(
                 f"batch_size={self.batch_size} must be <= num_train_images="
@@ -233,6 +236,17 @@ class Params:
                 f"mosaic_scale_min={self.mosaic_scale_min} and mosaic_scale_max="
                 f"{self.mosaic_scale_max} need 0 < min <= max"
             )
+
+    def mode_switch_epoch(self) -> int:
+        """Epochs trained before the YOLOX mode switch.
+
+        ``switch_epoch`` when set, else ``num_epochs - no_aug_epochs``: 0 when the run is
+        not longer than ``no_aug_epochs`` (as in official YOLOX, it then trains all its
+        epochs without mosaic).
+        """
+        if self.switch_epoch is not None:
+            return self.switch_epoch
+        return max(0, self.num_epochs - self.no_aug_epochs)
 
 
 def _split_name(split: str, params: Params, num_images: int) -> str:
@@ -282,7 +296,7 @@ def _callbacks(
         output_dir,
         annotation_file,
         class_names,
-        switch_epoch=params.switch_epoch,
+        switch_epoch=params.mode_switch_epoch(),
         sizes=square_sizes(size - STRIDE * steps, size + STRIDE * steps, size, STRIDE),
         resize_interval=params.resize_interval,
         seed=params.seed,

@@ -169,6 +169,8 @@ def yolox_callbacks(
                     "cls_score": pred_key("cls_score"),
                     "bbox_pred": pred_key("bbox_pred"),
                     "objectness": pred_key("objectness"),
+                    "gt_boxes": data_key("boxes2d"),
+                    "gt_class_ids": data_key("boxes2d_classes"),
                 }
             ),
             test_connector=CallbackConnector(
@@ -178,6 +180,9 @@ def yolox_callbacks(
                     "boxes": pred_key("boxes"),
                     "scores": pred_key("scores"),
                     "class_ids": pred_key("class_ids"),
+                    "gt_boxes": data_key("boxes2d"),
+                    "gt_class_ids": data_key("boxes2d_classes"),
+                    "gt_hw": data_key("input_hw"),
                 }
             ),
         ),

@@ -2,21 +2,27 @@
 
 Where it sits in the loop::
 
-    setup()               rank 0 creates <save_prefix>/vis/train and <save_prefix>/vis/test
     on_train_batch_end    if visualize_train and visualizer.should_process(global_step):
                               rank 0 draws train_connector(outputs, batch), shows/saves, resets
     on_test_batch_end     if visualizer.should_process(batch_idx):
                               rank 0 draws test_connector(outputs, batch), shows/saves, resets
 
 Only rank 0 draws and writes: the other ranks return at once, so the callback never calls a
-collective. Steps that are not visualisation steps cost one modulo, nothing else. Test
-pictures are named after their images and overwritten by each validation, so the folder
-always holds the latest ones.
+collective. Steps that are not visualisation steps cost one modulo, nothing else. Folders
+are made when the first picture goes into them, so a run that draws nothing (a test has no
+training pictures) leaves no empty folder.
+
+Test pictures go to ``vis/test/step<global_step>/<image>.png``, one folder per validation,
+so the same images can be compared across a run; only the newest ``keep_test_steps``
+folders are kept (older ones are deleted when a new validation starts drawing), which
+bounds the disk use of long runs.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from typing import Any
 
 from torch import nn
@@ -39,12 +45,13 @@ class VisualizerCallback(Callback):
         show: Show pictures in a window (skipped with a warning without a display).
         save_to_disk: Write pictures under ``<save_prefix>/vis/{train,test}/``.
         save_prefix: Output directory of the run; required when ``save_to_disk``.
+        keep_test_steps: Keep the test pictures of this many validations (the newest).
         **kwargs: Passed to ``Callback`` (``train_connector``, ``test_connector``).
 
     Raises:
         TypeError: If ``visualizer`` is not a ``Visualizer``.
-        ValueError: If ``save_to_disk`` is set without ``save_prefix``, or a needed
-            connector is missing.
+        ValueError: If ``save_to_disk`` is set without ``save_prefix``, a needed connector
+            is missing or ``keep_test_steps`` is below 1.
     """
 
     def __init__(
@@ -55,6 +62,7 @@ class VisualizerCallback(Callback):
         show: bool = False,
         save_to_disk: bool = True,
         save_prefix: str | None = None,
+        keep_test_steps: int = 10,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -78,6 +86,10 @@ class VisualizerCallback(Callback):
                 "VisualizerCallback has nothing to draw: pass test_connector="
                 "CallbackConnector({...}), or visualize_train=True with a train_connector."
             )
+        if isinstance(keep_test_steps, bool) or not isinstance(keep_test_steps, int):
+            raise TypeError(f"keep_test_steps must be an int, got {keep_test_steps!r}.")
+        if keep_test_steps < 1:
+            raise ValueError(f"keep_test_steps={keep_test_steps} must be >= 1.")
         self.visualizer = visualizer
         self.visualize_train = visualize_train
         self.show = show
@@ -86,12 +98,26 @@ class VisualizerCallback(Callback):
         base = os.path.join(save_prefix, "vis") if save_prefix is not None else "vis"
         self.train_folder = os.path.join(base, "train")
         self.test_folder = os.path.join(base, "test")
+        self.keep_test_steps = keep_test_steps
+        self._step_folder: str | None = None
 
-    def setup(self) -> None:
-        """Create the output folders once (rank 0)."""
-        if self.save_to_disk and is_rank_zero():
-            os.makedirs(self.train_folder, exist_ok=True)
-            os.makedirs(self.test_folder, exist_ok=True)
+    def test_step_folder(self, global_step: int) -> str:
+        """Folder of the test pictures drawn at ``global_step``."""
+        return os.path.join(self.test_folder, f"step{global_step:07d}")
+
+    def _start_test_step_folder(self, folder: str) -> None:
+        """Delete the oldest step folders so that, with ``folder``, ``keep_test_steps`` remain."""
+        self._step_folder = folder
+        if not self.save_to_disk or not os.path.isdir(self.test_folder):
+            return
+        pattern = re.compile(r"step(\d+)")
+        older = sorted(
+            (int(match.group(1)), name)
+            for name in os.listdir(self.test_folder)
+            if (match := pattern.fullmatch(name)) and os.path.join(self.test_folder, name) != folder
+        )
+        for _, name in older[: max(0, len(older) - (self.keep_test_steps - 1))]:
+            shutil.rmtree(os.path.join(self.test_folder, name), ignore_errors=True)
 
     def _visualize(self, cur_iter: int, inputs: DictData, folder: str) -> None:
         self.visualizer.process(cur_iter, **inputs)
@@ -129,10 +155,13 @@ class VisualizerCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        """Draw the test batch every ``vis_freq`` batches (rank 0)."""
+        """Draw the test batch every ``vis_freq`` batches into this step's folder (rank 0)."""
         if self.test_connector is None:
             return
         if not self.visualizer.should_process(batch_idx) or not is_rank_zero():
             return
+        folder = self.test_step_folder(trainer_state["global_step"])
+        if folder != self._step_folder:
+            self._start_test_step_folder(folder)
         inputs = self.get_test_callback_inputs(outputs, batch)
-        self._visualize(batch_idx, inputs, self.test_folder)
+        self._visualize(batch_idx, inputs, folder)

@@ -66,18 +66,23 @@ class YOLOXModeSwitchCallback(Callback):
     3. sets validation to every epoch with ``train_module.set_check_val_every_n_epoch(1)``.
 
     Beyond the reference, the mode follows from the epoch: if an epoch starts at or after
-    ``switch_epoch`` and the switch has not happened in this process (a resumed run), it
-    switches in ``on_train_epoch_start``, before the first step. The engine is expected to
-    train the current epoch on a loader set during ``on_train_epoch_start``. Switching is
-    idempotent.
+    ``switch_epoch`` and the switch has not happened in this process (a resumed run, or
+    ``switch_epoch=0``: the whole run in the final mode), it switches in
+    ``on_train_epoch_start``, before the first step. The engine is expected to train the
+    current epoch on a loader set during ``on_train_epoch_start``. Switching is idempotent.
+
+    A ``switch_epoch`` at or past the end of the run (``>= trainer_state["num_epochs"]``)
+    means the run never switches: a warning says so at the first epoch, as vis4d does,
+    rather than an error, so a short trial run (``num_epochs=1``) of a long recipe works.
+    A resumed run with more epochs switches once it reaches ``switch_epoch``.
 
     Args:
         *args: Passed to ``Callback``.
-        switch_epoch: Number of epochs trained in the strong-augmentation mode (>= 1).
+        switch_epoch: Number of epochs trained in the strong-augmentation mode (>= 0).
         **kwargs: Passed to ``Callback``.
 
     Raises:
-        ValueError: If ``switch_epoch`` is below 1.
+        ValueError: If ``switch_epoch`` is negative.
         TypeError: If ``switch_epoch`` is not an int.
     """
 
@@ -87,26 +92,48 @@ class YOLOXModeSwitchCallback(Callback):
             raise TypeError(
                 f"switch_epoch must be an int, got {type(switch_epoch).__name__} {switch_epoch!r}."
             )
-        if switch_epoch < 1:
+        if switch_epoch < 0:
             raise ValueError(
                 f"switch_epoch={switch_epoch} is invalid; it is the number of epochs trained with "
-                "strong augmentation before the switch, so it must be >= 1."
+                "strong augmentation before the switch, so it must be >= 0."
             )
         self.switch_epoch = switch_epoch
         self.switched = False
+        self._warned_never = False
+
+    def _never_switches(self, trainer_state: TrainerState) -> bool:
+        """Whether ``switch_epoch`` lies at or past the run's last epoch."""
+        num_epochs = trainer_state.get("num_epochs", -1)
+        return num_epochs >= 0 and self.switch_epoch >= num_epochs
 
     def on_train_epoch_start(
         self, trainer_state: TrainerState, model: nn.Module, loss_module: LossModule
     ) -> None:
-        """Switch before the first step when the run starts (resumes) past ``switch_epoch``."""
+        """Switch before the first step when the run starts (resumes) past ``switch_epoch``.
+
+        Warns once instead when the run ends before ``switch_epoch``.
+        """
+        if self._never_switches(trainer_state):
+            if not self._warned_never and is_rank_zero():
+                logger.warning(
+                    "YOLOXModeSwitchCallback: switch_epoch=%d is at or past the end of the run "
+                    "(num_epochs=%d), so this run never switches (the multi-sample "
+                    "augmentation stays on, no L1 term). Lower switch_epoch to switch.",
+                    self.switch_epoch,
+                    trainer_state["num_epochs"],
+                )
+            self._warned_never = True
+            return
         if not self.switched and trainer_state["current_epoch"] >= self.switch_epoch:
             self.switch(trainer_state, loss_module)
 
     def on_train_epoch_end(
         self, trainer_state: TrainerState, model: nn.Module, loss_module: LossModule
     ) -> None:
-        """Switch at the end of epoch ``switch_epoch - 1``."""
-        if not self.switched and trainer_state["current_epoch"] >= self.switch_epoch - 1:
+        """Switch at the end of epoch ``switch_epoch - 1`` (not after the run's last epoch)."""
+        if self.switched or self._never_switches(trainer_state):
+            return
+        if trainer_state["current_epoch"] >= self.switch_epoch - 1:
             self.switch(trainer_state, loss_module)
 
     def switch(self, trainer_state: TrainerState, loss_module: LossModule | None) -> None:
