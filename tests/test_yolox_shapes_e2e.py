@@ -113,7 +113,7 @@ def test_output_folder_layout(tiny_run: dict[str, Any]) -> None:
     ckpts = set(os.listdir(run / "checkpoints"))
     assert {"last.ckpt", "epoch=1-step=8.ckpt", "epoch=2-step=12.ckpt"} <= ckpts
     assert list((run / "vis" / "train").glob("step*.png")), "no training pictures"
-    assert list((run / "vis" / "test").glob("*.png")), "no validation pictures"
+    assert list((run / "vis" / "test").glob("step*/*.png")), "no validation pictures"
     saved = list((run / "eval" / "Det").glob("*.json"))
     assert saved, "no saved Det predictions"
     with open(saved[0], encoding="utf-8") as handle:
@@ -169,7 +169,8 @@ def test_test_command_evaluates_the_checkpoint(tiny_run: dict[str, Any]) -> None
     [
         (["image_size=100"], "image_size=100"),
         (["image_size=32"], "image_size=32"),
-        (["num_epochs=4", "switch_epoch=5"], "switch_epoch=5"),
+        (["switch_epoch=-1"], "switch_epoch=-1"),
+        (["no_aug_epochs=-1"], "no_aug_epochs=-1"),
         (["batch_size=0"], "batch_size=0"),
         (["lr=-1"], "lr=-1"),
         (["num_classes=9"], "num_classes=9"),
@@ -207,7 +208,16 @@ def test_defaults_are_valid_and_documented() -> None:
     ):
         assert hasattr(params, key)
         assert f"{key}:" in (module.Params.__doc__ or "")
-    assert params.switch_epoch < params.num_epochs
+    assert params.mode_switch_epoch() == 16 < params.num_epochs  # the last 4 of 20 epochs
+
+
+def test_switch_epoch_follows_the_run_length() -> None:
+    params_cls = load_config("yolox_shapes").Params
+    assert params_cls(num_epochs=40).mode_switch_epoch() == 36
+    assert params_cls(num_epochs=1).mode_switch_epoch() == 0  # shorter than no_aug_epochs
+    explicit = params_cls(num_epochs=4, switch_epoch=5)
+    explicit.validate()  # at or past the end: the run never switches (the callback warns)
+    assert explicit.mode_switch_epoch() == 5
 
 
 def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

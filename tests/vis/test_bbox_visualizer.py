@@ -23,6 +23,7 @@ def pixel(picture: Image.Image, x: int, y: int) -> tuple[int, ...]:
 
 def draw_one(**kwargs: Any) -> tuple[Image.Image, np.ndarray]:
     image = np.zeros((100, 120, 3), dtype=np.uint8)
+    kwargs.setdefault("min_size", 0)  # pixel positions below are those of the input image
     vis = BoundingBoxVisualizer(vis_freq=1, class_names=["cat", "dog", "bird"], **kwargs)
     vis.process(
         0,
@@ -64,7 +65,7 @@ def test_line_width_and_colour_per_class() -> None:
 
 
 def test_score_threshold_and_labels() -> None:
-    vis = BoundingBoxVisualizer(vis_freq=1, score_threshold=0.5)
+    vis = BoundingBoxVisualizer(vis_freq=1, score_threshold=0.5, min_size=0)
     image = torch.zeros(60, 80, 3, dtype=torch.uint8)  # tensors are accepted too
     boxes = torch.tensor([[10.0, 30.0, 30.0, 50.0], [50.0, 30.0, 70.0, 50.0]])
     vis.process(0, [image], ["a"], [boxes], [torch.tensor([0.7, 0.2])], [torch.tensor([0, 1])])
@@ -75,7 +76,9 @@ def test_score_threshold_and_labels() -> None:
 
 
 def test_ground_truth_without_scores_draws_every_box() -> None:
-    vis = BoundingBoxVisualizer(vis_freq=1, class_names={4: "car"}, score_threshold=0.99)
+    vis = BoundingBoxVisualizer(
+        vis_freq=1, class_names={4: "car"}, score_threshold=0.99, min_size=0
+    )
     image = np.zeros((60, 80, 3), dtype=np.uint8)
     vis.process(0, [image], ["gt"], [np.array([[10, 30, 30, 50]])], None, [np.array([4])])
     assert pixel(vis.drawn[0][1], 10, 40) == class_color(4)
@@ -107,7 +110,7 @@ def test_max_images_caps_pictures_until_reset() -> None:
 def test_save_to_disk_writes_named_pngs_atomically(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    vis = BoundingBoxVisualizer(vis_freq=1)
+    vis = BoundingBoxVisualizer(vis_freq=1, min_size=0)
     images = [np.full((30, 40, 3), 7, dtype=np.uint8), np.full((10, 10, 3), 9, dtype=np.uint8)]
     boxes = [np.array([[2, 2, 20, 20]]), np.zeros((0, 4))]
     made: list[str] = []
@@ -186,3 +189,77 @@ def test_bad_inputs_name_the_problem() -> None:
         BoundingBoxVisualizer(max_images=0)
     with pytest.raises(TypeError, match="class_names"):
         BoundingBoxVisualizer(class_names="cat")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="min_size"):
+        BoundingBoxVisualizer(min_size=-1)
+    with pytest.raises(ValueError, match="1 gt_boxes for 2 images"):
+        vis.process(0, [good, good], ["a", "b"], [np.zeros((0, 4))] * 2, gt_boxes=[np.zeros(4)])
+
+
+def _colour_mask(picture: Image.Image, color: tuple[int, int, int]) -> np.ndarray:
+    return (np.asarray(picture) == np.array(color)).all(axis=-1)
+
+
+def test_small_images_are_enlarged_by_a_whole_factor_with_the_boxes() -> None:
+    vis = BoundingBoxVisualizer(vis_freq=1, line_width=1)  # default min_size=320
+    image = np.zeros((120, 160, 3), dtype=np.uint8)
+    image[10, 10] = 200  # one bright pixel becomes a 3x3 block (nearest neighbour)
+    vis.process(0, [image], ["a"], [np.array([[20.0, 40.0, 60.0, 80.0]])])
+    picture = vis.drawn[0][1]
+    assert vis.scale_factor(160, 120) == 3 and picture.size == (480, 360)
+    assert (np.asarray(picture)[30:33, 30:33] == 200).all()
+    for x, y in [(60, 150), (180, 150), (120, 120), (120, 240)]:  # edges at 3x the input
+        assert pixel(picture, x, y) == class_color(0), (x, y)
+    big = BoundingBoxVisualizer(vis_freq=1)
+    big.process(0, [np.zeros((400, 500, 3), dtype=np.uint8)], ["b"], [np.zeros((0, 4))])
+    assert big.drawn[0][1].size == (500, 400)  # large enough: kept
+
+
+def test_ground_truth_is_dashed_beside_solid_predictions() -> None:
+    vis = BoundingBoxVisualizer(vis_freq=1, min_size=0, line_width=1, class_names=["a", "b"])
+    image = np.zeros((100, 200, 3), dtype=np.uint8)
+    vis.process(
+        0,
+        [image],
+        ["x"],
+        boxes=[np.array([[110.0, 40.0, 190.0, 90.0]])],
+        scores=[np.array([0.9])],
+        class_ids=[np.array([1])],
+        # ground truth in a frame twice the image's size (a resized input): mapped back
+        gt_boxes=[np.array([[20.0, 80.0, 180.0, 180.0]])],
+        gt_class_ids=[np.array([0])],
+        gt_hw=[(200, 400)],
+    )
+    picture = vis.drawn[0][1]
+    gt_edge = _colour_mask(picture, class_color(0))[40, 10:91]  # top edge of gt (10,40,90,90)
+    pred_edge = _colour_mask(picture, class_color(1))[90, 110:191]  # bottom edge of prediction
+    assert pred_edge.all()  # solid
+    assert 0.4 < gt_edge.mean() < 0.8  # dashes and gaps
+    assert _colour_mask(picture, class_color(0))[40:91, 10].any()  # left edge at x = 10
+    assert not _colour_mask(picture, class_color(0))[:, 100:].any()  # no label for gt
+
+
+def test_labels_of_stacked_boxes_do_not_cover_each_other_nor_leave_the_picture() -> None:
+    # Four boxes at the same spot in the top-right corner: every label must be found whole.
+    vis = BoundingBoxVisualizer(vis_freq=1, min_size=0, class_names=["c0", "c1", "c2", "c3"])
+    image = np.zeros((120, 160, 3), dtype=np.uint8)
+    box = [130.0, 0.0, 159.0, 20.0]
+    vis.process(
+        0,
+        [image],
+        ["x"],
+        [np.array([box] * 4)],
+        [np.array([0.9, 0.8, 0.7, 0.6])],
+        [np.array([0, 1, 2, 3])],
+    )
+    picture = vis.drawn[0][1]
+    assert picture.size == (160, 120)
+    for class_id in range(4):
+        mask = _colour_mask(picture, class_color(class_id))
+        ring = np.zeros_like(mask)
+        ring[0:21, 130:160] = True
+        ring[2:19, 132:158] = False
+        mask &= ~ring  # the box outline (the same for all four boxes) is not a label
+        rows, cols = np.nonzero(mask)
+        # a whole tag: as wide as its text ("cX 0.90") and as tall as a line of it
+        assert cols.max() - cols.min() >= 25 and rows.max() - rows.min() >= 8, class_id
+        assert mask.sum() > 0.4 * (cols.max() - cols.min()) * (rows.max() - rows.min())

@@ -67,26 +67,27 @@ def test_save_prefix_required_when_saving(tmp_path: Path) -> None:
 
 
 def test_test_pictures_every_vis_freq_batches(tmp_path: Path) -> None:
-    vis = BoundingBoxVisualizer(vis_freq=2)
+    vis = BoundingBoxVisualizer(vis_freq=2, min_size=0)
     callback = VisualizerCallback(
         visualizer=vis, test_connector=CONNECTOR, save_prefix=str(tmp_path)
     )
     callback.setup()
-    assert sorted(os.listdir(tmp_path / "vis")) == ["test", "train"]
+    assert not (tmp_path / "vis").exists()  # folders appear with their first picture
     for batch_idx in range(4):
         batch, outputs = make_batch([f"b{batch_idx}_0", f"b{batch_idx}_1"])
-        callback.on_test_batch_end(state(), None, outputs, batch, batch_idx)  # type: ignore[arg-type]
+        callback.on_test_batch_end(state(12), None, outputs, batch, batch_idx)  # type: ignore[arg-type]
         assert vis.drawn == []  # reset after saving
-    files = sorted(os.listdir(tmp_path / "vis" / "test"))
+    assert os.listdir(tmp_path / "vis") == ["test"]  # no empty train folder
+    step_folder = tmp_path / "vis" / "test" / "step0000012"
+    files = sorted(os.listdir(step_folder))
     assert files == ["b0_0.png", "b0_1.png", "b2_0.png", "b2_1.png"]
-    assert os.listdir(tmp_path / "vis" / "train") == []
-    picture = np.asarray(Image.open(tmp_path / "vis" / "test" / "b2_1.png"))
+    picture = np.asarray(Image.open(step_folder / "b2_1.png"))
     assert picture[28, 5].tolist() == list(class_color(3))  # left edge, predicted class
     assert picture[28, 15].tolist() == [0, 0, 0]
 
 
 def test_train_pictures_follow_global_step(tmp_path: Path) -> None:
-    vis = BoundingBoxVisualizer(vis_freq=3)
+    vis = BoundingBoxVisualizer(vis_freq=3, min_size=0)
     callback = VisualizerCallback(
         visualizer=vis,
         visualize_train=True,
@@ -115,7 +116,46 @@ def test_train_pictures_off_by_default(tmp_path: Path) -> None:
     callback.setup()
     batch, outputs = make_batch(["x"])
     assert callback.on_train_batch_end(state(1), None, None, outputs, batch, 0) is None  # type: ignore[arg-type]
-    assert os.listdir(tmp_path / "vis" / "train") == []
+    assert not (tmp_path / "vis").exists()
+
+
+def _validate(callback: VisualizerCallback, step: int, names: list[str]) -> None:
+    batch, outputs = make_batch(names)
+    callback.on_test_batch_end(state(step), None, outputs, batch, 0)  # type: ignore[arg-type]
+
+
+def test_each_validation_keeps_its_pictures_up_to_a_bound(tmp_path: Path) -> None:
+    callback = VisualizerCallback(
+        visualizer=BoundingBoxVisualizer(vis_freq=1),
+        test_connector=CONNECTOR,
+        save_prefix=str(tmp_path),
+        keep_test_steps=3,
+    )
+    test_dir = tmp_path / "vis" / "test"
+    for step in (10, 20, 30):
+        _validate(callback, step, ["img"])
+    assert sorted(os.listdir(test_dir)) == ["step0000010", "step0000020", "step0000030"]
+    _validate(callback, 30, ["other"])  # a later batch of the same validation: same folder
+    assert sorted(os.listdir(test_dir / "step0000030")) == ["img.png", "other.png"]
+    for step in (40, 50):  # each new validation drops the oldest beyond the bound
+        _validate(callback, step, ["img"])
+    assert sorted(os.listdir(test_dir)) == ["step0000030", "step0000040", "step0000050"]
+    # a new callback (a resumed run) counts the folders already on disk
+    resumed = VisualizerCallback(
+        visualizer=BoundingBoxVisualizer(vis_freq=1),
+        test_connector=CONNECTOR,
+        save_prefix=str(tmp_path),
+        keep_test_steps=3,
+    )
+    _validate(resumed, 60, ["img"])
+    assert sorted(os.listdir(test_dir)) == ["step0000040", "step0000050", "step0000060"]
+    with pytest.raises(ValueError, match="keep_test_steps"):
+        VisualizerCallback(
+            visualizer=BoundingBoxVisualizer(),
+            test_connector=CONNECTOR,
+            save_prefix=str(tmp_path),
+            keep_test_steps=0,
+        )
 
 
 def test_show_only_does_not_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -143,10 +183,14 @@ def _two_ranks_write(rank: int, world_size: int, prefix: str) -> list[str]:
     callback.on_test_batch_end(state(), None, outputs, batch, 0)  # type: ignore[arg-type]
     if rank != 0:
         return []
-    return sorted(os.listdir(os.path.join(prefix, "vis", "test")))
+    return sorted(os.listdir(os.path.join(prefix, "vis", "test", "step0000000")))
 
 
 def test_only_rank_zero_writes(tmp_path: Path) -> None:
     results = run_distributed(_two_ranks_write, 2, str(tmp_path))
-    assert sorted(os.listdir(tmp_path / "vis" / "test")) == ["rank0_a.png", "rank0_b.png"]
+    assert os.listdir(tmp_path / "vis" / "test") == ["step0000000"]
+    assert sorted(os.listdir(tmp_path / "vis" / "test" / "step0000000")) == [
+        "rank0_a.png",
+        "rank0_b.png",
+    ]
     assert results == [["rank0_a.png", "rank0_b.png"], []]

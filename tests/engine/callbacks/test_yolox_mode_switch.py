@@ -262,7 +262,7 @@ def test_missing_yolox_loss_warns(caplog) -> None:
 
 
 def test_bad_arguments_and_missing_engine() -> None:
-    for bad in (0, -2):
+    for bad in (-1, -2):
         with pytest.raises(ValueError, match="switch_epoch"):
             YOLOXModeSwitchCallback(switch_epoch=bad)
     with pytest.raises(TypeError, match="switch_epoch"):
@@ -310,7 +310,9 @@ class Recorder(Callback):
         self.validated.append(trainer_state["current_epoch"])
 
 
-def run_trainer(tmp_path, recorder: Recorder, num_epochs: int, ckpt: str | None = None):
+def run_trainer(
+    tmp_path, recorder: Recorder, num_epochs: int, ckpt: str | None = None, switch_epoch: int = 2
+):
     head = FakeHeadLoss()
     loader = DataLoader(FakePipe(8), batch_size=4, shuffle=True, collate_fn=_collate)
     test_loader = DataLoader(FakePipe(4), batch_size=4, collate_fn=_collate)
@@ -322,7 +324,7 @@ def run_trainer(tmp_path, recorder: Recorder, num_epochs: int, ckpt: str | None 
         test_dataloader=test_loader,
         train_data_connector=conn,
         test_data_connector=conn,
-        callbacks=[YOLOXModeSwitchCallback(switch_epoch=2), recorder],
+        callbacks=[YOLOXModeSwitchCallback(switch_epoch=switch_epoch), recorder],
         num_epochs=num_epochs,
         check_val_every_n_epoch=10,
         tensorboard=False,
@@ -351,6 +353,38 @@ def test_native_trainer_resume_after_switch_trains_switched_from_first_step(tmp_
     assert rec.strong == {3: {False}, 4: {False}}
     assert "head.loss_l1" in rec.metric_names[3]
     assert rec.validated == [3, 4] and head.enable_calls == 1
+
+
+@pytest.mark.parametrize("switch_epoch", [2, 5])
+def test_switch_epoch_at_or_past_the_end_never_switches_and_warns(
+    tmp_path, caplog, switch_epoch
+) -> None:
+    rec = Recorder()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        trainer, head = run_trainer(tmp_path, rec, num_epochs=2, switch_epoch=switch_epoch)
+    assert rec.strong == {0: {True}, 1: {True}}  # the loader was never swapped
+    assert head.enable_calls == 0 and trainer.check_val_every_n_epoch == 10
+    warnings = [r.getMessage() for r in caplog.records if "never switches" in r.getMessage()]
+    assert len(warnings) == 1 and f"switch_epoch={switch_epoch}" in warnings[0]
+    assert "num_epochs=2" in warnings[0]
+
+
+def test_a_run_that_never_switched_switches_when_resumed_longer(tmp_path) -> None:
+    ckpt = str(tmp_path / "epoch1.ckpt")
+    first = Recorder(save_at_epoch_end=1, path=ckpt)
+    run_trainer(tmp_path / "a", first, num_epochs=2, switch_epoch=2)
+    assert first.strong == {0: {True}, 1: {True}}
+    rec = Recorder()
+    _, head = run_trainer(tmp_path / "b", rec, num_epochs=4, ckpt=ckpt, switch_epoch=2)
+    assert rec.strong == {2: {False}, 3: {False}} and head.enable_calls == 1
+
+
+def test_switch_epoch_zero_runs_every_epoch_in_the_final_mode(tmp_path) -> None:
+    rec = Recorder()
+    _, head = run_trainer(tmp_path, rec, num_epochs=2, switch_epoch=0)
+    assert rec.strong == {0: {False}, 1: {False}}
+    assert "head.loss_l1" in rec.metric_names[0] and head.enable_calls == 1
+    assert rec.validated == [0, 1]
 
 
 # ------------------------------------------------- with the real data pipe, loader and loss
