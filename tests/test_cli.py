@@ -4,10 +4,15 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
+from PIL import Image
 
+import vistrain
 from vistrain.cli import main
+from vistrain.engine.checkpointing import load_checkpoint
 
 TINY = [
     "--set",
@@ -112,3 +117,165 @@ def test_fit_test_and_resume_end_to_end(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "EMA weights" in proc.stdout + proc.stderr
     assert "test/Cls/" in proc.stdout
+
+
+def _records(folder: Path) -> list[dict[str, Any]]:
+    with open(folder / "metrics.jsonl", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _results_folder(stdout: str) -> Path:
+    lines = [line for line in stdout.splitlines() if line.startswith("Results in ")]
+    assert len(lines) == 1, stdout
+    return Path(lines[0].removeprefix("Results in "))
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"vistrain {vistrain.__version__}"
+
+
+def test_mistyped_key_suggests_the_closest_one_first(capsys) -> None:
+    assert main(["fit", "--config", "toy_classifier", "--set", "num_epoch=3"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'num_epochs'?" in err
+    assert err.index("did you mean") < err.index("valid keys")
+    assert main(["fit", "--config", "toy_classifier", "--set", "zzzz=3"]) == 2
+    assert "did you mean" not in capsys.readouterr().err  # nothing close: only the list
+
+
+LIGHTNING_NOISE = (
+    "GPU available",
+    "TPU available",
+    "Tip:",
+    "litlogger",
+    "deprecated",
+    "Deprecation",
+    "FutureWarning",
+    "`Trainer.fit` stopped",
+)
+
+
+def test_lightning_engine_prints_only_vistrain_lines(tmp_path) -> None:
+    pytest.importorskip("lightning")
+    proc = _vistrain(
+        "fit",
+        "--config",
+        "toy_classifier",
+        "--engine",
+        "lightning",
+        "--output-dir",
+        str(tmp_path / "run"),
+        *TINY,
+        "--set",
+        "num_epochs=1",
+        "--set",
+        "num_threads=1",
+        cwd=str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr
+    output = proc.stdout + proc.stderr
+    assert "Torch uses 1 thread(s)." in output  # the toy classifier takes num_threads
+    assert "Epoch 1: 2/2" in output and "Classification accuracy" in output
+    for noise in LIGHTNING_NOISE:
+        assert noise not in output, (noise, output)
+
+
+def test_devices_launcher_prints_no_omp_banner(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vistrain",
+            "fit",
+            "--config",
+            "toy_classifier",
+            "--devices",
+            "2",
+            "--output-dir",
+            str(tmp_path / "run"),
+            *TINY,
+            "--set",
+            "num_epochs=1",
+        ],
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "OMP_NUM_THREADS" not in output and "*****" not in output, output
+    assert "Epoch 1: 1/1" in output  # 64 images, batch 32 per process: one step each
+
+
+@pytest.fixture(scope="module")
+def tiny_yolox(tmp_path_factory) -> dict[str, Any]:
+    """The default experiment for one epoch (its own switch rule), then ``vistrain test``."""
+    tmp = tmp_path_factory.mktemp("yolox_one_epoch")
+    sets = [
+        "image_size=64",
+        "batch_size=8",
+        "num_train_images=32",
+        "num_val_images=8",
+        "num_workers=0",
+        "log_every=1",
+        "vis_every=2",
+        "num_threads=1",
+        f"cache_dir={tmp / 'cache'}",
+    ]
+    set_args = [arg for item in sets for arg in ("--set", item)]
+    run = tmp / "run"
+    fit = _vistrain(
+        "fit", "--output-dir", str(run), "--set", "num_epochs=1", *set_args, cwd=str(tmp)
+    )
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    ckpt = run / "checkpoints" / "last.ckpt"
+    test = _vistrain("test", "--ckpt", str(ckpt), *set_args, cwd=str(tmp))
+    assert test.returncode == 0, test.stderr[-3000:]
+    return {"tmp": tmp, "run": run, "fit": fit, "test": test, "ckpt": ckpt, "sets": set_args}
+
+
+def test_one_epoch_of_the_default_config_trains_without_mosaic(tiny_yolox) -> None:
+    output = tiny_yolox["fit"].stdout + tiny_yolox["fit"].stderr
+    # 1 epoch < no_aug_epochs: the whole run is in the final mode, as in official YOLOX
+    assert "YOLOX mode switch at epoch 0" in output
+    tags = {r["tag"] for r in _records(tiny_yolox["run"])}
+    assert "train/det.loss_l1" in tags and "val/Det/AP50" in tags
+
+
+def test_test_writes_into_a_named_folder_with_the_checkpoints_step(tiny_yolox) -> None:
+    folder = _results_folder(tiny_yolox["test"].stdout)
+    assert folder.parent == tiny_yolox["tmp"] / "runs" / "yolox_shapes"
+    assert folder.name.endswith("-test") and folder.is_dir()
+    records = [r for r in _records(folder) if r["tag"].startswith("test/")]
+    assert records and {(r["step"], r["epoch"]) for r in records} == {(4, 0)}  # 32/8 steps
+    assert not (folder / "checkpoints").exists() and not (folder / "vis" / "train").exists()
+    pictures = list((folder / "vis" / "test" / "step0000004").glob("*.png"))
+    assert pictures and (folder / "log.txt").is_file()
+    with Image.open(pictures[0]) as picture:
+        assert min(picture.size) >= 320  # 64-pixel images enlarged for readable labels
+
+
+def test_a_checkpoint_of_another_experiment_names_it(tiny_yolox, tmp_path, capsys) -> None:
+    toy = tmp_path / "toy"
+    assert main(["fit", "--config", "toy_classifier", "--output-dir", str(toy), *TINY]) == 0
+    toy_ckpt = str(toy / "checkpoints" / "last.ckpt")
+    assert load_checkpoint(toy_ckpt)["callbacks"]["RunInfoCallback"]["experiment"] == (
+        "toy_classifier"
+    )
+    capsys.readouterr()
+    sets = tiny_yolox["sets"]
+    for args in (["test", "--ckpt", toy_ckpt], ["fit", "--resume", toy_ckpt]):
+        out = tmp_path / f"out_{args[0]}"
+        assert main([*args, "--output-dir", str(out), *sets]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vistrain: error:") and err.count("\n") == 1
+        assert "checkpoint of experiment 'toy_classifier', not 'yolox_shapes'" in err
+        assert "--config toy_classifier" in err
+        if args[0] == "test":
+            assert not out.exists()

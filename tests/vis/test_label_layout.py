@@ -20,7 +20,7 @@ def test_labels_at_the_edges_are_moved_inside() -> None:
     boxes = [(0, 0, 20, 20), (95, 50, 100, 60), (-10, 30, 5, 40)]
     tags = place_labels(boxes, [(40, 12)] * 3, canvas)
     for left, top, right, bottom in tags:
-        assert 0 <= left and 0 <= top and right <= canvas[0] and bottom <= canvas[1]
+        assert left >= 0 and top >= 0 and right <= canvas[0] and bottom <= canvas[1]
     assert tags[0] == (0, 0, 40, 12)  # no room above: inside the box's top-left corner
 
 
@@ -36,4 +36,4 @@ def test_without_room_the_least_covered_place_is_taken_and_stays_inside() -> Non
     boxes = [(0, 0, 10, 10)] * 5
     tags = place_labels(boxes, [(20, 10)] * 5, (20, 20))  # room for two tags only
     assert tags[0] != tags[1]
-    assert all(0 <= t[0] and 0 <= t[1] and t[2] <= 20 and t[3] <= 20 for t in tags)
+    assert all(t[0] >= 0 and t[1] >= 0 and t[2] <= 20 and t[3] <= 20 for t in tags)
