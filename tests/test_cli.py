@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,7 +179,7 @@ def test_lightning_engine_prints_only_vistrain_lines(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     output = proc.stdout + proc.stderr
     assert "Torch uses 1 thread(s)." in output  # the toy classifier takes num_threads
-    assert "Epoch 1: 2/2" in output and "Classification accuracy" in output
+    assert re.search(r"Epoch \d+: 2/2", output) and "Classification accuracy" in output
     for noise in LIGHTNING_NOISE:
         assert noise not in output, (noise, output)
 
@@ -210,7 +211,7 @@ def test_devices_launcher_prints_no_omp_banner(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
     assert "OMP_NUM_THREADS" not in output and "*****" not in output, output
-    assert "Epoch 1: 1/1" in output  # 64 images, batch 32 per process: one step each
+    assert re.search(r"Epoch \d+: 1/1", output)  # 64 images, batch 32 per process: one step each
 
 
 @pytest.fixture(scope="module")
