@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import StepLR
 from torch.utils.data import DataLoader
-from trainer_fixtures import ToyDataset, ToyModel, toy_connectors, toy_loss_module
 
+from trainer_fixtures import ToyDataset, ToyModel, toy_connectors, toy_loss_module
 from vistrain.engine.callbacks import Callback
 from vistrain.engine.callbacks.checkpoint import CheckpointCallback
 from vistrain.engine.callbacks.ema import EMACallback

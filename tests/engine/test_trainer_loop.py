@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+
 from trainer_fixtures import (
     RecordingCallback,
     ToyModel,
@@ -12,7 +13,6 @@ from trainer_fixtures import (
     toy_loader,
     toy_loss_module,
 )
-
 from vistrain.engine.optim import warmup_cosine
 from vistrain.engine.trainer import Trainer
 
