@@ -7,6 +7,7 @@ contents fails them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -215,3 +216,22 @@ def read_metrics(output_dir: str) -> list[dict[str, Any]]:
 
     with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as handle:
         return [json.loads(line) for line in handle]
+
+
+class ScriptedValidation(Callback):
+    """An evaluator whose n-th validation returns ``results[n]``.
+
+    A float becomes ``{key: value}``; a dict is returned as it is. Records the global step
+    of every validation in ``steps``.
+    """
+
+    def __init__(self, results: Sequence[float | dict[str, float]], key: str = "score") -> None:
+        super().__init__()
+        self.results = list(results)
+        self.key = key
+        self.steps: list[int] = []
+
+    def on_test_epoch_end(self, trainer_state: Any, model: nn.Module) -> dict[str, float]:
+        self.steps.append(trainer_state["global_step"])
+        result = self.results[len(self.steps) - 1]
+        return dict(result) if isinstance(result, dict) else {self.key: result}

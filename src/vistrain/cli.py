@@ -161,7 +161,7 @@ def _fit(args: argparse.Namespace, argv: Sequence[str]) -> int:
     launched_by_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if args.devices > 1 and not launched_by_torchrun:
         return _launch_workers(args, argv, output_dir)
-    from vistrain.engine.checkpointing import CheckpointError
+    from vistrain.engine.checkpoint_io import CheckpointError
     from vistrain.runner import run_fit
 
     try:
@@ -175,7 +175,7 @@ def _test(args: argparse.Namespace) -> int:
     module, params = _prepare(args)
     if not os.path.isfile(args.ckpt):
         raise UsageError(f"--ckpt: checkpoint {args.ckpt!r} does not exist")
-    from vistrain.engine.checkpointing import CheckpointError
+    from vistrain.engine.checkpoint_io import CheckpointError
     from vistrain.runner import run_test
 
     try:

@@ -17,7 +17,7 @@ import torch
 
 from vistrain.common.distributed import destroy_process_group, get_rank, init_process_group
 from vistrain.common.logging import setup_logger
-from vistrain.engine.checkpointing import check_model_state, load_checkpoint
+from vistrain.engine.checkpoint_io import check_model_state, load_checkpoint
 from vistrain.engine.trainer import Trainer
 from vistrain.model.adapter import find_ema_adapters
 from vistrain.zoo.base import Experiment

@@ -26,7 +26,7 @@ from vistrain.engine.callbacks import (
     CheckpointCallback,
     YOLOXModeSwitchCallback,
 )
-from vistrain.engine.checkpointing import load_checkpoint
+from vistrain.engine.checkpoint_io import load_checkpoint
 from vistrain.engine.connectors import (
     DataConnector,
     LossConnector,

@@ -11,32 +11,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
-from trainer_fixtures import ENGINES, read_metrics, run_toy
-from vistrain.engine.callbacks import Callback, CheckpointCallback
-from vistrain.engine.checkpointing import load_checkpoint
+from trainer_fixtures import ENGINES, ScriptedValidation, read_metrics, run_toy
+from vistrain.engine.callbacks import CheckpointCallback
+from vistrain.engine.checkpoint_io import load_checkpoint
 
-SCORES = (0.2, 0.9, 0.1, 0.5, 0.3)
+SCORES = (0.2, 0.9, 0.1, 0.5)
 """Scores of the successive validations; the second (step 8) is the best with mode="max"."""
 
 
-class ScriptedScore(Callback):
-    """An evaluator whose n-th validation returns ``SCORES[n]`` as ``score``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.steps: list[int] = []
-
-    def on_test_epoch_end(self, trainer_state: Any, model: torch.nn.Module) -> dict[str, float]:
-        self.steps.append(trainer_state["global_step"])
-        return {"score": SCORES[len(self.steps) - 1]}
-
-
-@pytest.mark.xfail(reason="issue 13: the native loop credits best.ckpt with stale val_logs")
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("mode", ["max", "min"])
 def test_best_checkpoint_is_the_one_its_validation_scored(
@@ -44,7 +30,7 @@ def test_best_checkpoint_is_the_one_its_validation_scored(
 ) -> None:
     if engine == "lightning":
         pytest.importorskip("lightning")
-    scorer = ScriptedScore()
+    scorer = ScriptedValidation(SCORES)
     saver = CheckpointCallback(
         save_prefix=str(tmp_path),
         epoch_based=False,

@@ -54,7 +54,7 @@ from vistrain.common.logging import ProgressDisplay, create_progress_display, en
 from vistrain.common.timer import Timer
 from vistrain.common.typing import DictData, MetricLogs
 from vistrain.engine.callbacks.base import Callback
-from vistrain.engine.callbacks.trainer_state import TrainerState
+from vistrain.engine.callbacks.trainer_state import TrainerState, metric_tensors
 from vistrain.engine.loss_module import LossModule
 
 _BAR_INTERVAL_S = 0.2
@@ -454,7 +454,7 @@ class LoggingCallback(Callback):
 
         Every rank must run this hook on every batch: log steps all-reduce the averages.
         """
-        metrics = trainer_state.get("metrics")
+        metrics = metric_tensors(trainer_state)
         if metrics:
             self._window.add(metrics)
         self._window_batches += 1
