@@ -133,6 +133,16 @@ class RecordingCallback(Callback):
         )
         return {"score": 1.0}
 
+    def on_validation_end(self, trainer_state, model) -> None:
+        self.calls.append(
+            (
+                "validation_end",
+                trainer_state["global_step"],
+                dict(trainer_state["val_logs"]),
+            )
+        )
+        assert not model.training
+
     def on_fit_end(self, trainer_state, model) -> None:
         self.calls.append(("fit_end", trainer_state["global_step"]))
 

@@ -153,6 +153,7 @@ class LoopState:
         self.scalars: ScalarLogger | None = None
         self.train_dataloader: DataLoader[DictData] | None = None
         self._num_train_batches: int | None = None
+        self._test_dataloader_list = list(test_dataloaders) or None
         self._num_test_batches = [num_batches(dl) or 0 for dl in test_dataloaders] or None
         self._use_train_dataloader(train_dataloader)
 
@@ -164,25 +165,29 @@ class LoopState:
     def state(self, training: bool = True, metrics: bool = False) -> TrainerState:
         """A new TrainerState for one hook call (no hook sees what another hook changed).
 
+        The native engine hands one state to all callbacks of a hook call; the Lightning
+        bridge builds one per callback (each wrapper is its own Lightning callback).
+
         Args:
             training: Include ``optimizers`` and ``lr_schedulers`` (training and validation
                 during fit; not for ``test``).
             metrics: Include the latest step's ``metrics`` (``on_train_batch_end``).
         """
-        state = TrainerState(
-            current_epoch=self.current_epoch,
-            num_epochs=self.num_epochs,
-            global_step=self.global_step,
-            num_steps=self.num_steps,
-            train_dataloader=self.train_dataloader,
-            num_train_batches=self._num_train_batches,
-            test_dataloader=list(self.test_dataloaders) or None,
-            num_test_batches=self._num_test_batches,
-            train_module=self.engine,
-            train_engine=self.engine_name,
-            val_logs=self.val_logs,
-            batches_done=self.batches_done,
-        )
+        # A dict display, not TrainerState(...): this runs several times per step.
+        state: TrainerState = {
+            "current_epoch": self.current_epoch,
+            "num_epochs": self.num_epochs,
+            "global_step": self.global_step,
+            "num_steps": self.num_steps,
+            "train_dataloader": self.train_dataloader,
+            "num_train_batches": self._num_train_batches,
+            "test_dataloader": self._test_dataloader_list,
+            "num_test_batches": self._num_test_batches,
+            "train_module": self.engine,
+            "train_engine": self.engine_name,
+            "val_logs": self.val_logs,
+            "batches_done": self.batches_done,
+        }
         if training:
             state["optimizers"] = self.optimizers
             state["lr_schedulers"] = self.lr_schedulers
