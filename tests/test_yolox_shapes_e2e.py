@@ -117,7 +117,9 @@ def test_output_folder_layout(tiny_run: dict[str, Any]) -> None:
     assert saved, "no saved Det predictions"
     with open(saved[0], encoding="utf-8") as handle:
         predictions = json.load(handle)
-    assert isinstance(predictions, list)
+    assert isinstance(predictions, list) and predictions, "no detections saved"
+    assert all({"image_id", "category_id", "bbox", "score"} <= set(p) for p in predictions)
+    assert all(len(p["bbox"]) == 4 for p in predictions)
     assert list(run.glob("events.out.tfevents*")), "no TensorBoard file"
     tags = _steps_by_tag(_records(run))
     # validation after each of the 3 epochs, at the epoch ends
@@ -161,6 +163,11 @@ def test_test_command_evaluates_the_checkpoint(tiny_run: dict[str, Any]) -> None
     assert "EMA weights" in _output(tiny_run["tested"])
     records = _records(tiny_run["tmp"] / "test")
     assert {"test/Det/AP", "test/Det/AP50"} <= {r["tag"] for r in records}
+    # the weights tested are the checkpoint's: the same AP as its validation during fit
+    step = 3 * STEPS_PER_EPOCH  # last.ckpt is the resumed run's end
+    val = {r["step"]: r["value"] for r in _records(tiny_run["run"]) if r["tag"] == "val/Det/AP"}
+    tested = [r["value"] for r in records if r["tag"] == "test/Det/AP"]
+    assert tested == [val[step]]
 
 
 @pytest.mark.parametrize(
