@@ -35,6 +35,7 @@ from vistrain.common.checks import check_list_of, check_positive_int
 from vistrain.common.typing import DictData, MetricLogs
 from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.trainer_state import StepMetrics, TrainerState, TrainingEngine
+from vistrain.engine.loss_module import LossModule
 from vistrain.engine.optim import LRSchedulerWrapper, lr_scalars
 from vistrain.engine.resume import ResumePoint, collect_checkpoint, restore_checkpoint
 from vistrain.engine.rng import start_epoch_iterator
@@ -123,7 +124,7 @@ class LoopState:
         lr_schedulers: list[LRSchedulerWrapper],
         train_dataloader: DataLoader[DictData] | None,
         test_dataloaders: list[DataLoader[DictData]],
-        loss_module: nn.Module | None,
+        loss_module: LossModule | None,
         num_epochs: int,
         num_steps: int,
         log_every_n_steps: int,
@@ -242,9 +243,12 @@ class LoopState:
         self.epoch_finished = True
         self.metrics = None
         model = self._require_model()
+        loss_module = self.loss_module
+        if loss_module is None:
+            raise RuntimeError("The epoch end needs the loss module of fit().")
         state = self.state()
         for callback in self.callbacks:
-            callback.on_train_epoch_end(state, model, self.loss_module)  # type: ignore[arg-type]
+            callback.on_train_epoch_end(state, model, loss_module)
 
     # ------------------------------------------------------------------ the step
     def train_step(

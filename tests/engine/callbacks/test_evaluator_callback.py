@@ -95,14 +95,25 @@ def _state(epoch: int = 2, step: int = 40) -> TrainerState:
     )
 
 
+class _FakeDetector(nn.Module):
+    """A model whose detections are ``_fake_model``'s for the batch's image ids."""
+
+    def __init__(self, gt_file: str, junk_for: int | None = None) -> None:
+        super().__init__()
+        self.gt_file, self.junk_for = gt_file, junk_for
+
+    def forward(self, coco_image_id: list[int]) -> dict[str, Any]:
+        return _fake_model(coco_image_id, self.gt_file, self.junk_for)
+
+
 def _run_epoch(
     callback: EvaluatorCallback, loader: Any, gt_file: str, junk_for: int | None = None
 ) -> Any:
-    model = nn.Identity()
-    for batch_idx, batch in enumerate(loader):
-        outputs = _fake_model(batch["coco_image_id"], gt_file, junk_for)
-        callback.on_test_batch_end(_state(), model, outputs, batch, batch_idx)
-    return callback.on_test_epoch_end(_state(), model)
+    """One test epoch of the real Trainer (``Trainer.test``) with the fake detector."""
+    connector = DataConnector({"coco_image_id": "coco_image_id"})
+    out = os.path.join(os.path.dirname(gt_file), "run")
+    trainer = Trainer("cpu", out, None, loader, None, connector, [callback], tensorboard=False)
+    return trainer.test(_FakeDetector(gt_file, junk_for))
 
 
 class _FailingEvaluator(Evaluator):
@@ -163,7 +174,7 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
         assert result["logs"] == expected  # every rank returns rank 0's numbers
     assert results[0]["error"] == "ZeroDivisionError: no samples"
     assert results[1]["error"].startswith("RuntimeError: Evaluation failed on rank 0")
-    assert os.listdir(os.path.join(save_prefix, "Det")) == ["detections_epoch=2-step=40.json"]
+    assert os.listdir(os.path.join(save_prefix, "Det")) == ["detections_epoch=0-step=0.json"]
 
 
 def test_single_process_epoch_logs_saves_and_resets(
@@ -193,7 +204,16 @@ def test_single_process_epoch_logs_saves_and_resets(
     again = callback.on_test_epoch_end(_state(), nn.Identity())
     assert again["Det/AP"] == 0.0
     saved = sorted(os.listdir(tmp_path / "eval" / "Det"))
-    assert saved == ["detections_epoch=2-step=40-1.json", "detections_epoch=2-step=40.json"]
+    assert saved == ["detections_epoch=0-step=0.json", "detections_epoch=2-step=40.json"]
+    # the saved predictions are the detections in COCO's result format
+    with open(tmp_path / "eval" / "Det" / saved[0], encoding="utf-8") as handle:
+        predictions = json.load(handle)
+    assert len(predictions) == sum(
+        len(b) for b in _fake_model(list(range(100, 111)), gt_file)["boxes"]
+    )
+    assert all(set(p) == {"image_id", "category_id", "bbox", "score"} for p in predictions)
+    assert {p["image_id"] for p in predictions} == set(range(100, 100 + NUM_IMAGES))
+    assert {p["category_id"] for p in predictions} <= set(CATEGORY_IDS)
     assert callback.evaluate() == {f"Det/{k}": v for k, v in evaluator.evaluate("Det")[0].items()}
 
 
