@@ -11,7 +11,7 @@ for everything that is not their own::
     first batch                             epoch_iterator() -> adopts a handed-over loader,
                                             sampler.set_epoch, epoch-start RNG, skip on resume
     forward, loss                           (the engine's own)
-    backward + optimizer step               train_step(loss, optimizers, backward)
+    backward + optimizer step               train_step(loss, metrics, optimizers, ...)
     after on_train_batch_end                log_train(logs); stop_requested()
     after a validation's on_test_epoch_end  end_validation(logs) -> val/<k>, on_validation_end
     epoch end                               finish_epoch() -> schedulers.step, on_train_epoch_end
