@@ -89,10 +89,6 @@ def check_loop_limits(
     check_positive_int("log_every_n_steps", log_every_n_steps)
 
 
-def _backward(loss: torch.Tensor) -> None:
-    loss.backward()
-
-
 class LoopState:
     """Loop position, latest validation, scalar writers and callbacks of one training run.
 
@@ -257,7 +253,7 @@ class LoopState:
         metrics: dict[str, Any],
         optimizers: Sequence[Any],
         batches_done: int,
-        backward: Callable[[torch.Tensor], None] = _backward,
+        backward: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
         """Backward and one optimizer step of every optimizer; count the step.
 
@@ -271,11 +267,15 @@ class LoopState:
             metrics: The loss module's metrics (tensors; read lazily as floats).
             optimizers: The optimizers to step (Lightning passes its wrappers of them).
             batches_done: Batches of the epoch done once this step is.
-            backward: How to backpropagate (Lightning: ``manual_backward``).
+            backward: How to backpropagate (Lightning: ``manual_backward``); None calls
+                ``total_loss.backward()``.
         """
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
-        backward(total_loss)
+        if backward is None:
+            total_loss.backward()
+        else:
+            backward(total_loss)
         for optimizer in optimizers:
             optimizer.step()
         self.global_step = step = self.global_step + 1

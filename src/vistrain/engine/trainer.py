@@ -292,6 +292,7 @@ class Trainer:
         callbacks = self.callbacks
         optimizers = loop.optimizers
         val_every = self.val_check_interval
+        log_every = loop.log_every_n_steps
         for batch in iterator:
             if move_batches:
                 batch = move_to_device(batch, self.device)
@@ -310,8 +311,10 @@ class Trainer:
                 )
                 if cb_logs:
                     logs = dict(cb_logs) if logs is None else {**logs, **cb_logs}
-            loop.log_train(logs)
-            if val_every and loop.global_step % val_every == 0:
+            step = loop.global_step
+            if logs or step % log_every == 0 or step == 1:  # log_train's own test, minus a call
+                loop.log_train(logs)
+            if val_every and step % val_every == 0:
                 self._validate(model)
                 model.train()
             batch_idx += 1
