@@ -28,6 +28,8 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler
 
+from vistrain.common.checks import check_finite_float, check_positive_int
+
 
 @dataclass
 class LRSchedulerConfig:
@@ -170,12 +172,13 @@ def warmup_cosine(
         warmup_epochs_done: Epoch at which the cosine starts.
 
     Raises:
-        ValueError: If a count is negative or the cosine would be empty.
+        TypeError: If a count is not an int or a factor not a number.
+        ValueError: If a count or a factor is out of range.
     """
-    if warmup_steps < 0 or num_epochs < 1:
-        raise ValueError(
-            f"warmup_steps={warmup_steps} must be >= 0 and num_epochs={num_epochs} >= 1."
-        )
+    check_positive_int("warmup_steps", warmup_steps, {0: "no warm-up"})
+    check_positive_int("num_epochs", num_epochs)
+    check_finite_float("warmup_start_factor", warmup_start_factor, 1e-12, 1.0)
+    check_finite_float("min_lr_factor", min_lr_factor, 0.0, 1.0)
     base_lr = float(optimizer.param_groups[0]["lr"])
     configs: list[LRSchedulerConfig] = []
     if warmup_steps > 0:
