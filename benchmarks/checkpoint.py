@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from resnet18 import resnet18
-from vistrain.engine.checkpointing import (
+from vistrain.engine.checkpoint_io import (
     AsyncCheckpointWriter,
     check_model_state,
     link_checkpoint,

@@ -13,7 +13,7 @@ from PIL import Image
 
 import vistrain
 from vistrain.cli import main
-from vistrain.engine.checkpointing import load_checkpoint
+from vistrain.engine.checkpoint_io import load_checkpoint
 
 TINY = [
     "--set",
@@ -118,6 +118,19 @@ def test_fit_test_and_resume_end_to_end(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "EMA weights" in proc.stdout + proc.stderr
     assert "test/Cls/" in proc.stdout
+    # The test run evaluated the checkpoint's weights: its accuracy is the validation's at
+    # the checkpoint's step (an untrained or unloaded model would not match).
+    step = load_checkpoint(out / "checkpoints" / "last.ckpt")["global_step"]
+    for key in ("Cls/top1", "Cls/top5"):
+        val = _scalars(out, f"val/{key}")
+        assert list(_scalars(tmp_path / "test", f"test/{key}").values()) == [val[step]]
+
+
+def _scalars(folder, tag: str) -> dict[int, float]:
+    """Step -> value of ``tag`` in ``folder/metrics.jsonl``."""
+    with open(folder / "metrics.jsonl", encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle]
+    return {r["step"]: r["value"] for r in records if r["tag"] == tag}
 
 
 def _records(folder: Path) -> list[dict[str, Any]]:

@@ -237,7 +237,7 @@ def _fit(args: argparse.Namespace, argv: Sequence[str]) -> int:
         with RunFolderLock(output_dir) if take_lock else contextlib.nullcontext():
             if args.devices > 1 and not launched_by_torchrun:
                 return _launch_workers(args, argv, output_dir)
-            from vistrain.engine.checkpointing import CheckpointError
+            from vistrain.engine.checkpoint_io import CheckpointError
             from vistrain.runner import run_fit
 
             try:
@@ -253,7 +253,7 @@ def _test(args: argparse.Namespace) -> int:
     module, params = _prepare(args)
     if not os.path.isfile(args.ckpt):
         raise UsageError(f"--ckpt: checkpoint {args.ckpt!r} does not exist")
-    from vistrain.engine.checkpointing import CheckpointError
+    from vistrain.engine.checkpoint_io import CheckpointError
     from vistrain.runner import run_test
 
     output_dir = _output_dir(args, suffix="-test")

@@ -38,7 +38,7 @@ from vistrain.data.const import CommonKeys
 from vistrain.data.datasets.coco import load_image
 from vistrain.data.loader import collate_batch
 from vistrain.data.presets import yolox_test_pipe
-from vistrain.engine.checkpointing import CHECKPOINT_FORMAT
+from vistrain.engine.checkpoint_io import CHECKPOINT_FORMAT
 from vistrain.eval.coco import load_coco_annotations
 from vistrain.model.weights import read_weights_file
 from vistrain.model.yolox import SIZES, YOLOX

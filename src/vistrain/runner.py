@@ -25,7 +25,7 @@ from vistrain.common.distributed import destroy_process_group, get_rank, init_pr
 from vistrain.common.log_setup import setup_logger
 from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.checkpoint import CheckpointCallback
-from vistrain.engine.checkpointing import CheckpointError, check_model_state, load_checkpoint
+from vistrain.engine.checkpoint_io import CheckpointError, check_model_state, load_checkpoint
 from vistrain.engine.trainer import Trainer
 from vistrain.model.adapter import find_ema_adapters
 from vistrain.run_info import RunInfoCallback, checkpoint_experiment, experiment_name
@@ -186,7 +186,7 @@ def run_test(module: ModuleType, params: Any, output_dir: str, ckpt_path: str) -
             output_dir,
             [cb for cb in experiment.callbacks if not isinstance(cb, CheckpointCallback)],
         )
-        tester.current_epoch, tester.global_step = epoch, step
+        tester.loop.current_epoch, tester.loop.global_step = epoch, step
         logs = tester.test(experiment.model)
         del experiment
         finished = True

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from vistrain.engine.callbacks.checkpoint import CheckpointCallback
-from vistrain.engine.checkpointing import is_temp_file, load_checkpoint
+from vistrain.engine.checkpoint_io import is_temp_file, load_checkpoint
 
 ROUNDS = 12
 MAX_TO_KEEP = 3

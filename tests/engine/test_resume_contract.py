@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import StepLR
 from torch.utils.data import DataLoader
-from trainer_fixtures import ToyDataset, ToyModel, toy_connectors, toy_loss_module
 
+from trainer_fixtures import ToyDataset, ToyModel, toy_connectors, toy_loss_module
 from vistrain.engine.callbacks import Callback
 from vistrain.engine.callbacks.checkpoint import CheckpointCallback
 from vistrain.engine.callbacks.ema import EMACallback
 from vistrain.engine.callbacks.logging import LoggingCallback
-from vistrain.engine.checkpointing import CheckpointError
+from vistrain.engine.checkpoint_io import CheckpointError
 from vistrain.engine.optim import LRSchedulerConfig, LRSchedulerWrapper
 from vistrain.engine.trainer import Trainer
 from vistrain.model.adapter import ModelExpEMAAdapter

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+
 from trainer_fixtures import (
     RecordingCallback,
     ToyModel,
@@ -12,7 +13,6 @@ from trainer_fixtures import (
     toy_loader,
     toy_loss_module,
 )
-
 from vistrain.engine.optim import warmup_cosine
 from vistrain.engine.trainer import Trainer
 
@@ -46,6 +46,7 @@ def test_epoch_based_hook_order_with_validation(tmp_path) -> None:
             "test_batch_end",
             "test_batch_end",
             "test_epoch_end",
+            "validation_end",
         ]
     )
     assert rec.hooks() == ["setup"] + epoch * 2 + ["fit_end"]
@@ -78,7 +79,12 @@ def test_step_based_validation_and_step_limit(tmp_path) -> None:
     assert [c[1:] for c in rec.calls if c[0] == "train_epoch_end"] == [(0, 3)]
     # after step-based validation, training continues in train mode
     idx = rec.hooks().index("test_epoch_end")
-    assert rec.hooks()[idx + 1] == "train_batch_start"
+    assert rec.hooks()[idx + 1 : idx + 3] == ["validation_end", "train_batch_start"]
+    # on_validation_end sees the validation's own logs at its step
+    assert [c[1:] for c in rec.calls if c[0] == "validation_end"] == [
+        (2, {"score": 1.0}),
+        (4, {"score": 1.0}),
+    ]
 
 
 def test_two_optimizers_count_one_step(tmp_path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vistrain.engine.checkpointing import CHECKPOINT_FORMAT
+from vistrain.engine.checkpoint_io import CHECKPOINT_FORMAT
 from vistrain.model.adapter import ModelEMAAdapter
 from vistrain.model.weights import (
     FrozenBatchNorm2d,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vistrain.engine.checkpointing import CHECKPOINT_FORMAT
+from vistrain.engine.checkpoint_io import CHECKPOINT_FORMAT
 from vistrain.model.weights import FrozenBatchNorm2d
 from vistrain.model.yolox import YOLOX
 from vistrain.zoo import load_config

@@ -26,7 +26,7 @@ from vistrain.engine.callbacks import (
     CheckpointCallback,
     YOLOXModeSwitchCallback,
 )
-from vistrain.engine.checkpointing import load_checkpoint
+from vistrain.engine.checkpoint_io import load_checkpoint
 from vistrain.engine.connectors import (
     DataConnector,
     LossConnector,
@@ -155,6 +155,11 @@ class _Recorder(Callback):
         self.calls.append(("test_epoch_end", trainer_state["global_step"]))
         return {"score": float(trainer_state["global_step"])}
 
+    def on_validation_end(self, trainer_state, model) -> None:
+        self.calls.append(
+            ("validation_end", trainer_state["global_step"], dict(trainer_state["val_logs"]))
+        )
+
     def on_fit_end(self, trainer_state, model) -> None:
         self.calls.append(("fit_end", trainer_state["global_step"]))
 
@@ -267,6 +272,10 @@ def test_hooks_metrics_and_weights_match_native(tmp_path, loop) -> None:
     assert _same_weights(pl_run[2], native[2])
     hooks = [call[0] for call in native[0]]
     assert hooks.count("test_epoch_start") >= 1 and hooks[-1] == "fit_end"
+    # on_validation_end follows every validation and sees that validation's logs
+    ends = [call for call in native[0] if call[0] == "validation_end"]
+    assert len(ends) == hooks.count("test_epoch_start")
+    assert all(call[2] == {"score": float(call[1])} for call in ends)
 
 
 def test_checkpoints_cross_engines_and_mid_epoch_resume(tmp_path) -> None:

@@ -1,24 +1,27 @@
-"""Learning-rate schedules that run torch schedulers per step or per epoch in a window.
+"""Optimizers and learning-rate schedules: windows of torch schedulers, learning rates to log.
 
 A schedule is a list of ``LRSchedulerConfig`` entries, each a torch scheduler class with its
 keyword arguments and a window ``[begin, end)`` counted in optimizer steps or in epochs.
-The common case, linear warm-up over the first steps followed by a cosine decay over the
-epochs, is built by ``warmup_cosine``::
+Windows follow vis4d's convention: a scheduler is created when its window opens (taking the
+learning rate the previous one left as its start) and stepped once after every step (or
+epoch) inside the window, ``end - begin`` times in all. So a linear warm-up over the first
+500 steps followed by a cosine decay over epochs 1..99 reads::
 
     scheduler = LRSchedulerWrapper(optimizer, [
         LRSchedulerConfig(LinearLR, {"start_factor": 0.01, "total_iters": 500}, 0, 500, False),
         LRSchedulerConfig(CosineAnnealingLR, {"T_max": 99}, 1, 100, True),
     ])
 
-Each torch scheduler is constructed when its window opens, so it takes the learning rate
-left by the previous one as its start. The trainer calls ``step_on_batch`` after every
-optimizer step and ``step`` after every epoch. ``state_dict`` captures every constructed
-scheduler and the optimizer's current learning rates, so a resume continues exactly.
+and the warm-up ends at exactly the base learning rate after step 500. The engines call
+``step_on_batch`` after every optimizer step and ``step`` after every epoch. ``state_dict``
+captures every constructed scheduler and the optimizer's current learning rates, so a resume
+continues exactly.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +29,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, LRScheduler
 
+from vistrain.common.checks import check_finite_float, check_positive_int
 from vistrain.op.norm import NORM_TYPES
 
 
@@ -36,8 +40,9 @@ class LRSchedulerConfig:
     Attributes:
         scheduler: A torch ``LRScheduler`` subclass.
         kwargs: Its keyword arguments (without the optimizer).
-        begin: First step (or epoch) the scheduler is active.
-        end: First step (or epoch) it is no longer active; None = to the end.
+        begin: First step (or epoch) the scheduler is active (0-based).
+        end: First step (or epoch) it is no longer active; None = to the end. The
+            scheduler is stepped ``end - begin`` times.
         epoch_based: Counted in epochs (stepped after each epoch) or in optimizer steps.
     """
 
@@ -92,12 +97,17 @@ class LRSchedulerWrapper:
                 self.schedulers[idx] = cfg.scheduler(self.optimizer, **cfg.kwargs)
 
     def _advance(self, position: int, epoch_based: bool) -> None:
-        """Step the schedulers whose window contains ``position`` (the step/epoch just done)."""
+        """Step (or epoch) ``position - 1`` is done: step the schedulers whose window holds it.
+
+        Then start those whose window opens at ``position``.
+        """
         for idx, cfg in enumerate(self.configs):
             sched = self.schedulers[idx]
-            if cfg.epoch_based != epoch_based or sched is None:
-                continue
-            if self._active(cfg, position - 1) and (cfg.end is None or position < cfg.end):
+            if (
+                cfg.epoch_based == epoch_based
+                and sched is not None
+                and self._active(cfg, position - 1)
+            ):
                 sched.step()
         self._maybe_start(position, epoch_based)
 
@@ -164,12 +174,13 @@ def warmup_cosine(
         warmup_epochs_done: Epoch at which the cosine starts.
 
     Raises:
-        ValueError: If a count is negative or the cosine would be empty.
+        TypeError: If a count is not an int or a factor not a number.
+        ValueError: If a count or a factor is out of range.
     """
-    if warmup_steps < 0 or num_epochs < 1:
-        raise ValueError(
-            f"warmup_steps={warmup_steps} must be >= 0 and num_epochs={num_epochs} >= 1."
-        )
+    check_positive_int("warmup_steps", warmup_steps, {0: "no warm-up"})
+    check_positive_int("num_epochs", num_epochs)
+    check_finite_float("warmup_start_factor", warmup_start_factor, 1e-12, 1.0)
+    check_finite_float("min_lr_factor", min_lr_factor, 0.0, 1.0)
     base_lr = float(optimizer.param_groups[0]["lr"])
     configs: list[LRSchedulerConfig] = []
     if warmup_steps > 0:
@@ -178,7 +189,7 @@ def warmup_cosine(
                 LinearLR,
                 {"start_factor": warmup_start_factor, "total_iters": warmup_steps},
                 begin=0,
-                end=warmup_steps + 1,
+                end=warmup_steps,
                 epoch_based=False,
             )
         )
@@ -189,7 +200,7 @@ def warmup_cosine(
                 CosineAnnealingLR,
                 {"T_max": max(num_epochs - start, 1), "eta_min": base_lr * min_lr_factor},
                 begin=start,
-                end=num_epochs + 1,
+                end=num_epochs,
                 epoch_based=True,
             )
         )
@@ -284,3 +295,38 @@ def yolox_warm_cos(
     factor = WarmCosFactor(warmup_steps, total_steps, flat_steps, min_lr_ratio)
     config = LRSchedulerConfig(LambdaLR, {"lr_lambda": factor}, 0, None, epoch_based=False)
     return LRSchedulerWrapper(optimizer, [config])
+
+
+def lr_scalars(optimizers: Sequence[Optimizer]) -> dict[str, float]:
+    """Learning rates to log: ``lr``, or ``lr/opt<i>[/group<j>]`` for several."""
+    scalars: dict[str, float] = {}
+    for opt_idx, optimizer in enumerate(optimizers):
+        for group_idx, group in enumerate(optimizer.param_groups):
+            suffix = "" if len(optimizers) == 1 else f"/opt{opt_idx}"
+            if len(optimizer.param_groups) > 1:
+                suffix += f"/group{group_idx}"
+            scalars[f"lr{suffix}"] = float(group["lr"])
+    return scalars
+
+
+def check_optimizers_train(
+    optimizers: Sequence[Optimizer], model: nn.Module, loss_module: nn.Module
+) -> None:
+    """Refuse an optimizer that holds none of the parameters being trained.
+
+    Such an optimizer (built from another instance of the model, say) would step nothing
+    and the run would train nothing, silently. Holding only some parameters is fine
+    (frozen parts); the loss module's own parameters count as trained.
+
+    Raises:
+        ValueError: Naming the optimizer that holds none of them.
+    """
+    trained = {id(p) for p in model.parameters()} | {id(p) for p in loss_module.parameters()}
+    for idx, optimizer in enumerate(optimizers):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if params and not any(id(p) in trained for p in params):
+            raise ValueError(
+                f"optimizers[{idx}] ({type(optimizer).__name__}) holds none of the parameters "
+                "of the model or the loss module; build it from model.parameters() of the "
+                "model passed to fit()."
+            )

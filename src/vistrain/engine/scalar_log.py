@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from vistrain.common.distributed import is_rank_zero
+from vistrain.engine.checkpoint_io import write_bytes_atomic
 from vistrain.engine.event_file import ScalarEventWriter
 
 
@@ -80,10 +81,7 @@ class ScalarLogger:
                 continue  # a line torn by a crash
             if int(record.get("step", 0)) <= max_step:
                 kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.jsonl_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.writelines(kept)
-        os.replace(tmp, self.jsonl_path)
+        write_bytes_atomic("".join(kept).encode("utf-8"), self.jsonl_path)
 
     def log(self, scalars: Mapping[str, Any], step: int, epoch: int) -> None:
         """Write every scalar under its tag at ``step``."""

@@ -13,7 +13,6 @@ import contextlib
 import gc
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ from faster_coco_eval import COCO, COCOeval_faster
 from torch import Tensor
 
 from vistrain.data.datasets.coco_json import load_coco_json
+from vistrain.engine.checkpoint_io import write_bytes_atomic
 from vistrain.eval.base import Evaluator, GatherFunc, MetricResult
 
 DET_METRIC = "Det"
@@ -165,26 +165,6 @@ def _unused_path(folder: str, stem: str) -> str:
         path = os.path.join(folder, f"{stem}-{counter}.json")
         counter += 1
     return path
-
-
-def write_json_atomic(obj: Any, path: str) -> None:
-    """Write ``obj`` as JSON to ``path`` so a reader never sees a partial file.
-
-    The data goes to a temporary file in the same folder, is flushed to disk, then renamed
-    over ``path`` in one step (``os.replace``).
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
 
 
 class COCODetectEvaluator(Evaluator):
@@ -493,5 +473,5 @@ class COCODetectEvaluator(Evaluator):
             stem = f"{stem}_{tag}"
         os.makedirs(output_dir, exist_ok=True)
         path = _unused_path(output_dir, stem)
-        write_json_atomic(self.results(), path)
+        write_bytes_atomic(json.dumps(self.results()).encode("utf-8"), path)
         return path

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from vistrain.engine.checkpointing import CHECKPOINT_FORMAT, _numpy_safe_globals
+from vistrain.engine.checkpoint_io import CHECKPOINT_FORMAT, _numpy_safe_globals
 from vistrain.model.yolox_official import (
     CLASS_PREDICTOR_PREFIX,
     convert_official_state_dict,

@@ -1,7 +1,7 @@
 """``CallbackWrapper``: run a vistrain callback, unchanged, inside ``lightning.pytorch.Trainer``.
 
 Each wrapper turns Lightning's hooks into the vistrain hooks of one callback, with a
-``TrainerState`` built by the module's engine (``train_engine="pl"``)::
+fresh ``TrainerState`` built by the module's engine for each call (``train_engine="pl"``)::
 
     setup                                      -> setup() (once)
     on_train_epoch_start                       -> on_train_epoch_start
@@ -13,7 +13,9 @@ Each wrapper turns Lightning's hooks into the vistrain hooks of one callback, wi
     on_validation_epoch_start / on_test_epoch_start -> on_test_epoch_start
     on_validation_batch_end / on_test_batch_end     -> on_test_batch_end
     on_validation_epoch_end / on_test_epoch_end     -> on_test_epoch_end (logs -> val/<k>
-                                                       or test/<k>)
+                                                       or test/<k>); after a validation the
+                                                       engine runs on_validation_end for
+                                                       every callback
     on_fit_end                                 -> on_fit_end
 
 The LightningModule must be a ``vistrain.pl.TrainingModule``: it owns the engine (loop
@@ -28,6 +30,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from vistrain.engine.callbacks.base import Callback
+from vistrain.engine.callbacks.logging import log_callback_train_logs
 from vistrain.pl.engine import LightningEngine
 from vistrain.pl.training_module import TrainingModule
 
@@ -94,7 +97,7 @@ class CallbackWrapper(pl.Callback):
         """``on_train_batch_start`` (may edit ``batch`` in place before the step)."""
         engine = self._engine(pl_module)
         index = batch_idx + engine.batch_offset()
-        state = engine.train_state(index)
+        state = engine.train_state()
         self.callback.on_train_batch_start(state, engine.model, engine.loss_module, batch, index)
 
     def on_train_batch_end(
@@ -108,10 +111,12 @@ class CallbackWrapper(pl.Callback):
         """``on_train_batch_end`` with the model's outputs; returned logs go to the engine."""
         engine = self._engine(pl_module)
         index = batch_idx + engine.batch_offset()
-        state = engine.train_state(index, done=True)
+        state = engine.train_state(metrics=True)
         logs = self.callback.on_train_batch_end(
             state, engine.model, engine.loss_module, engine.last_outputs, batch, index
         )
+        if logs:
+            log_callback_train_logs(self.callback, logs, state)
         engine.add_train_logs(logs)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

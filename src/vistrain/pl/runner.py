@@ -24,6 +24,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from vistrain.common.distributed import DEFAULT_TIMEOUT
+from vistrain.engine.loop_state import check_loop_limits
 from vistrain.pl.callback_wrapper import CallbackWrapper
 from vistrain.pl.training_module import TrainingModule
 from vistrain.zoo.base import Experiment
@@ -97,16 +98,7 @@ def build_lightning_trainer(
     Raises:
         ValueError: For a limit or an interval out of range.
     """
-    if num_epochs < -1 or num_epochs == 0:
-        raise ValueError(f"num_epochs={num_epochs} must be >= 1, or -1 for no limit.")
-    if num_steps < -1 or num_steps == 0:
-        raise ValueError(f"num_steps={num_steps} must be >= 1, or -1 for no limit.")
-    if val_check_interval is not None and val_check_interval < 1:
-        raise ValueError(f"val_check_interval={val_check_interval} must be >= 1 or None.")
-    if check_val_every_n_epoch is not None and check_val_every_n_epoch < 0:
-        raise ValueError(
-            f"check_val_every_n_epoch={check_val_every_n_epoch} must be >= 1 (or None/0)."
-        )
+    check_loop_limits(num_epochs, num_steps, check_val_every_n_epoch, val_check_interval)
     if val_check_interval is not None:
         val_kwargs: dict[str, Any] = {
             "check_val_every_n_epoch": None,

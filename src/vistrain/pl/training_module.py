@@ -1,10 +1,11 @@
 """``TrainingModule``: a LightningModule around a vistrain model, loss, optimizers and schedules.
 
 Training uses Lightning's manual optimization, so one training step is exactly the native
-Trainer's: zero the gradients of every optimizer, ``manual_backward``, step every optimizer
-(through Lightning, so precision plugins and strategies apply), count one ``global_step``,
-``step_on_batch`` every scheduler. Epoch-based scheduler steps and the callbacks' epoch end
-are run by the engine (see ``vistrain.pl.engine``) so their order matches the native loop.
+Trainer's: the same ``LoopState.train_step`` zeroes the gradients of every optimizer, calls
+``manual_backward``, steps every optimizer (through Lightning, so precision plugins and
+strategies apply), counts one ``global_step`` and runs ``step_on_batch`` of every scheduler.
+Epoch-based scheduler steps and the callbacks' epoch end are run by the engine (see
+``vistrain.pl.engine``) so their order matches the native loop.
 
 The module's own hooks run after the callbacks' hooks of the same name; it uses them for the
 engine's "after every callback" work: writing logs, ending the epoch, restoring RNG states.
@@ -21,11 +22,12 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from vistrain.common.checks import check_list_of, check_positive_int
 from vistrain.common.typing import DictData
 from vistrain.engine.connectors import DataConnector
+from vistrain.engine.loop_state import as_loader_list
 from vistrain.engine.loss_module import LossModule
-from vistrain.engine.optim import LRSchedulerWrapper
-from vistrain.engine.run_state import as_list, as_loader_list, check_optimizers_train
+from vistrain.engine.optim import LRSchedulerWrapper, check_optimizers_train
 from vistrain.pl.engine import LightningEngine
 
 
@@ -81,12 +83,11 @@ class TrainingModule(pl.LightningModule):
             raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}.")
         if not isinstance(loss_module, LossModule):
             raise TypeError(f"loss_module must be a LossModule, got {type(loss_module).__name__}.")
-        optimizer_list = as_list(optimizers, "optimizers", Optimizer)
+        optimizer_list = check_list_of("optimizers", optimizers, Optimizer)
         if not optimizer_list:
             raise ValueError("TrainingModule needs at least one optimizer.")
         check_optimizers_train(optimizer_list, model, loss_module)
-        if log_every_n_steps < 1:
-            raise ValueError(f"log_every_n_steps={log_every_n_steps} must be >= 1.")
+        check_positive_int("log_every_n_steps", log_every_n_steps)
         for name, connector in (
             ("train_data_connector", train_data_connector),
             ("test_data_connector", test_data_connector),
@@ -108,7 +109,7 @@ class TrainingModule(pl.LightningModule):
             model=model,
             loss_module=loss_module,
             optimizers=optimizer_list,
-            lr_schedulers=as_list(lr_schedulers, "lr_schedulers", LRSchedulerWrapper),
+            lr_schedulers=check_list_of("lr_schedulers", lr_schedulers, LRSchedulerWrapper),
             train_dataloader=train_dataloader,
             test_dataloaders=as_loader_list(test_dataloader),
             output_dir=output_dir,
@@ -162,12 +163,9 @@ class TrainingModule(pl.LightningModule):
         total_loss, metrics = self.loss_module(outputs, batch)
         optimizers = self.optimizers()
         opt_list = optimizers if isinstance(optimizers, list) else [optimizers]
-        for optimizer in opt_list:
-            optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(total_loss)
-        for optimizer in opt_list:
-            optimizer.step()
-        self.engine.after_optimizer_step(batch_idx, outputs, metrics)
+        self.engine.train_step(
+            batch_idx, total_loss, metrics, outputs, opt_list, backward=self.manual_backward
+        )
         return total_loss.detach()
 
     def _eval_step(self, batch: Any) -> Any:
@@ -202,7 +200,7 @@ class TrainingModule(pl.LightningModule):
         super().on_validation_model_eval()
 
     def on_validation_epoch_end(self) -> None:
-        """Keep the callbacks' validation logs and write them as ``val/<k>``."""
+        """Keep and write the validation logs (``val/<k>``); run ``on_validation_end``."""
         self.engine.end_validation_epoch()
 
     def on_validation_end(self) -> None:

@@ -94,6 +94,12 @@ SEED_HOOKS = {
     "get_test_callback_inputs": ["outputs", "batch"],
 }
 
+PROJECT_HOOKS = {  # beyond the seed (DESIGN section 3)
+    "on_validation_end": ["trainer_state", "model"],
+    "on_save_checkpoint": ["trainer_state", "model"],
+    "on_fit_end": ["trainer_state", "model"],
+}
+
 
 def test_exports_exactly_the_seed_names_from_the_seed_submodules() -> None:
     assert sorted(callbacks.__all__) == sorted(SEED_CLASSES)
@@ -120,7 +126,7 @@ def test_constructor_arguments_and_defaults(name: str) -> None:
 def test_hook_signatures(name: str) -> None:
     cls = getattr(callbacks, name)
     assert issubclass(cls, Callback)
-    for hook, args in SEED_HOOKS.items():
+    for hook, args in {**SEED_HOOKS, **PROJECT_HOOKS}.items():
         params = list(inspect.signature(getattr(cls, hook)).parameters)
         assert params[1:] == args, (name, hook, params)
     dataloader_idx = inspect.signature(cls.on_test_batch_end).parameters["dataloader_idx"]

@@ -10,15 +10,20 @@ import torch
 from torch import nn
 
 from dist_utils import run_distributed
+from trainer_fixtures import ENGINES, ScriptedValidation, run_toy
 from vistrain.common import distributed as vdist
-from vistrain.engine import checkpointing as ckpt_io
+from vistrain.engine import checkpoint_io as ckpt_io
 from vistrain.engine.callbacks import checkpoint as ckpt_cb
 from vistrain.engine.callbacks.checkpoint import CheckpointCallback
-from vistrain.engine.checkpointing import is_temp_file, load_checkpoint
+from vistrain.engine.checkpoint_io import is_temp_file, load_checkpoint
 
 
 class _Loop:
-    """Drives a callback's hooks the way the trainer does, without a trainer.
+    """Drives a callback's hooks with hand-built TrainerStates, without an engine.
+
+    Pins that ``CheckpointCallback`` saves files of the engines' format (the same
+    ``collect_checkpoint``) when a test drives it this way, as vis4d's own tests do; tests of
+    what it does in a loop (best checkpoint, resume) run real engines.
 
     The model's weight is filled with the global step after every step, so a checkpoint's
     content tells which step it holds.
@@ -52,7 +57,7 @@ class _Loop:
             state["train_module"] = self.train_module
         return state
 
-    def epoch_run(self, val: float | dict[str, float] | None = None) -> None:
+    def epoch_run(self) -> None:
         cb, model = self.cb, self.model
         cb.on_train_epoch_start(self.state(), model, None)
         for batch_idx in range(self.batches):
@@ -62,10 +67,6 @@ class _Loop:
                 model.weight.fill_(float(self.step))
             cb.on_train_batch_end(self.state(), model, None, {}, {}, batch_idx)
         cb.on_train_epoch_end(self.state(), model, None)
-        if val is not None:  # validation runs after the epoch-end hooks
-            cb.on_test_epoch_start(self.state(), model)
-            cb.on_test_epoch_end(self.state(), model)
-            self.val_logs = {"AP": val} if isinstance(val, float) else dict(val)
         self.epoch += 1
 
     def fit_end(self) -> None:
@@ -133,6 +134,10 @@ def test_step_based_saves_at_multiples_of_the_period(tmp_path: Path) -> None:
     ckpt = load_checkpoint(folder / "epoch=1-step=6.ckpt")
     assert not ckpt["epoch_finished"] and ckpt["batches_done"] == 2
     assert _step_of(folder / "last.ckpt") == 6
+    # Without an engine the file is still built by the engines' writer: same format.
+    engine_run = tmp_path / "engine"
+    run_toy("native", str(engine_run), [CheckpointCallback(save_prefix=str(engine_run))])
+    assert set(ckpt) == set(load_checkpoint(engine_run / "checkpoints" / "last.ckpt"))
 
 
 @pytest.mark.parametrize("async_save", [False, True])
@@ -162,68 +167,67 @@ def test_retention_keeps_the_newest_and_survives_resume(tmp_path: Path, async_sa
     assert [name for name in os.listdir(folder) if is_temp_file(name)] == []
 
 
-@pytest.mark.parametrize(
-    ("mode", "best_step"),
-    [("max", 4), ("min", 6)],
-)
-def test_best_checkpoint_follows_the_validation_of_its_weights(
-    tmp_path: Path, mode: str, best_step: int
-) -> None:
-    cb = CheckpointCallback(save_prefix=str(tmp_path), monitor="AP", mode=mode, max_to_keep=1)
-    cb.setup()
-    loop = _Loop(cb)
-    for value in (0.2, 0.9, 0.1, 0.5):  # validations of the files at steps 2, 4, 6, 8
-        loop.epoch_run(val=value)
-    loop.fit_end()
-    folder = tmp_path / "checkpoints"
-    assert _files(folder) == ["best.ckpt", "best.json", "epoch=3-step=8.ckpt", "last.ckpt"]
-    assert _step_of(folder / "best.ckpt") == best_step  # its periodic file is long deleted
+def _best(folder: Path) -> tuple[int, dict[str, Any]]:
+    """The step ``best.ckpt`` holds and the ``best.json`` record (which must agree)."""
     record = json.loads((folder / "best.json").read_text())
+    step = int(load_checkpoint(folder / "best.ckpt")["global_step"])
+    assert record["global_step"] == step
+    return step, record
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(("mode", "best_step"), [("max", 12), ("min", 18)])
+def test_best_checkpoint_follows_the_validation_of_its_weights(
+    tmp_path: Path, engine: str, mode: str, best_step: int
+) -> None:
+    if engine == "lightning":
+        pytest.importorskip("lightning")
+    cb = CheckpointCallback(save_prefix=str(tmp_path), monitor="AP", mode=mode, max_to_keep=1)
+    scores = ScriptedValidation((0.2, 0.9, 0.1, 0.5), key="AP")  # files at steps 6, 12, 18, 24
+    run_toy(engine, str(tmp_path), [scores, cb], num_epochs=4)
+    assert scores.steps == [6, 12, 18, 24]
+    folder = tmp_path / "checkpoints"
+    assert _files(folder) == ["best.ckpt", "best.json", "epoch=3-step=24.ckpt", "last.ckpt"]
+    step, record = _best(folder)  # its periodic file is long deleted
     expected = 0.9 if mode == "max" else 0.1
-    assert record["value"] == expected and record["global_step"] == best_step
+    assert step == best_step and record["value"] == expected
+    assert record["file"] == f"epoch={best_step // 6 - 1}-step={best_step}.ckpt"
     assert cb.state_dict()["best"]["value"] == expected
 
 
 def test_best_is_kept_right_when_resuming_from_the_best_file(tmp_path: Path) -> None:
     folder = tmp_path / "checkpoints"
     cb = CheckpointCallback(save_prefix=str(tmp_path), monitor="AP")
-    cb.setup()
-    loop = _Loop(cb)
-    loop.epoch_run(val=0.5)
-    loop.epoch_run(val=0.9)  # epoch 1 (step 4) becomes best after its file was written
-    loop.fit_end()
+    # epoch 1 (step 12) becomes best after its file was written
+    run_toy("native", str(tmp_path), [ScriptedValidation((0.5, 0.9), "AP"), cb], num_epochs=2)
     saved_state = load_checkpoint(folder / "last.ckpt")["callbacks"]["CheckpointCallback"]
     assert saved_state["best"]["value"] == 0.5  # the file predates its own validation
 
     resumed = CheckpointCallback(save_prefix=str(tmp_path), monitor="AP")
-    resumed.setup()
     resumed.load_state_dict(saved_state)  # best.json supplies the later result
     assert resumed.state_dict()["best"]["value"] == 0.9
-    loop2 = _Loop(resumed)
-    loop2.epoch, loop2.step = 2, 4
-    loop2.epoch_run(val=0.7)  # worse than 0.9: best.ckpt must stay at step 4
-    loop2.fit_end()
-    assert _step_of(folder / "best.ckpt") == 4
+    resumed = CheckpointCallback(save_prefix=str(tmp_path), monitor="AP")
+    worse = ScriptedValidation((0.7,), "AP")  # worse than 0.9: best.ckpt must stay at step 12
+    run_toy(
+        "native", str(tmp_path), [worse, resumed], num_epochs=3, ckpt_path=str(folder / "last.ckpt")
+    )
+    assert worse.steps == [18]
+    assert _best(folder)[0] == 12
 
 
 def test_validation_without_a_matching_checkpoint_credits_nothing(tmp_path: Path) -> None:
     cb = CheckpointCallback(save_prefix=str(tmp_path), monitor="AP", checkpoint_period=2)
-    cb.setup()
-    loop = _Loop(cb)
-    for value in (0.1, 0.3, 0.99, 0.5):  # steps 2 and 6 validate weights never saved
-        loop.epoch_run(val=value)
-    loop.fit_end()
-    assert _step_of(tmp_path / "checkpoints" / "best.ckpt") == 8
+    scores = ScriptedValidation((0.1, 0.3, 0.99, 0.5), "AP")  # steps 6, 18: weights never saved
+    run_toy("native", str(tmp_path), [scores, cb], num_epochs=4)
+    step, record = _best(tmp_path / "checkpoints")
+    assert (step, record["value"]) == (24, 0.5)
 
 
 def test_missing_monitor_key_warns_once_listing_keys(tmp_path: Path) -> None:
     cb = CheckpointCallback(save_prefix=str(tmp_path), monitor="Det/AP")
-    cb.setup()
-    loop = _Loop(cb)
+    scores = ScriptedValidation([{"AP50": 0.1, "loss": 1.0}] * 3)
     with pytest.warns(UserWarning, match=r"monitor='Det/AP'.*\['AP50', 'loss'\]") as record:
-        for _ in range(3):
-            loop.epoch_run(val={"AP50": 0.1, "loss": 1.0})
-        loop.fit_end()
+        run_toy("native", str(tmp_path), [scores, cb], num_epochs=3)
     assert len([w for w in record if "monitor=" in str(w.message)]) == 1
     assert not (tmp_path / "checkpoints" / "best.ckpt").exists()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,8 +13,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_utils import run_distributed
+from trainer_fixtures import ENGINES, ToyModel, run_toy
 from vistrain.engine.callbacks import ema as ema_module
 from vistrain.engine.callbacks.base import Callback
+from vistrain.engine.callbacks.checkpoint import CheckpointCallback
 from vistrain.engine.callbacks.ema import EMACallback
 from vistrain.engine.callbacks.trainer_state import TrainerState
 from vistrain.model.adapter import ModelEMAAdapter, ModelExpEMAAdapter
@@ -165,36 +168,6 @@ def test_model_without_adapter_is_type_error() -> None:
     assert _batch_end(EMACallback(), SmallNet(), 0) is None
 
 
-def test_resume_from_callback_and_model_state_is_bit_exact() -> None:
-    torch.manual_seed(0)
-    straight = ModelExpEMAAdapter(SmallNet(), decay=0.95, warmup_steps=3)
-    first_half = copy.deepcopy(straight)
-    callback = EMACallback()
-    for step in range(1, 7):
-        _optimizer_step(straight.model, step)
-        _batch_end(callback, straight, step)
-
-    callback = EMACallback()
-    for step in range(1, 4):
-        _optimizer_step(first_half.model, step)
-        _batch_end(callback, first_half, step)
-    model_state = copy.deepcopy(first_half.state_dict())
-    callback_state = copy.deepcopy(callback.state_dict())
-    assert callback_state == {"last_step": 3}
-
-    torch.manual_seed(1)
-    resumed = ModelExpEMAAdapter(SmallNet(), decay=0.95, warmup_steps=3)
-    resumed.load_state_dict(model_state)
-    callback = EMACallback()
-    callback.load_state_dict(callback_state)
-    _batch_end(callback, resumed, 3)  # same step seen again: no second update
-    assert int(resumed.num_updates) == 3
-    for step in range(4, 7):
-        _optimizer_step(resumed.model, step)
-        _batch_end(callback, resumed, step)
-    _assert_same_state(resumed, straight)
-
-
 @pytest.mark.parametrize("bad", [{}, {"last_step": -1}, {"last_step": "3"}, {"last_step": 2.5}])
 def test_bad_callback_state_is_value_error(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="last_step"):
@@ -246,3 +219,31 @@ def test_ddp_ranks_keep_identical_ema() -> None:
     # Parameters are all-reduced: every rank holds the same EMA parameters, bit for bit.
     for name in param_names:
         assert torch.equal(results[0]["ema"][name], results[1]["ema"][name]), name
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_under_an_engine_the_ema_follows_every_step_and_resumes_bit_exact(
+    tmp_path: Path, engine: str
+) -> None:
+    """Real loops: the EMA is updated once per optimizer step with the engine's global step,
+    and a run stopped mid-epoch and resumed ends with the straight run's EMA weights."""
+    if engine == "lightning":
+        pytest.importorskip("lightning")
+
+    def adapter() -> ModelExpEMAAdapter:
+        torch.manual_seed(0)
+        return ModelExpEMAAdapter(ToyModel(), decay=0.9, warmup_steps=4)
+
+    straight = adapter()
+    run_toy(engine, str(tmp_path / "straight"), [EMACallback()], model=straight, num_epochs=2)
+    assert int(straight.num_updates) == 12  # 6 steps per epoch
+    assert not torch.equal(straight.ema_model.net[0].weight, straight.model.net[0].weight)
+
+    part = tmp_path / "part"
+    saver = CheckpointCallback(save_prefix=str(part), epoch_based=False, checkpoint_period=8)
+    run_toy(engine, str(part), [EMACallback(), saver], model=adapter(), num_steps=8)
+    resumed = adapter()
+    ckpt = str(part / "checkpoints" / "epoch=1-step=8.ckpt")
+    run_toy(engine, str(tmp_path / "resumed"), [EMACallback()], model=resumed, ckpt_path=ckpt)
+    assert int(resumed.num_updates) == 12
+    _assert_same_state(resumed, straight)

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from dist_utils import run_distributed
 from vistrain.engine.callbacks.evaluator import EvaluatorCallback
 from vistrain.engine.callbacks.trainer_state import TrainerState
-from vistrain.engine.connectors import CallbackConnector, data_key, pred_key
+from vistrain.engine.connectors import CallbackConnector, DataConnector, data_key, pred_key
+from vistrain.engine.trainer import Trainer
 from vistrain.eval.base import Evaluator, MetricResult
 from vistrain.eval.classification import ClassificationEvaluator
 from vistrain.eval.coco import COCODetectEvaluator
@@ -94,14 +95,25 @@ def _state(epoch: int = 2, step: int = 40) -> TrainerState:
     )
 
 
+class _FakeDetector(nn.Module):
+    """A model whose detections are ``_fake_model``'s for the batch's image ids."""
+
+    def __init__(self, gt_file: str, junk_for: int | None = None) -> None:
+        super().__init__()
+        self.gt_file, self.junk_for = gt_file, junk_for
+
+    def forward(self, coco_image_id: list[int]) -> dict[str, Any]:
+        return _fake_model(coco_image_id, self.gt_file, self.junk_for)
+
+
 def _run_epoch(
     callback: EvaluatorCallback, loader: Any, gt_file: str, junk_for: int | None = None
 ) -> Any:
-    model = nn.Identity()
-    for batch_idx, batch in enumerate(loader):
-        outputs = _fake_model(batch["coco_image_id"], gt_file, junk_for)
-        callback.on_test_batch_end(_state(), model, outputs, batch, batch_idx)
-    return callback.on_test_epoch_end(_state(), model)
+    """One test epoch of the real Trainer (``Trainer.test``) with the fake detector."""
+    connector = DataConnector({"coco_image_id": "coco_image_id"})
+    out = os.path.join(os.path.dirname(gt_file), "run")
+    trainer = Trainer("cpu", out, None, loader, None, connector, [callback], tensorboard=False)
+    return trainer.test(_FakeDetector(gt_file, junk_for))
 
 
 class _FailingEvaluator(Evaluator):
@@ -162,7 +174,7 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
         assert result["logs"] == expected  # every rank returns rank 0's numbers
     assert results[0]["error"] == "ZeroDivisionError: no samples"
     assert results[1]["error"].startswith("RuntimeError: Evaluation failed on rank 0")
-    assert os.listdir(os.path.join(save_prefix, "Det")) == ["detections_epoch=2-step=40.json"]
+    assert os.listdir(os.path.join(save_prefix, "Det")) == ["detections_epoch=0-step=0.json"]
 
 
 def test_single_process_epoch_logs_saves_and_resets(
@@ -192,23 +204,57 @@ def test_single_process_epoch_logs_saves_and_resets(
     again = callback.on_test_epoch_end(_state(), nn.Identity())
     assert again["Det/AP"] == 0.0
     saved = sorted(os.listdir(tmp_path / "eval" / "Det"))
-    assert saved == ["detections_epoch=2-step=40-1.json", "detections_epoch=2-step=40.json"]
+    assert saved == ["detections_epoch=0-step=0.json", "detections_epoch=2-step=40.json"]
+    # the saved predictions are the detections in COCO's result format
+    with open(tmp_path / "eval" / "Det" / saved[0], encoding="utf-8") as handle:
+        predictions = json.load(handle)
+    assert len(predictions) == sum(
+        len(b) for b in _fake_model(list(range(100, 111)), gt_file)["boxes"]
+    )
+    assert all(set(p) == {"image_id", "category_id", "bbox", "score"} for p in predictions)
+    assert {p["image_id"] for p in predictions} == set(range(100, 100 + NUM_IMAGES))
+    assert {p["category_id"] for p in predictions} <= set(CATEGORY_IDS)
     assert callback.evaluate() == {f"Det/{k}": v for k, v in evaluator.evaluate("Det")[0].items()}
 
 
-def test_classification_through_callback() -> None:
+def test_classification_through_the_trainer(tmp_path: Path) -> None:
+    """Seven classes, so top-5 is not trivially 1: the true class ranks 1st, 3rd, 6th and
+    7th in the four samples, giving top-1 1/4 and top-5 2/4, as test/<k> logs."""
+    logits = torch.tensor(
+        [
+            [9.0, 1, 2, 3, 4, 5, 6],  # class 0 first
+            [1.0, 2, 9, 3, 8, 5, 7],  # class 6 third
+            [9.0, 8, 7, 6, 5, 1, 2],  # class 6 sixth
+            [9.0, 8, 7, 6, 5, 4, 3],  # class 6 seventh
+        ]
+    )
+    samples = [{"x": row, "labels": label} for row, label in zip(logits, [0, 6, 6, 6])]
     callback = EvaluatorCallback(
-        evaluator=ClassificationEvaluator(3),
+        evaluator=ClassificationEvaluator(7),
         test_connector=CallbackConnector(
             {"logits": pred_key("logits"), "labels": data_key("labels")}
         ),
     )
-    callback.setup()
-    outputs = {"logits": torch.tensor([[3.0, 1.0, 0.0], [0.0, 1.0, 3.0]])}
-    callback.on_test_batch_end(
-        _state(), nn.Identity(), outputs, {"labels": torch.tensor([0, 1])}, 0
+    trainer = Trainer(
+        "cpu",
+        str(tmp_path),
+        None,
+        DataLoader(samples, batch_size=3),  # type: ignore[arg-type]
+        None,
+        DataConnector({"x": "x"}),
+        [callback],
+        tensorboard=False,
     )
-    assert callback.on_test_epoch_end(_state(), nn.Identity()) == {"Cls/top1": 0.5, "Cls/top5": 1.0}
+    logs = trainer.test(_Logits())
+    assert logs == {"Cls/top1": 0.25, "Cls/top5": 0.5}
+    with open(tmp_path / "metrics.jsonl", encoding="utf-8") as handle:
+        written = {r["tag"]: r["value"] for r in map(json.loads, handle)}
+    assert written == {"test/Cls/top1": 0.25, "test/Cls/top5": 0.5}
+
+
+class _Logits(nn.Module):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": x}
 
 
 def test_constructor_validation(tmp_path: Path) -> None:

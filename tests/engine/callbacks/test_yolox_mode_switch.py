@@ -10,7 +10,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler, 
 
 from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.yolox_callbacks import YOLOXModeSwitchCallback
-from vistrain.engine.checkpointing import save_checkpoint
+from vistrain.engine.checkpoint_io import save_checkpoint
 from vistrain.engine.connectors import DataConnector, LossConnector, data_key, pred_key
 from vistrain.engine.loss_module import LossModule
 from vistrain.engine.trainer import Trainer

@@ -16,8 +16,12 @@ A callback is a bundle of hooks the training loop calls at fixed points::
             outputs = model(**test_connector(batch))
             callback.on_test_batch_end(state, model, outputs, batch, batch_idx)
         logs = callback.on_test_epoch_end(state, model)
+        callback.on_validation_end(state, model)  # state["val_logs"] holds the new logs
+    callback.on_fit_end(state, model)
 
-Hooks run in the order the callbacks are listed. A hook may return a dict of scalars,
+Both engines (the native ``Trainer`` and the Lightning bridge) call the hooks at these
+points, each with a ``TrainerState`` built for that call. Hooks run in the order the
+callbacks are listed. A hook may return a dict of scalars,
 which the trainer logs as ``train/<key>`` or ``val/<key>`` / ``test/<key>``. A callback that
 holds state across steps implements ``state_dict`` / ``load_state_dict`` so checkpoints
 carry it and resume restores it.
@@ -148,6 +152,16 @@ class Callback:
     def on_test_epoch_end(self, trainer_state: TrainerState, model: nn.Module) -> MetricLogs | None:
         """Hook to run at the end of a testing epoch."""
         return None
+
+    def on_validation_end(self, trainer_state: TrainerState, model: nn.Module) -> None:
+        """Hook to run after a validation during fit, once its logs are stored.
+
+        Beyond the reference: every callback's ``on_test_epoch_end`` has returned and
+        ``trainer_state["val_logs"]`` holds this validation's logs (as floats), so a callback
+        that acts on a validation result (best checkpoint, early stopping) reads it here, for
+        the weights that were just validated. Not called by ``test``. Runs on every rank; the
+        model is still in eval mode.
+        """
 
     def on_save_checkpoint(self, trainer_state: TrainerState, model: nn.Module) -> None:
         """Collective hook: runs on every rank just before the training state is collected.

@@ -4,25 +4,29 @@ Where it sits in the loop (see ``vistrain.engine.trainer``)::
 
     setup()                       rank 0: make <save_prefix>/checkpoints, remove stale temp files
     for epoch ...:
-        on_train_epoch_start      attribute a finished validation to the checkpoint it validated
         for batch ...:
-            on_train_batch_start  (same, after a step-based validation)
             ... optimizer step; global_step += 1
             on_train_batch_end    step-based: save when global_step % checkpoint_period == 0
             (step-based validation)
+            on_validation_end     credit the validation to the file saved at this step
         on_train_epoch_end        epoch-based: save when (epoch + 1) % checkpoint_period == 0
-        (validation)              on_test_epoch_end remembers the step it ran at
-    on_fit_end                    attribute the last validation, wait for pending writes
+        (validation)
+        on_validation_end         credit the validation to the file saved at this step
+    on_fit_end                    wait for pending writes
 
-Files, all written by rank 0 through ``vistrain.engine.checkpointing`` (crash-consistent):
+Files, all written by rank 0 through ``vistrain.engine.checkpoint_io`` (crash-consistent):
 ``epoch=<E>-step=<S>.ckpt`` (periodic), ``last.ckpt`` (hard link to the newest periodic file)
 and, with ``monitor``, ``best.ckpt`` (hard link to the best validated one) and ``best.json``
 (its value, so a resume from the checkpoint that became best afterwards still knows it).
 
 Best-checkpoint rule: validation runs *after* the save hooks, so a validation evaluates the
-weights of the newest checkpoint when no optimizer step happened between that save and the
-validation. Its ``monitor`` value is credited to that checkpoint at the next hook. A validation
-at a step without a checkpoint (periods that do not line up) credits no file.
+weights of the newest checkpoint when that file was saved at the validation's step. Its
+``monitor`` value (``trainer_state["val_logs"]`` in ``on_validation_end``) is credited to that
+file; a validation at a step without a checkpoint (periods that do not line up) credits none.
+
+The contents of a file are the engine's ``checkpoint_state()``; driven without an engine (a
+hand-built TrainerState), the same ``vistrain.engine.resume.collect_checkpoint`` builds them
+from the state, so there is one writer of the format.
 """
 
 from __future__ import annotations
@@ -36,14 +40,13 @@ from typing import Any
 
 from torch import nn
 
+from vistrain.common.checks import check_choice, check_positive_int
 from vistrain.common.cpu import has_spare_core
-from vistrain.common.distributed import get_rank, unwrap_model
+from vistrain.common.distributed import get_rank
 from vistrain.common.typing import DictData, MetricLogs
 from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.trainer_state import TrainerState
-from vistrain.engine.checkpointing import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_VERSION,
+from vistrain.engine.checkpoint_io import (
     AsyncCheckpointWriter,
     cleanup_stale_temp_files,
     link_checkpoint,
@@ -52,6 +55,7 @@ from vistrain.engine.checkpointing import (
     write_bytes_atomic,
 )
 from vistrain.engine.loss_module import LossModule
+from vistrain.engine.resume import collect_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +108,7 @@ class CheckpointCallback(Callback):
         **kwargs: Passed to ``Callback``.
 
     Raises:
+        TypeError: For a period or ``max_to_keep`` that is not an int.
         ValueError: For a period or ``max_to_keep`` below 1, an empty ``save_prefix`` or a
             ``mode`` other than ``"min"``/``"max"``.
     """
@@ -122,21 +127,9 @@ class CheckpointCallback(Callback):
         super().__init__(*args, **kwargs)
         if not isinstance(save_prefix, (str, os.PathLike)) or not os.fspath(save_prefix):
             raise ValueError(f"save_prefix must be a non-empty path, got {save_prefix!r}.")
-        if isinstance(checkpoint_period, bool) or not isinstance(checkpoint_period, int):
-            raise TypeError(
-                f"checkpoint_period must be an int, got {type(checkpoint_period).__name__}."
-            )
-        if checkpoint_period < 1:
-            raise ValueError(
-                f"checkpoint_period={checkpoint_period} is invalid; use 1 or more "
-                "(epochs, or steps with epoch_based=False)."
-            )
-        if max_to_keep is not None and (
-            isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
-        ):
-            raise ValueError(f"max_to_keep={max_to_keep!r} is invalid; use None or an int >= 1.")
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode={mode!r} is invalid; use 'min' or 'max'.")
+        check_positive_int("checkpoint_period", checkpoint_period)
+        check_positive_int("max_to_keep", max_to_keep, {None: "keep all"})
+        check_choice("mode", mode, ("min", "max"))
         if monitor is not None and not isinstance(monitor, str):
             raise TypeError(f"monitor must be a str or None, got {type(monitor).__name__}.")
         self.save_prefix = os.fspath(save_prefix)
@@ -151,7 +144,6 @@ class CheckpointCallback(Callback):
         self._saved: list[str] = []  # periodic file names, oldest first
         self._last_step: int | None = None  # global step of the newest periodic file
         self._best: dict[str, Any] | None = None  # {"value", "file", "global_step"}
-        self._val_step: int | None = None  # step of a validation not yet credited
         self._warned_missing = False
 
     # ------------------------------------------------------------------ hooks
@@ -163,25 +155,6 @@ class CheckpointCallback(Callback):
         removed = cleanup_stale_temp_files(self.output_dir)
         if removed:
             logger.info("Removed %d stale temporary checkpoint file(s).", len(removed))
-
-    def on_train_epoch_start(
-        self, trainer_state: TrainerState, model: nn.Module, loss_module: LossModule
-    ) -> None:
-        """Credit a validation that ran after the previous epoch's save."""
-        if self._val_step is not None:
-            self._credit_validation(trainer_state)
-
-    def on_train_batch_start(
-        self,
-        trainer_state: TrainerState,
-        model: nn.Module,
-        loss_module: LossModule,
-        batch: DictData,
-        batch_idx: int,
-    ) -> None:
-        """Credit a step-based validation (a single attribute test otherwise)."""
-        if self._val_step is not None:
-            self._credit_validation(trainer_state)
 
     def on_train_batch_end(
         self,
@@ -201,21 +174,16 @@ class CheckpointCallback(Callback):
         self, trainer_state: TrainerState, model: nn.Module, loss_module: LossModule
     ) -> None:
         """Epoch-based: save when ``(epoch + 1)`` is a multiple of the period (collective)."""
-        if self._val_step is not None:
-            self._credit_validation(trainer_state)
         if self.epoch_based and (trainer_state["current_epoch"] + 1) % self.checkpoint_period == 0:
             self._save(trainer_state, model, epoch_finished=True, batch_idx=None)
 
-    def on_test_epoch_end(self, trainer_state: TrainerState, model: nn.Module) -> MetricLogs | None:
-        """Remember the step of this validation; its logs are read at the next training hook."""
+    def on_validation_end(self, trainer_state: TrainerState, model: nn.Module) -> None:
+        """Credit this validation's ``monitor`` value to the file saved at its step, if any."""
         if self.monitor is not None:
-            self._val_step = trainer_state["global_step"]
-        return None
+            self._credit_validation(trainer_state)
 
     def on_fit_end(self, trainer_state: TrainerState, model: nn.Module) -> None:
-        """Credit the last validation and wait until every write is durable (re-raising errors)."""
-        if self._val_step is not None:
-            self._credit_validation(trainer_state)
+        """Wait until every write is durable (re-raising errors)."""
         if self._writer is not None:
             writer, self._writer = self._writer, None
             writer.close()
@@ -283,15 +251,9 @@ class CheckpointCallback(Callback):
         return value > best if self.mode == "max" else value < best
 
     def _credit_validation(self, trainer_state: TrainerState) -> None:
-        """Give the pending validation's value to the checkpoint it evaluated, if any."""
-        val_step, self._val_step = self._val_step, None
-        if (
-            self.monitor is None
-            or val_step is None
-            or not self._saved
-            or self._last_step != val_step
-            or trainer_state["global_step"] != val_step
-        ):
+        """Give the validation's value to the checkpoint it evaluated, if one was saved."""
+        val_step = trainer_state["global_step"]
+        if self.monitor is None or not self._saved or self._last_step != val_step:
             return
         val_logs = trainer_state.get("val_logs") or {}
         if self.monitor not in val_logs:
@@ -331,27 +293,20 @@ class CheckpointCallback(Callback):
         epoch_finished: bool,
         batch_idx: int | None,
     ) -> dict[str, Any]:
-        """Collective: the engine's full state, or a minimal one without an engine."""
+        """Collective: the engine's ``checkpoint_state()``.
+
+        Without an engine (a hand-built state) the same format is built from the state by
+        ``collect_checkpoint``, holding this callback's state only.
+        """
         train_module = trainer_state.get("train_module")
         if train_module is not None:
             return train_module.checkpoint_state()
-        if batch_idx is None:
-            batches_done = trainer_state.get("num_train_batches") or 0
-        else:
-            batches_done = trainer_state.get("batches_done", batch_idx + 1)
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "epoch": trainer_state["current_epoch"],
-            "epoch_finished": epoch_finished,
-            "batches_done": batches_done,
-            "global_step": trainer_state["global_step"],
-            "state_dict": unwrap_model(model).state_dict(),
-            "optimizers": [opt.state_dict() for opt in trainer_state.get("optimizers", [])],
-            "lr_schedulers": [s.state_dict() for s in trainer_state.get("lr_schedulers", [])],
-            "callbacks": {type(self).__name__: self.state_dict()},
-            "val_logs": dict(trainer_state.get("val_logs") or {}),
-        }
+        batches_done = None
+        if batch_idx is not None and "batches_done" not in trainer_state:
+            batches_done = batch_idx + 1
+        return collect_checkpoint(
+            trainer_state, model, [self], epoch_finished=epoch_finished, batches_done=batches_done
+        )
 
     def _save(
         self,

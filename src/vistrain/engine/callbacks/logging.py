@@ -59,9 +59,10 @@ from vistrain.common.progress import ProgressDisplay, create_progress_display
 from vistrain.common.timer import Timer
 from vistrain.common.typing import DictData, MetricLogs
 from vistrain.engine.callbacks.base import Callback
-from vistrain.engine.callbacks.trainer_state import TrainerState
+from vistrain.engine.callbacks.trainer_state import TrainerState, metric_tensors
 from vistrain.engine.loss_module import LossModule
 from vistrain.engine.metric_window import MetricWindow, to_floats
+from vistrain.engine.optim import lr_scalars
 
 _BAR_INTERVAL_S = 0.2
 """Shortest time between two live-bar updates (the bar redraws at 4 Hz anyway)."""
@@ -104,22 +105,10 @@ def learning_rates(trainer_state: TrainerState) -> dict[str, float]:
     optimizers = trainer_state.get("optimizers")
     if not optimizers:
         return {}
-    # Imported here: run_state imports the callbacks package, which imports this module.
-    from vistrain.engine.run_state import lr_scalars
-
     rates = lr_scalars(optimizers)
     if len(set(rates.values())) == 1:
         return {"lr": next(iter(rates.values()))}
     return rates
-
-
-def step_metrics(trainer_state: TrainerState) -> Mapping[str, Any] | None:
-    """The step's loss metrics as the engine hands them over (tensors or numbers), or None.
-
-    The only place that reads ``trainer_state["metrics"]``: the values go to the metric window
-    unconverted, so reading them costs no device sync.
-    """
-    return trainer_state.get("metrics") or None
 
 
 def total_train_steps(trainer_state: TrainerState) -> int | None:
@@ -327,7 +316,7 @@ class LoggingCallback(Callback):
 
         Every rank must run this hook on every batch: log steps all-reduce the averages.
         """
-        metrics = step_metrics(trainer_state)
+        metrics = metric_tensors(trainer_state)
         if metrics:
             self._window.add(metrics)
         self._window_batches += 1

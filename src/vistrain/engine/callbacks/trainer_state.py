@@ -1,18 +1,66 @@
-"""Trainer state for callbacks."""
+"""Trainer state for callbacks: the ``TrainerState`` dict and the engine protocol behind it."""
 
 # No ``from __future__ import annotations`` here: TypedDict must see NotRequired[...] as
-# objects, not strings, to tell required from optional keys at run time.
+# objects, not strings, to tell required from optional keys at run time, and
+# ``typing.get_type_hints(TrainerState)`` must resolve every name (so no name is imported
+# for type checking only).
 
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
 
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 from typing_extensions import NotRequired, TypedDict
 
 from vistrain.common.typing import DictData
+from vistrain.engine.optim import LRSchedulerWrapper
 
-if TYPE_CHECKING:
-    from vistrain.engine.optim import LRSchedulerWrapper
+
+class StepMetrics(Mapping[str, float]):
+    """The loss metrics of one training step, read as floats (``TrainerState["metrics"]``).
+
+    The loss module returns tensors, possibly on a GPU; turning them into Python floats
+    waits for the device. This read-only mapping converts a value only when a callback reads
+    it (``round(m["loss"], 3)``, ``json.dumps(dict(m))``), so a step nobody reads costs no
+    device sync. Code that aggregates on the device (``LoggingCallback``) takes the tensors
+    as they are with ``tensors()``.
+
+    Args:
+        values: Metric name to a scalar tensor or a number, as the loss module returns them.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self._values = values
+
+    def __getitem__(self, key: str) -> float:
+        return float(self._values[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"StepMetrics({list(self._values)})"
+
+    def tensors(self) -> dict[str, Any]:
+        """The values as the loss module returned them (tensors stay on their device)."""
+        return self._values
+
+
+def metric_tensors(trainer_state: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The step's metrics without a device sync.
+
+    ``StepMetrics.tensors()``, or the plain dict a hand-built state holds; None when the
+    state has none.
+    """
+    metrics = trainer_state.get("metrics")
+    if isinstance(metrics, StepMetrics):
+        return metrics.tensors()
+    return None if metrics is None else dict(metrics)
 
 
 class TrainingEngine(Protocol):
@@ -49,7 +97,8 @@ class TrainerState(TypedDict):
         train_engine: ``"native"`` or ``"pl"``.
         optimizers: Optimizers (present in every training hook).
         lr_schedulers: Learning-rate scheduler wrappers (present in every training hook).
-        metrics: Loss metrics of the current training step.
+        metrics: Loss metrics of the current training step, read as floats (a
+            ``StepMetrics``; its ``tensors()`` gives them without a device sync).
         val_logs: Logs of the latest validation (for best-checkpoint selection).
         batches_done: Training batches finished in the current epoch.
     """
@@ -65,7 +114,7 @@ class TrainerState(TypedDict):
     train_module: NotRequired[TrainingEngine]
     train_engine: NotRequired[str]
     optimizers: NotRequired[list[Optimizer]]
-    lr_schedulers: NotRequired[list["LRSchedulerWrapper"]]
-    metrics: NotRequired[dict[str, Any]]
+    lr_schedulers: NotRequired[list[LRSchedulerWrapper]]
+    metrics: NotRequired[Mapping[str, float]]
     val_logs: NotRequired[dict[str, float]]
     batches_done: NotRequired[int]

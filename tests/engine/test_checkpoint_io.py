@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from vistrain.engine import checkpointing as ckpt_io
-from vistrain.engine.checkpointing import (
+from vistrain.engine import checkpoint_io as ckpt_io
+from vistrain.engine.checkpoint_io import (
     AsyncCheckpointWriter,
     CheckpointError,
     check_model_state,

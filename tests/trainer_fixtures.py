@@ -1,7 +1,13 @@
-"""Small models, data and a recording callback shared by the engine tests."""
+"""Small models, data, a recording callback and real engine runs shared by the tests.
+
+Tests of callbacks drive them through ``run_toy`` (the native Trainer or the Lightning
+engine) rather than replaying the hook order by hand, so a change of loop order or state
+contents fails them.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -127,8 +133,115 @@ class RecordingCallback(Callback):
         )
         return {"score": 1.0}
 
+    def on_validation_end(self, trainer_state, model) -> None:
+        self.calls.append(
+            (
+                "validation_end",
+                trainer_state["global_step"],
+                dict(trainer_state["val_logs"]),
+            )
+        )
+        assert not model.training
+
     def on_fit_end(self, trainer_state, model) -> None:
         self.calls.append(("fit_end", trainer_state["global_step"]))
 
     def hooks(self) -> list[str]:
         return [c[0] for c in self.calls]
+
+
+ENGINES = ("native", "lightning")
+"""The two engines a callback test can run under (``run_toy``'s ``engine``)."""
+
+
+def run_toy(
+    engine: str,
+    output_dir: str,
+    callbacks: list[Callback],
+    *,
+    num_train: int = 24,
+    batch_size: int = 4,
+    num_epochs: int = 2,
+    model: nn.Module | None = None,
+    ckpt_path: str | None = None,
+    **loop: Any,
+) -> nn.Module:
+    """Train the seeded toy regression under a real engine with ``callbacks``; return the model.
+
+    ``engine`` is ``"native"`` (``Trainer``) or ``"lightning"`` (``TrainingModule`` under
+    ``lightning.pytorch.Trainer``); ``loop`` holds the loop arguments both take
+    (``num_steps``, ``check_val_every_n_epoch``, ``val_check_interval``, ...). Validation runs
+    on 8 unshuffled samples; scalars go to ``output_dir``.
+    """
+    from vistrain.engine.trainer import Trainer
+
+    torch.manual_seed(0)
+    model = ToyModel() if model is None else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    train = toy_loader(num_train, batch_size)
+    test = toy_loader(8, 4, shuffle=False)
+    train_conn, test_conn = toy_connectors()
+    loop.setdefault("log_every_n_steps", 4)
+    loop.setdefault("tensorboard", False)
+    if engine == "native":
+        trainer = Trainer(
+            "cpu", output_dir, train, test, train_conn, test_conn, callbacks,
+            num_epochs=num_epochs, **loop,
+        )  # fmt: skip
+        trainer.fit(model, optimizer, None, toy_loss_module(), ckpt_path)
+        return model
+    if engine != "lightning":
+        raise ValueError(f"engine={engine!r}; use one of {ENGINES}.")
+    from vistrain.pl import CallbackWrapper, TrainingModule
+    from vistrain.pl.runner import build_lightning_trainer
+
+    module = TrainingModule(
+        model,
+        toy_loss_module(),
+        optimizer,
+        None,
+        train_conn,
+        test_conn,
+        train_dataloader=train,
+        test_dataloader=test,
+        output_dir=output_dir,
+        log_every_n_steps=loop.pop("log_every_n_steps"),
+        tensorboard=loop.pop("tensorboard"),
+        resume_from=ckpt_path,
+    )
+    pl_trainer = build_lightning_trainer(
+        output_dir,
+        num_epochs=num_epochs,
+        callbacks=[CallbackWrapper(callback) for callback in callbacks],
+        **loop,
+    )
+    pl_trainer.fit(module)
+    return model
+
+
+def read_metrics(output_dir: str) -> list[dict[str, Any]]:
+    """The records of ``<output_dir>/metrics.jsonl`` in order."""
+    import json
+    import os
+
+    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+class ScriptedValidation(Callback):
+    """An evaluator whose n-th validation returns ``results[n]``.
+
+    A float becomes ``{key: value}``; a dict is returned as it is. Records the global step
+    of every validation in ``steps``.
+    """
+
+    def __init__(self, results: Sequence[float | dict[str, float]], key: str = "score") -> None:
+        super().__init__()
+        self.results = list(results)
+        self.key = key
+        self.steps: list[int] = []
+
+    def on_test_epoch_end(self, trainer_state: Any, model: nn.Module) -> dict[str, float]:
+        self.steps.append(trainer_state["global_step"])
+        result = self.results[len(self.steps) - 1]
+        return dict(result) if isinstance(result, dict) else {self.key: result}

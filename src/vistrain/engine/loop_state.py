@@ -1,0 +1,392 @@
+"""The bookkeeping both engines share: loop position, what each hook sees, checkpoint contents.
+
+The native ``Trainer`` runs its own step loop and the Lightning bridge maps Lightning's hooks
+onto the same points; both keep their loop position in one ``LoopState`` and go through it
+for everything that is not their own::
+
+    engine                                  LoopState
+    fit start                               resume(ckpt_path); open_scalars()
+    epoch start                             start_epoch(epoch) -> position reset
+    hooks                                   state() -> a fresh TrainerState per hook
+    first batch                             epoch_iterator() -> adopts a handed-over loader,
+                                            sampler.set_epoch, epoch-start RNG, skip on resume
+    forward, loss                           (the engine's own)
+    backward + optimizer step               train_step(loss, metrics, optimizers, ...)
+    after on_train_batch_end                log_train(logs); stop_requested()
+    after a validation's on_test_epoch_end  end_validation(logs) -> val/<k>, on_validation_end
+    epoch end                               finish_epoch() -> schedulers.step, on_train_epoch_end
+    CheckpointCallback                      checkpoint_state() (engine.checkpoint_state())
+
+So a change of the step itself (precision, accumulation, clipping) lands in ``train_step``
+and a stop request (a signal, a time budget) in ``stop_requested``, once for both engines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from vistrain.common.checks import check_list_of, check_positive_int
+from vistrain.common.typing import DictData, MetricLogs
+from vistrain.engine.callbacks.base import Callback
+from vistrain.engine.callbacks.logging import log_evaluation_logs
+from vistrain.engine.callbacks.trainer_state import StepMetrics, TrainerState, TrainingEngine
+from vistrain.engine.loss_module import LossModule
+from vistrain.engine.optim import LRSchedulerWrapper, lr_scalars
+from vistrain.engine.resume import ResumePoint, collect_checkpoint, restore_checkpoint
+from vistrain.engine.rng import start_epoch_iterator
+from vistrain.engine.scalar_log import ScalarLogger
+
+
+def num_batches(loader: Any) -> int | None:
+    """Batches per epoch of ``loader``, or None when it has no length."""
+    if loader is None:
+        return None
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+NO_LIMIT = {-1: "no limit"}
+"""The special value of ``num_epochs`` / ``num_steps``."""
+
+
+def as_loader_list(value: DataLoader[Any] | Sequence[DataLoader[Any]] | None) -> list[Any]:
+    """Test loaders as a list (one loader, several, or None).
+
+    Raises:
+        TypeError: If an item is not a ``DataLoader``.
+    """
+    if isinstance(value, DataLoader):
+        return [value]
+    return check_list_of("test_dataloader", None if value is None else list(value), DataLoader)
+
+
+def check_loop_limits(
+    num_epochs: int,
+    num_steps: int,
+    check_val_every_n_epoch: int | None,
+    val_check_interval: int | None,
+    log_every_n_steps: int = 1,
+) -> None:
+    """Refuse loop limits and intervals out of range (both engines take the same ones).
+
+    Raises:
+        TypeError: If one is not an int.
+        ValueError: Naming the value and what to use instead.
+    """
+    check_positive_int("num_epochs", num_epochs, NO_LIMIT)
+    check_positive_int("num_steps", num_steps, NO_LIMIT)
+    check_positive_int(
+        "check_val_every_n_epoch", check_val_every_n_epoch, {None: "never", 0: "never"}
+    )
+    check_positive_int("val_check_interval", val_check_interval, {None: "never by step"})
+    check_positive_int("log_every_n_steps", log_every_n_steps)
+
+
+class LoopState:
+    """Loop position, latest validation, scalar writers and callbacks of one training run.
+
+    Owned by an engine (``engine`` is what callbacks see as ``trainer_state["train_module"]``);
+    the engine sets ``model`` before training and moves ``current_epoch`` as its loop does.
+
+    Args:
+        engine: The engine running the loop (``TrainingEngine``).
+        engine_name: ``"native"`` or ``"pl"`` (``trainer_state["train_engine"]``).
+        callbacks: The vistrain callbacks, in hook order (the list may grow until training
+            starts: Lightning registers them at its ``setup``).
+        optimizers: Optimizers, each stepped once per training step.
+        lr_schedulers: Scheduler wrappers: ``step_on_batch`` per step, ``step`` per epoch.
+        train_dataloader: Training data (None for a test-only engine).
+        test_dataloaders: Validation / test loaders.
+        loss_module: The training loss module.
+        num_epochs: Epoch limit (-1 = none).
+        num_steps: Training-step limit (-1 = none).
+        log_every_n_steps: Write the learning rates every n steps.
+        tensorboard: Also write TensorBoard event files next to ``metrics.jsonl``.
+    """
+
+    def __init__(
+        self,
+        engine: TrainingEngine,
+        engine_name: str,
+        callbacks: list[Callback],
+        optimizers: list[Optimizer],
+        lr_schedulers: list[LRSchedulerWrapper],
+        train_dataloader: DataLoader[DictData] | None,
+        test_dataloaders: list[DataLoader[DictData]],
+        loss_module: LossModule | None,
+        num_epochs: int,
+        num_steps: int,
+        log_every_n_steps: int,
+        tensorboard: bool,
+    ) -> None:
+        self.engine = engine
+        self.engine_name = engine_name
+        self.callbacks = callbacks
+        self.optimizers = optimizers
+        self.lr_schedulers = lr_schedulers
+        self.test_dataloaders = test_dataloaders
+        self.loss_module = loss_module
+        self.num_epochs = num_epochs
+        self.num_steps = num_steps
+        self.log_every_n_steps = log_every_n_steps
+        self.tensorboard = tensorboard
+        self.model: nn.Module | None = None
+
+        self.current_epoch = 0
+        self.global_step = 0
+        self.batches_done = 0
+        self.epoch_finished = False
+        self.val_logs: dict[str, float] = {}
+        self.metrics: StepMetrics | None = None  # the latest step's, for on_train_batch_end
+        self.epoch_start_rng: dict[str, Any] | None = None
+        self.pending_train_dataloader: DataLoader[DictData] | None = None
+        self.scalars: ScalarLogger | None = None
+        self.train_dataloader: DataLoader[DictData] | None = None
+        self._num_train_batches: int | None = None
+        self._test_dataloader_list = list(test_dataloaders) or None
+        self._num_test_batches = [num_batches(dl) or 0 for dl in test_dataloaders] or None
+        self._use_train_dataloader(train_dataloader)
+
+    def _use_train_dataloader(self, loader: DataLoader[DictData] | None) -> None:
+        self.train_dataloader = loader
+        self._num_train_batches = num_batches(loader)
+
+    # ------------------------------------------------------------------ what hooks see
+    def state(self, training: bool = True, metrics: bool = False) -> TrainerState:
+        """A new TrainerState for one hook call (no hook sees what another hook changed).
+
+        The native engine hands one state to all callbacks of a hook call; the Lightning
+        bridge builds one per callback (each wrapper is its own Lightning callback).
+
+        Args:
+            training: Include ``optimizers`` and ``lr_schedulers`` (training and validation
+                during fit; not for ``test``).
+            metrics: Include the latest step's ``metrics`` (``on_train_batch_end``).
+        """
+        # A dict display, not TrainerState(...): this runs several times per step.
+        state: TrainerState = {
+            "current_epoch": self.current_epoch,
+            "num_epochs": self.num_epochs,
+            "global_step": self.global_step,
+            "num_steps": self.num_steps,
+            "train_dataloader": self.train_dataloader,
+            "num_train_batches": self._num_train_batches,
+            "test_dataloader": self._test_dataloader_list,
+            "num_test_batches": self._num_test_batches,
+            "train_module": self.engine,
+            "train_engine": self.engine_name,
+            "val_logs": self.val_logs,
+            "batches_done": self.batches_done,
+        }
+        if training:
+            state["optimizers"] = self.optimizers
+            state["lr_schedulers"] = self.lr_schedulers
+        if metrics and self.metrics is not None:
+            state["metrics"] = self.metrics
+        return state
+
+    # ------------------------------------------------------------------ epochs and data
+    def set_train_dataloader(self, dataloader: DataLoader[Any]) -> None:
+        """Hand ``dataloader`` over to the next ``epoch_iterator`` call.
+
+        Raises:
+            TypeError: If ``dataloader`` is not a ``DataLoader``.
+        """
+        if not isinstance(dataloader, DataLoader):
+            raise TypeError(
+                f"set_train_dataloader needs a DataLoader, got {type(dataloader).__name__}."
+            )
+        self.pending_train_dataloader = dataloader
+
+    def start_epoch(self, epoch: int, batches_done: int = 0) -> None:
+        """Enter ``epoch`` with ``batches_done`` of its batches already trained (a resume)."""
+        self.current_epoch = epoch
+        self.epoch_finished = False
+        self.batches_done = batches_done
+        self.metrics = None
+
+    def epoch_iterator(
+        self, skip_batches: int = 0, resume_rng: tuple[dict[str, Any], dict[str, Any]] | None = None
+    ) -> Iterator[Any]:
+        """Start the current epoch's batches the way both engines start them.
+
+        A loader handed over with ``set_train_dataloader`` is adopted first (so one set in
+        ``on_train_epoch_start`` serves this whole epoch); then ``sampler.set_epoch``, the
+        epoch-start RNG is captured and, on a mid-epoch resume, the epoch's draws are replayed
+        and ``skip_batches`` batches dropped (``vistrain.engine.rng.start_epoch_iterator``).
+        """
+        if self.pending_train_dataloader is not None:
+            self._use_train_dataloader(self.pending_train_dataloader)
+            self.pending_train_dataloader = None
+        if self.train_dataloader is None:
+            raise RuntimeError("No training dataloader.")
+        iterator, self.epoch_start_rng = start_epoch_iterator(
+            self.train_dataloader, self.current_epoch, skip_batches, resume_rng
+        )
+        return iterator
+
+    def finish_epoch(self) -> None:
+        """The epoch end: ``schedulers.step(epoch)``, then every ``on_train_epoch_end``."""
+        for scheduler in self.lr_schedulers:
+            scheduler.step(self.current_epoch)
+        self.epoch_finished = True
+        self.metrics = None
+        model = self._require_model()
+        loss_module = self.loss_module
+        if loss_module is None:
+            raise RuntimeError("The epoch end needs the loss module of fit().")
+        state = self.state()
+        for callback in self.callbacks:
+            callback.on_train_epoch_end(state, model, loss_module)
+
+    # ------------------------------------------------------------------ the step
+    def train_step(
+        self,
+        total_loss: torch.Tensor,
+        metrics: dict[str, Any],
+        optimizers: Sequence[Any],
+        batches_done: int,
+        backward: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
+        """Backward and one optimizer step of every optimizer; count the step.
+
+        The one place where a training step's gradients and optimizer steps happen for both
+        engines (precision scaling, gradient accumulation and clipping belong here). Counts
+        ``global_step`` once however many optimizers there are, advances the step-based
+        schedules and keeps ``metrics`` for ``on_train_batch_end``.
+
+        Args:
+            total_loss: The scalar loss of the step.
+            metrics: The loss module's metrics (tensors; read lazily as floats).
+            optimizers: The optimizers to step (Lightning passes its wrappers of them).
+            batches_done: Batches of the epoch done once this step is.
+            backward: How to backpropagate (Lightning: ``manual_backward``); None calls
+                ``total_loss.backward()``.
+        """
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        if backward is None:
+            total_loss.backward()
+        else:
+            backward(total_loss)
+        for optimizer in optimizers:
+            optimizer.step()
+        self.global_step = step = self.global_step + 1
+        for scheduler in self.lr_schedulers:
+            scheduler.step_on_batch(step)
+        self.batches_done = batches_done
+        self.metrics = StepMetrics(metrics)
+
+    def stop_requested(self) -> bool:
+        """Whether training ends after the step just done (checked at every step boundary).
+
+        Today the step limit; a stop request (signal, time budget) joins here.
+        """
+        return self.num_steps != -1 and self.global_step >= self.num_steps
+
+    # ------------------------------------------------------------------ logs
+    def open_scalars(self, output_dir: str, resumed: bool) -> None:
+        """Open ``metrics.jsonl`` (and TensorBoard files); a resume drops records past its step."""
+        self.scalars = ScalarLogger(
+            output_dir,
+            tensorboard=self.tensorboard,
+            purge_after_step=self.global_step if resumed else None,
+        )
+
+    def close_scalars(self) -> None:
+        """Close the scalar writers (idempotent; also after a failure)."""
+        if self.scalars is not None:
+            scalars, self.scalars = self.scalars, None
+            scalars.close()
+
+    def log_train(self, logs: MetricLogs | None) -> None:
+        """Write the callbacks' ``on_train_batch_end`` logs as ``train/<k>``.
+
+        On log steps (every ``log_every_n_steps`` and the first) the learning rates and the
+        epoch are written too.
+        """
+        step = self.global_step
+        log_step = step % self.log_every_n_steps == 0 or step == 1
+        if self.scalars is None or not (logs or log_step):
+            return
+        scalars: dict[str, Any] = {f"train/{key}": value for key, value in (logs or {}).items()}
+        if log_step:
+            scalars.update(lr_scalars(self.optimizers))
+            scalars["epoch"] = self.current_epoch
+        self.scalars.log(scalars, step, self.current_epoch)
+
+    def end_validation(self, logs: MetricLogs) -> None:
+        """Keep a validation's ``logs`` and write them as ``val/<k>``; run ``on_validation_end``.
+
+        Every callback's ``on_validation_end`` gets a state whose ``val_logs`` are these.
+        """
+        self.val_logs = {key: float(value) for key, value in logs.items()}
+        log_evaluation_logs("Validation", self.val_logs, self.current_epoch, self.global_step)
+        if self.scalars is not None and logs:
+            scalars = {f"val/{key}": value for key, value in self.val_logs.items()}
+            self.scalars.log(scalars, self.global_step, self.current_epoch)
+        model = self._require_model()
+        state = self.state()
+        for callback in self.callbacks:
+            callback.on_validation_end(state, model)
+
+    def write_test_logs(self, logs: MetricLogs, output_dir: str) -> dict[str, float]:
+        """Write a test run's logs as ``test/<k>`` and return them as floats."""
+        result = {key: float(value) for key, value in logs.items()}
+        log_evaluation_logs("Test", result)
+        scalars = ScalarLogger(output_dir, tensorboard=self.tensorboard)
+        try:
+            scalars.log(
+                {f"test/{key}": value for key, value in result.items()},
+                self.global_step,
+                self.current_epoch,
+            )
+        finally:
+            scalars.close()
+        return result
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Collective: the complete training state (see ``resume.collect_checkpoint``)."""
+        return collect_checkpoint(
+            self.state(),
+            self._require_model(),
+            self.callbacks,
+            epoch_finished=self.epoch_finished,
+            batches_done=self.batches_done,
+            epoch_start_rng=self.epoch_start_rng,
+        )
+
+    def resume(self, ckpt_path: str) -> ResumePoint:
+        """Restore everything from ``ckpt_path``; return where the loop starts.
+
+        Raises:
+            FileNotFoundError: If the file does not exist.
+            CheckpointError: If it is unreadable, foreign or does not fit the model.
+            ValueError: If optimizer or scheduler counts differ from the checkpoint's.
+        """
+        point = restore_checkpoint(
+            ckpt_path,
+            model=self._require_model(),
+            optimizers=self.optimizers,
+            lr_schedulers=self.lr_schedulers,
+            callbacks=self.callbacks,
+            train_dataloader=self.train_dataloader,
+        )
+        self.global_step = point.global_step
+        self.val_logs = point.val_logs
+        self.current_epoch = point.start_epoch
+        return point
+
+    def _require_model(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("The training state is only available while fit() runs.")
+        return self.model
