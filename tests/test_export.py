@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vistrain.cli import main
-from vistrain.engine.checkpointing import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_checkpoint
+from vistrain.engine.checkpoint_io import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_checkpoint
 from vistrain.export import DecodedYOLOX
 from vistrain.model.adapter import ModelExpEMAAdapter
 from vistrain.model.yolox import YOLOX

@@ -15,7 +15,7 @@ from vistrain.data.coco_categories import COCO_CATEGORIES
 from vistrain.data.datasets import COCODataset
 from vistrain.data.loader import collate_batch
 from vistrain.data.presets import yolox_test_pipe
-from vistrain.engine.checkpointing import load_checkpoint, save_checkpoint
+from vistrain.engine.checkpoint_io import load_checkpoint, save_checkpoint
 from vistrain.predict import PredictParams, load_detector
 
 OFFICIAL = Path("/work/shared/fixtures/yolox_official/yolox_nano_official.pth")
