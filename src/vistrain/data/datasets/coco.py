@@ -96,8 +96,9 @@ class COCODataset(Dataset[DictData]):
     """Serve the images and boxes of a COCO-format detection file as vistrain samples.
 
     The JSON is read once, at construction. Each sample holds ``images`` (uint8
-    ``(3, H, W)`` RGB; a data pipe or ``collate_batch`` turns it into float32), ``input_hw``
-    and ``original_hw`` (``(H, W)``), ``original_images`` (the ``(H, W, 3)`` uint8 array),
+    ``(3, H, W)`` RGB sharing its memory with ``original_images``; a data pipe or
+    ``collate_batch`` turns it into float32), ``input_hw`` and ``original_hw`` (``(H, W)``),
+    ``original_images`` (the ``(H, W, 3)`` uint8 array),
     ``sample_names`` (the file stem),
     ``boxes2d`` (float32 ``(N, 4)`` xyxy pixels, from COCO's xywh, clipped to the image),
     ``boxes2d_classes`` (long ``(N,)``: the index of the category id in the sorted
@@ -234,9 +235,9 @@ class COCODataset(Dataset[DictData]):
             )
         if self.cache_images and cached is None:
             self._cache[index] = original.copy()
-        # uint8 (3, H, W) view of a private copy: transforms work on the bytes, the pipe
-        # (or collate_batch) makes the float network input.
-        image = torch.from_numpy(original.copy()).permute(2, 0, 1)
+        # A uint8 (3, H, W) view of the decoded pixels (no copy; transforms make new arrays),
+        # the pipe (or collate_batch) makes the float network input.
+        image = torch.from_numpy(original).permute(2, 0, 1)
         return {
             CommonKeys.images: image,
             CommonKeys.input_hw: (height, width),

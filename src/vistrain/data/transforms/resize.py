@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-import torch
 from torch import Tensor
 
 from vistrain.common.typing import DictData
 from vistrain.data.const import CommonKeys
 from vistrain.data.transforms.base import Transform, to_hw
+from vistrain.data.transforms.boxes import box_array, set_boxes
 from vistrain.data.transforms.image import as_array, as_tensor, image_hw
 
 
@@ -34,12 +34,11 @@ def keep_ratio_hw(hw: tuple[int, int], target: tuple[int, int]) -> tuple[tuple[i
     return new_hw, scale
 
 
-def scale_boxes(boxes: Tensor, old_hw: tuple[int, int], new_hw: tuple[int, int]) -> Tensor:
+def scale_boxes(boxes: np.ndarray, old_hw: tuple[int, int], new_hw: tuple[int, int]) -> np.ndarray:
     """Scale xyxy ``boxes`` from an ``old_hw`` image to a ``new_hw`` one, per axis."""
     sx = new_hw[1] / old_hw[1]
     sy = new_hw[0] / old_hw[0]
-    factors = torch.tensor([sx, sy, sx, sy], dtype=boxes.dtype)
-    return boxes * factors
+    return boxes * np.array([sx, sy, sx, sy], dtype=boxes.dtype)
 
 
 class ResizeKeepRatio(Transform):
@@ -65,6 +64,7 @@ class ResizeKeepRatio(Transform):
         new_hw, _ = keep_ratio_hw(old_hw, self.image_size)
         if new_hw != old_hw:
             sample[CommonKeys.images] = as_tensor(resize_array(as_array(image), new_hw))
-            sample[CommonKeys.boxes2d] = scale_boxes(sample[CommonKeys.boxes2d], old_hw, new_hw)
+            boxes = scale_boxes(box_array(sample[CommonKeys.boxes2d]), old_hw, new_hw)
+            set_boxes(sample, boxes, sample[CommonKeys.boxes2d_classes])
         sample[CommonKeys.input_hw] = new_hw
         return sample
