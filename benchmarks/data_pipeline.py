@@ -268,6 +268,23 @@ class OpenCVReference:
         }
 
 
+def check_same_work(vistrain: Any, reference: OpenCVReference, count: int) -> str:
+    """Run both sides on the same seeds: the boxes must agree (same steps, same draws)."""
+    pixel_diffs = []
+    for index in range(count):
+        random.seed(1000 + index)
+        ours = vistrain[index]
+        random.seed(1000 + index)
+        theirs = reference[index]
+        if not torch.allclose(ours["boxes2d"], theirs["boxes2d"], atol=1e-3):
+            raise RuntimeError(f"sample {index}: the two pipelines' boxes differ")
+        pixel_diffs.append(float((ours["images"] - theirs["images"]).abs().mean()))
+    return (
+        f"same boxes on {count} samples, mean |pixel difference| "
+        f"{statistics.mean(pixel_diffs):.2f} (vistrain's half-pixel-exact warp)"
+    )
+
+
 def rate(pipe: Any, start: int, count: int) -> float:
     """Samples per second of ``pipe`` over ``count`` consecutive indices."""
     n = len(pipe.records) if isinstance(pipe, OpenCVReference) else len(pipe)
@@ -298,23 +315,24 @@ def main() -> None:
             coco[index]  # fills the cache
         vistrain = yolox_train_pipe(coco, args.size, mixup_prob=args.mixup_prob)
         reference = OpenCVReference(coco, args.size, args.mixup_prob, args.cache)
+        same = check_same_work(vistrain, reference, 4)
         random.seed(0)
         rate(vistrain, 0, 4), rate(reference, 0, 4)  # warm-up
+        kind = "png" if args.png else "jpeg"
+        print(f"size {args.size}, mixup_prob {args.mixup_prob}, cache {args.cache}, {kind}; {same}")
+        print("samples/s per round (the side going first alternates):")
         ratios = []
-        print(
-            f"size {args.size}, mixup_prob {args.mixup_prob}, cache {args.cache}, "
-            f"{'png' if args.png else 'jpeg'}; samples/s per round:"
-        )
         for index in range(args.rounds):
             start = index * args.samples
-            random.seed(index)
-            ours = rate(vistrain, start, args.samples)
-            random.seed(index)
-            ref = rate(reference, start, args.samples)
-            ratios.append(ours / ref)
+            speeds = {}
+            order = [("vistrain", vistrain), ("reference", reference)]
+            for name, pipe in order if index % 2 == 0 else order[::-1]:
+                random.seed(index)  # both sides draw the same parameters
+                speeds[name] = rate(pipe, start, args.samples)
+            ratios.append(speeds["vistrain"] / speeds["reference"])
             print(
-                f"  round {index}: vistrain {ours:6.1f}  reference {ref:6.1f}  "
-                f"ratio {ours / ref:.2f}"
+                f"  round {index}: vistrain {speeds['vistrain']:6.1f}  "
+                f"reference {speeds['reference']:6.1f}  ratio {ratios[-1]:.2f}"
             )
         print(
             f"ratio vistrain / reference: median {statistics.median(ratios):.2f} "
