@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from data_test_utils import box_purity, make_sample, outside_boxes
@@ -11,6 +13,8 @@ from data_test_utils import box_purity, make_sample, outside_boxes
 from vistrain.data.const import CommonKeys
 from vistrain.data.transforms import MixUp, Mosaic, RandomAffine
 from vistrain.data.transforms.base import PAD_VALUE
+from vistrain.data.transforms.mixup import blend_half
+from vistrain.data.transforms.mosaic import fill_around, paste
 
 K = CommonKeys
 
@@ -153,3 +157,30 @@ def test_mixup_with_zero_probability_draws_nothing() -> None:
 
     out = MixUp(prob=0.0)(sample, draw)
     assert len(out[K.boxes2d]) == 1
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_mixup_blend_equals_averaging_with_a_pasted_grey_canvas(mirror: bool) -> None:
+    # MixUp blends without building the canvas; it must give the canvas version's bytes.
+    rng = np.random.default_rng(int(mirror))
+    for _ in range(40):
+        image = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+        tile = rng.integers(0, 256, (int(rng.integers(3, 60)), int(rng.integers(3, 60)), 3))
+        tile = tile.astype(np.uint8)
+        top, left = int(rng.integers(-30, 30)), int(rng.integers(-30, 40))
+        canvas = np.full((30, 40, 3), 114, np.uint8)
+        paste(canvas, cv2.flip(tile, 1) if mirror else tile, top, left)
+        expected = cv2.addWeighted(image, 0.5, canvas, 0.5, 0.0)
+        assert np.array_equal(blend_half(image, tile, top, left, mirror), expected)
+
+
+def test_fill_around_greys_exactly_the_uncovered_part() -> None:
+    canvas = np.zeros((10, 12, 3), np.uint8)
+    fill_around(canvas, (1, 2, 9, 11), (3, 4, 6, 8))
+    grey = (canvas == 114).all(-1)
+    expected = np.zeros((10, 12), bool)
+    expected[1:9, 2:11] = True
+    expected[3:6, 4:8] = False
+    assert np.array_equal(grey, expected)
+    fill_around(canvas, (0, 0, 2, 2), (1, 1, 1, 1))  # nothing covered: all of it
+    assert (canvas[:2, :2] == 114).all()

@@ -13,15 +13,39 @@ from torch import Tensor
 from vistrain.common.typing import DictData
 from vistrain.data.const import CommonKeys
 from vistrain.data.transforms.base import (
+    PAD_VALUE,
     MultiSampleTransform,
     check_prob,
     check_range,
 )
 from vistrain.data.transforms.boxes import box_array, place_boxes, select_classes, set_boxes
 from vistrain.data.transforms.flip import hflip_boxes
-from vistrain.data.transforms.image import as_array, as_tensor, grey_canvas, image_hw
-from vistrain.data.transforms.mosaic import paste
+from vistrain.data.transforms.image import as_array, as_tensor, fill_colour, image_hw
 from vistrain.data.transforms.resize import keep_ratio_hw, resize_array, scale_boxes
+
+
+def blend_half(
+    image: np.ndarray, tile: np.ndarray, top: int, left: int, mirror: bool = False
+) -> np.ndarray:
+    """The mean of ``image`` and a grey canvas with ``tile`` pasted at ``(top, left)``.
+
+    Computed without building the canvas: the whole image is averaged with grey, then the
+    region the tile covers is averaged with the tile instead (both rounded alike by OpenCV).
+    With ``mirror`` the tile is pasted mirrored left-right; only its visible part is flipped.
+    """
+    grey = fill_colour(PAD_VALUE, 1)[0]
+    out = cv2.convertScaleAbs(image, alpha=0.5, beta=0.5 * grey)
+    tile_h, tile_w = tile.shape[:2]
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + tile_h, image.shape[0]), min(left + tile_w, image.shape[1])
+    if y0 < y1 and x0 < x1:
+        rows = slice(y0 - top, y1 - top)
+        if mirror:  # column c of the mirrored tile is column tile_w - 1 - c of the tile
+            covered = cv2.flip(tile[rows, tile_w - (x1 - left) : tile_w - (x0 - left)], 1)
+        else:
+            covered = tile[rows, x0 - left : x1 - left]
+        out[y0:y1, x0:x1] = cv2.addWeighted(image[y0:y1, x0:x1], 0.5, covered, 0.5, 0.0)
+    return out
 
 
 class MixUp(MultiSampleTransform):
@@ -70,15 +94,13 @@ class MixUp(MultiSampleTransform):
         new_hw = (max(1, round(other_hw[0] * zoom)), max(1, round(other_hw[1] * zoom)))
         tile = resize_array(as_array(other_image), new_hw)
         boxes = scale_boxes(box_array(other[CommonKeys.boxes2d]), other_hw, new_hw)
-        if random.random() < self.flip_prob:
-            tile = cv2.flip(tile, 1)
+        mirror = random.random() < self.flip_prob
+        if mirror:
             boxes = hflip_boxes(boxes, new_hw[1])
         top = random.randint(min(0, hw[0] - new_hw[0]), max(0, hw[0] - new_hw[0]))
         left = random.randint(min(0, hw[1] - new_hw[1]), max(0, hw[1] - new_hw[1]))
-        canvas = grey_canvas(hw)
-        paste(canvas, tile, top, left)
         clipped, keep = place_boxes(boxes, left, top, hw, self.min_size, self.min_area_ratio)
-        blend = cv2.addWeighted(as_array(image), 0.5, canvas, 0.5, 0.0)
+        blend = blend_half(as_array(image), tile, top, left, mirror)
         sample[CommonKeys.images] = as_tensor(blend)
         set_boxes(
             sample,

@@ -11,9 +11,9 @@ from torch import Tensor
 
 from vistrain.common.typing import DictData
 from vistrain.data.const import CommonKeys
-from vistrain.data.transforms.base import MultiSampleTransform, to_hw
+from vistrain.data.transforms.base import PAD_VALUE, MultiSampleTransform, to_hw
 from vistrain.data.transforms.boxes import box_array, place_boxes, select_classes, set_boxes
-from vistrain.data.transforms.image import as_array, as_tensor, grey_canvas, image_hw
+from vistrain.data.transforms.image import as_array, as_tensor, fill_colour, image_hw
 from vistrain.data.transforms.resize import keep_ratio_hw, resize_array, scale_boxes
 
 
@@ -33,6 +33,29 @@ def paste(canvas: np.ndarray, tile: np.ndarray, top: int, left: int) -> tuple[in
     if y0 < y1 and x0 < x1:
         canvas[y0:y1, x0:x1] = tile[y0 - top : y1 - top, x0 - left : x1 - left]
     return y0, x0, y1, x1
+
+
+def fill_around(
+    canvas: np.ndarray,
+    outer: tuple[int, int, int, int],
+    inner: tuple[int, int, int, int],
+    value: float = PAD_VALUE,
+) -> None:
+    """Fill the part of region ``outer`` outside its sub-region ``inner`` with grey ``value``.
+
+    Regions are ``(y0, x0, y1, x1)``; an empty ``inner`` fills all of ``outer``. Filling only
+    what no tile covers saves writing the whole mosaic canvas twice.
+    """
+    grey = fill_colour(value, 1)[0]
+    oy0, ox0, oy1, ox1 = outer
+    iy0, ix0, iy1, ix1 = inner
+    if iy0 >= iy1 or ix0 >= ix1:
+        canvas[oy0:oy1, ox0:ox1] = grey
+        return
+    canvas[oy0:iy0, ox0:ox1] = grey
+    canvas[iy1:oy1, ox0:ox1] = grey
+    canvas[iy0:iy1, ox0:ix0] = grey
+    canvas[iy0:iy1, ix1:ox1] = grey
 
 
 class Mosaic(MultiSampleTransform):
@@ -71,7 +94,8 @@ class Mosaic(MultiSampleTransform):
         samples = [sample, draw(), draw(), draw()]
         yc = int(random.uniform(0.5 * h, 1.5 * h))
         xc = int(random.uniform(0.5 * w, 1.5 * w))
-        canvas = grey_canvas((2 * h, 2 * w))
+        canvas = np.empty((2 * h, 2 * w, 3), dtype=np.uint8)  # each quadrant filled below
+        quadrants = [(0, 0, yc, xc), (0, xc, yc, 2 * w), (yc, 0, 2 * h, xc), (yc, xc, 2 * h, 2 * w)]
         all_boxes: list[np.ndarray] = []
         all_classes: list[Tensor] = []
         for index, part in enumerate(samples):
@@ -81,7 +105,8 @@ class Mosaic(MultiSampleTransform):
             tile = resize_array(as_array(image), (th, tw))
             top = yc - th if index in (0, 1) else yc
             left = xc - tw if index in (0, 2) else xc
-            paste(canvas, tile, top, left)
+            # The tile touches the centre with one corner, so it lies inside its quadrant.
+            fill_around(canvas, quadrants[index], paste(canvas, tile, top, left))
             boxes = scale_boxes(box_array(part[CommonKeys.boxes2d]), old_hw, (th, tw))
             clipped, keep = place_boxes(
                 boxes, left, top, (2 * h, 2 * w), self.min_size, self.min_area_ratio
