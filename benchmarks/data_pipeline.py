@@ -17,9 +17,10 @@ same output: a float32 ``(3, H, W)`` RGB tensor and the boxes and classes as ten
 The data are generated shapes rendered at 640 px, cropped to 640x480 (COCO's usual shape) and
 saved as JPEG with a COCO annotation file (``--png`` keeps them as PNG; ``--cache`` decodes
 every image once up front, ``COCODataset(cache_images=True)`` on vistrain's side, so only the
-transforms are timed). Rounds alternate the two sides;
-the script prints each side's samples/s per round and the ratio vistrain / reference, with
-its median and range.
+transforms are timed). Within a round the two sides
+take turns sample by sample, each sample seeded alike on both (so both draw the same
+parameters and do the same work); the script prints each side's samples/s per round and the
+ratio vistrain / reference, with its median and range over the rounds.
 
 Usage::
 
@@ -285,14 +286,39 @@ def check_same_work(vistrain: Any, reference: OpenCVReference, count: int) -> st
     )
 
 
-def rate(pipe: Any, start: int, count: int) -> float:
-    """Samples per second of ``pipe`` over ``count`` consecutive indices."""
-    n = len(pipe.records) if isinstance(pipe, OpenCVReference) else len(pipe)
-    begin = time.perf_counter()
-    for k in range(count):
-        out = pipe[(start + k) % n]
-        assert out["images"].shape[0] == 3 and out["images"].dtype == torch.float32
-    return count / (time.perf_counter() - begin)
+def timed(pipe: Any, index: int, seed: int) -> np.ndarray:
+    """Wall and CPU seconds for one sample of ``pipe``, its random draws seeded with ``seed``.
+
+    Everything runs on the calling thread (one OpenCV and one PyTorch thread), so its CPU
+    time is the work done; unlike wall time it does not count the time the thread waited
+    for a core on a busy machine.
+    """
+    random.seed(seed)
+    wall, cpu = time.perf_counter(), time.thread_time()
+    out = pipe[index]
+    elapsed = np.array([time.perf_counter() - wall, time.thread_time() - cpu])
+    assert out["images"].shape[0] == 3 and out["images"].dtype == torch.float32
+    return elapsed
+
+
+def run_round(
+    vistrain: Any, reference: OpenCVReference, start: int, count: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Samples/s (wall, CPU) of each side over ``count`` samples, interleaved one by one.
+
+    Sample ``k`` runs on both sides with the same seed (so the same parameters and the same
+    work), the side going first alternating: a change of the machine's load hits both alike.
+    """
+    n = len(reference.records)
+    ours, theirs = np.zeros(2), np.zeros(2)
+    for k in range(start, start + count):
+        if k % 2 == 0:
+            ours += timed(vistrain, k % n, k)
+            theirs += timed(reference, k % n, k)
+        else:
+            theirs += timed(reference, k % n, k)
+            ours += timed(vistrain, k % n, k)
+    return count / ours, count / theirs
 
 
 def main() -> None:
@@ -316,28 +342,26 @@ def main() -> None:
         vistrain = yolox_train_pipe(coco, args.size, mixup_prob=args.mixup_prob)
         reference = OpenCVReference(coco, args.size, args.mixup_prob, args.cache)
         same = check_same_work(vistrain, reference, 4)
-        random.seed(0)
-        rate(vistrain, 0, 4), rate(reference, 0, 4)  # warm-up
+        run_round(vistrain, reference, 0, 4)  # warm-up
         kind = "png" if args.png else "jpeg"
         print(f"size {args.size}, mixup_prob {args.mixup_prob}, cache {args.cache}, {kind}; {same}")
-        print("samples/s per round (the side going first alternates):")
+        print("samples/s per round (interleaved one by one, same seeds on both sides), by wall")
+        print("clock and by the thread's CPU time (which ignores waiting for a busy machine):")
         ratios = []
         for index in range(args.rounds):
-            start = index * args.samples
-            speeds = {}
-            order = [("vistrain", vistrain), ("reference", reference)]
-            for name, pipe in order if index % 2 == 0 else order[::-1]:
-                random.seed(index)  # both sides draw the same parameters
-                speeds[name] = rate(pipe, start, args.samples)
-            ratios.append(speeds["vistrain"] / speeds["reference"])
+            ours, theirs = run_round(vistrain, reference, (index + 1) * args.samples, args.samples)
+            ratios.append(ours / theirs)
             print(
-                f"  round {index}: vistrain {speeds['vistrain']:6.1f}  "
-                f"reference {speeds['reference']:6.1f}  ratio {ratios[-1]:.2f}"
+                f"  round {index}: wall: vistrain {ours[0]:5.1f} reference {theirs[0]:5.1f} "
+                f"ratio {ratios[-1][0]:.2f} | cpu: vistrain {ours[1]:5.1f} "
+                f"reference {theirs[1]:5.1f} ratio {ratios[-1][1]:.2f}"
             )
-        print(
-            f"ratio vistrain / reference: median {statistics.median(ratios):.2f} "
-            f"(min {min(ratios):.2f}, max {max(ratios):.2f}, {args.rounds} rounds)"
-        )
+        for column, clock in enumerate(("wall", "cpu")):
+            values = [ratio[column] for ratio in ratios]
+            print(
+                f"ratio vistrain / reference ({clock}): median {statistics.median(values):.2f} "
+                f"(min {min(values):.2f}, max {max(values):.2f}, {args.rounds} rounds)"
+            )
 
 
 if __name__ == "__main__":
