@@ -6,7 +6,7 @@ same output: a float32 ``(3, H, W)`` RGB tensor and the boxes and classes as ten
 
 - vistrain: ``yolox_train_pipe(COCODataset(...), size)`` from :mod:`vistrain.data`.
 - reference: the steps written directly with OpenCV and NumPy, in official YOLOX's structure
-  (``cv2.imread``, mosaic of four on a grey canvas, ``cv2.warpAffine`` with rotation, scale,
+  (``cv2.imread`` straight to RGB, mosaic of four on a grey canvas, ``cv2.warpAffine`` with rotation, scale,
   shear and translation cropping the canvas back to the input size, mixup blending a
   rescaled, maybe flipped, randomly placed fifth image, HSV jitter by lookup table, flip,
   resize keeping the aspect ratio and pad with grey 114, one conversion to float at the end).
@@ -126,7 +126,8 @@ class OpenCVReference:
         self.cache = [self.read(i) for i in range(len(self.records))] if cache else None
 
     def read(self, index: int) -> np.ndarray:
-        return cv2.cvtColor(cv2.imread(self.records[index][0]), cv2.COLOR_BGR2RGB)
+        # Straight to RGB, as vistrain's loader decodes (official YOLOX keeps BGR).
+        return cv2.imread(self.records[index][0], cv2.IMREAD_COLOR_RGB)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         image = self.cache[index].copy() if self.cache is not None else self.read(index)

@@ -18,7 +18,9 @@ from vistrain.data.const import CommonKeys
 
 def box_array(boxes: Tensor) -> np.ndarray:
     """The ``(N, 4)`` float32 NumPy array of a box tensor (a view when already float32)."""
-    return boxes.detach().cpu().numpy().astype(np.float32, copy=False).reshape(-1, 4)
+    if boxes.dtype != torch.float32 or boxes.requires_grad or boxes.device.type != "cpu":
+        boxes = boxes.detach().cpu().float()
+    return boxes.numpy().reshape(-1, 4)
 
 
 def clip_boxes(boxes: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -79,7 +81,7 @@ def place_boxes(
 
 def select_classes(classes: Tensor, keep: np.ndarray) -> Tensor:
     """The entries of a ``(N,)`` class tensor where the boolean array ``keep`` is true."""
-    return torch.from_numpy(classes.detach().cpu().numpy()[keep])
+    return torch.from_numpy(classes.numpy(force=True)[keep])
 
 
 def set_boxes(sample: DictData, boxes: np.ndarray, classes: Tensor) -> None:

@@ -32,16 +32,21 @@ def as_array(image: Tensor) -> np.ndarray:
     if not isinstance(image, Tensor) or image.dim() != 3:
         shape = tuple(image.shape) if hasattr(image, "shape") else type(image).__name__
         raise ValueError(f"images must be a (3, H, W) tensor, got {shape}.")
-    if image.dtype != torch.uint8:
-        image = image.detach().round().clamp_(0.0, 255.0).to(torch.uint8)
-    return np.ascontiguousarray(image.detach().cpu().permute(1, 2, 0).numpy())
+    if image.dtype != torch.uint8 or image.requires_grad or image.device.type != "cpu":
+        image = image.detach().cpu()
+        if image.dtype != torch.uint8:
+            image = image.round().clamp_(0.0, 255.0).to(torch.uint8)
+    array = image.permute(1, 2, 0).numpy()
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)
 
 
 def as_tensor(array: np.ndarray) -> Tensor:
     """The ``(3, H, W)`` uint8 tensor view of an ``(H, W, 3)`` uint8 array (no copy)."""
     if array.ndim == 2:  # OpenCV drops the channel axis of single-channel results
         array = array[:, :, None]
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 def to_float_image(image: Tensor) -> Tensor:
