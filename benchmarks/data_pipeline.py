@@ -6,9 +6,10 @@ same output: a float32 ``(3, H, W)`` RGB tensor and the boxes and classes as ten
 
 - vistrain: ``yolox_train_pipe(COCODataset(...), size)`` from :mod:`vistrain.data`.
 - reference: the steps written directly with OpenCV and NumPy, in official YOLOX's structure
-  (``cv2.imread`` straight to RGB, mosaic of four on a grey canvas, ``cv2.warpAffine`` with rotation, scale,
-  shear and translation cropping the canvas back to the input size, mixup blending a
-  rescaled, maybe flipped, randomly placed fifth image, HSV jitter by lookup table, flip,
+  (``cv2.imread`` straight to RGB, mosaic of four on a grey canvas, ``cv2.warpAffine`` with
+  rotation, scale, shear and translation cropping the canvas back to the input size, mixup
+  blending a rescaled, maybe flipped, randomly placed fifth image, HSV jitter by lookup
+  table, flip,
   resize keeping the aspect ratio and pad with grey 114, one conversion to float at the end).
   It uses the same interpolation rules as vistrain (bilinear enlarging, area averaging when
   shrinking, nothing when the size already fits) and the same box filtering, so the two do the

@@ -17,8 +17,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vistrain.data.transforms.base import PAD_VALUE
-
 
 def as_array(image: Tensor) -> np.ndarray:
     """A C-contiguous ``(H, W, 3)`` uint8 array of a ``(3, H, W)`` image tensor.
@@ -75,8 +73,3 @@ def fill_colour(value: float, channels: int = 3) -> tuple[float, ...]:
     """OpenCV's border colour for a grey ``value`` (rounded to a byte) on every channel."""
     byte = float(min(max(round(value), 0), 255))
     return (byte,) * channels
-
-
-def grey_canvas(hw: tuple[int, int], value: float = PAD_VALUE) -> np.ndarray:
-    """An ``(h, w, 3)`` uint8 array filled with the grey ``value`` (rounded to a byte)."""
-    return np.full((hw[0], hw[1], 3), fill_colour(value, 1)[0], dtype=np.uint8)

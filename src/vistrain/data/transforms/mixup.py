@@ -29,22 +29,33 @@ def blend_half(
 ) -> np.ndarray:
     """The mean of ``image`` and a grey canvas with ``tile`` pasted at ``(top, left)``.
 
-    Computed without building the canvas: the whole image is averaged with grey, then the
-    region the tile covers is averaged with the tile instead (both rounded alike by OpenCV).
-    With ``mirror`` the tile is pasted mirrored left-right; only its visible part is flipped.
+    Computed without building the canvas, each output pixel once: where the tile lies the
+    image is averaged with it, elsewhere with grey (both rounded alike by OpenCV, which
+    writes straight into the output's regions). With ``mirror`` the tile is pasted mirrored
+    left-right; only its visible part is flipped.
     """
-    grey = fill_colour(PAD_VALUE, 1)[0]
-    out = cv2.convertScaleAbs(image, alpha=0.5, beta=0.5 * grey)
+    grey = 0.5 * fill_colour(PAD_VALUE, 1)[0]
+    height, width = image.shape[:2]
     tile_h, tile_w = tile.shape[:2]
     y0, x0 = max(top, 0), max(left, 0)
-    y1, x1 = min(top + tile_h, image.shape[0]), min(left + tile_w, image.shape[1])
-    if y0 < y1 and x0 < x1:
-        rows = slice(y0 - top, y1 - top)
-        if mirror:  # column c of the mirrored tile is column tile_w - 1 - c of the tile
-            covered = cv2.flip(tile[rows, tile_w - (x1 - left) : tile_w - (x0 - left)], 1)
-        else:
-            covered = tile[rows, x0 - left : x1 - left]
-        out[y0:y1, x0:x1] = cv2.addWeighted(image[y0:y1, x0:x1], 0.5, covered, 0.5, 0.0)
+    y1, x1 = min(top + tile_h, height), min(left + tile_w, width)
+    if y0 >= y1 or x0 >= x1:
+        return cv2.convertScaleAbs(image, alpha=0.5, beta=grey)
+    out = np.empty_like(image)
+    for ys, xs in (  # the bands around the covered rectangle
+        (slice(0, y0), slice(0, width)),
+        (slice(y1, height), slice(0, width)),
+        (slice(y0, y1), slice(0, x0)),
+        (slice(y0, y1), slice(x1, width)),
+    ):
+        if ys.start < ys.stop and xs.start < xs.stop:
+            cv2.convertScaleAbs(image[ys, xs], dst=out[ys, xs], alpha=0.5, beta=grey)
+    rows = slice(y0 - top, y1 - top)
+    if mirror:  # column c of the mirrored tile is column tile_w - 1 - c of the tile
+        covered = cv2.flip(tile[rows, tile_w - (x1 - left) : tile_w - (x0 - left)], 1)
+    else:
+        covered = tile[rows, x0 - left : x1 - left]
+    cv2.addWeighted(image[y0:y1, x0:x1], 0.5, covered, 0.5, 0.0, dst=out[y0:y1, x0:x1])
     return out
 
 

@@ -53,7 +53,9 @@ class RandomHSV(Transform):
 
     Each of the three channels is shifted with probability 1/2 by an amount drawn uniformly
     from ``[-gain, gain]``; hue wraps around, saturation and value are clipped. Boxes are
-    not touched.
+    not touched. The shift runs on the 8-bit HSV image through a lookup table
+    (:func:`shift_hsv`), so hue moves in steps of 360/256 degrees and the round trip through
+    8-bit HSV may move a dark or grey pixel by a few levels, as in official YOLOX.
 
     Args:
         hue_deg: Largest hue shift in degrees of the colour circle.
