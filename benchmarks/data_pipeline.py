@@ -9,24 +9,25 @@ same output: a float32 ``(3, H, W)`` RGB tensor and the boxes and classes as ten
   (``cv2.imread`` straight to RGB, mosaic of four on a grey canvas, ``cv2.warpAffine`` with
   rotation, scale, shear and translation cropping the canvas back to the input size, mixup
   blending a rescaled, maybe flipped, randomly placed fifth image, HSV jitter by lookup
-  table, flip,
-  resize keeping the aspect ratio and pad with grey 114, one conversion to float at the end).
-  It uses the same interpolation rules as vistrain (bilinear enlarging, area averaging when
-  shrinking, nothing when the size already fits) and the same box filtering, so the two do the
-  same amount of work per sample.
+  table, flip, resize keeping the aspect ratio and pad with grey 114, one conversion to
+  float at the end), each step in its fastest plain form (``cv2.flip``, ``addWeighted``,
+  no-op resizes skipped, channel planes widened to float). It uses the same interpolation
+  rules as vistrain (bilinear enlarging, area averaging when shrinking, nothing when the
+  size already fits) and the same box filtering, so the two do the same work per sample.
 
 The data are generated shapes rendered at 640 px, cropped to 640x480 (COCO's usual shape) and
 saved as JPEG with a COCO annotation file (``--png`` keeps them as PNG; ``--cache`` decodes
 every image once up front, ``COCODataset(cache_images=True)`` on vistrain's side, so only the
-transforms are timed). Within a round the two sides
-take turns sample by sample, each sample seeded alike on both (so both draw the same
-parameters and do the same work); the script prints each side's samples/s per round and the
-ratio vistrain / reference, with its median and range over the rounds.
+transforms are timed). Within a round the two sides take turns sample by sample, each sample
+seeded alike on both (so both draw the same parameters and do the same work; the script
+checks that their boxes agree). It prints each side's samples/s per round, by wall clock and
+by the thread's CPU time (steadier on a shared machine), and the ratio vistrain / reference
+with its median and range over the rounds.
 
 Usage::
 
     PYTHONPATH=src .venv/bin/python benchmarks/data_pipeline.py [--size 640] [--rounds 5]
-        [--samples 40] [--mixup-prob 1.0] [--cache] [--png]
+        [--samples 40] [--images 24] [--mixup-prob 1.0] [--cache] [--png]
 """
 
 from __future__ import annotations
