@@ -42,3 +42,16 @@ def test_a_pipe_hands_out_float_images_whatever_its_transforms_pass_on() -> None
     for image in (flipped, plain):
         assert image.dtype == torch.float32 and image.is_contiguous()
     assert torch.equal(flipped, plain.flip(-1))
+
+
+def test_collate_turns_uint8_images_into_the_float_batch() -> None:
+    from vistrain.data.loader import collate_batch
+
+    array = np.random.default_rng(2).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    sample = make_sample((4, 6), [], [])
+    sample[K.images] = as_tensor(array)
+    batch = collate_batch([sample, make_sample((5, 3), [], [])])
+    assert batch[K.images].dtype == torch.float32 and batch[K.images].shape == (2, 3, 5, 6)
+    assert torch.equal(
+        batch[K.images][0, :, :4, :6], torch.from_numpy(array).permute(2, 0, 1).float()
+    )
