@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from data_test_utils import box_purity, make_sample, outside_boxes
@@ -11,6 +13,8 @@ from data_test_utils import box_purity, make_sample, outside_boxes
 from vistrain.data.const import CommonKeys
 from vistrain.data.transforms import MixUp, Mosaic, RandomAffine
 from vistrain.data.transforms.base import PAD_VALUE
+from vistrain.data.transforms.mixup import blend_half
+from vistrain.data.transforms.mosaic import fill_around, paste
 
 K = CommonKeys
 
@@ -58,6 +62,7 @@ def test_mosaic_boxes_stay_on_their_objects(seed: int) -> None:
             visible = outside_boxes(image, mine, cls, tol=1.0, margin=0.0)
             assert visible <= max(0.1 * area, 2 * float(full[2] - full[0]))
     # The tiles fill one rectangle around the centre, sample i in quadrant i.
+    assert image.dtype == torch.uint8
     filled = ~(image == PAD_VALUE).all(0)
     rows = filled.any(1).nonzero().flatten().tolist()
     cols = filled.any(0).nonzero().flatten().tolist()
@@ -111,7 +116,7 @@ def test_affine_crops_a_mosaic_canvas_to_the_output_size() -> None:
     out = RandomAffine(degrees=0, translate=0, scale=(1, 1), shear=0, output_size=hw)(mosaic)
     assert out[K.images].shape == (3, 40, 40)
     # With no rotation/zoom the output is the canvas's central 40x40 window.
-    assert torch.allclose(out[K.images], canvas[:, 20:60, 20:60], atol=1e-3)
+    assert torch.equal(out[K.images], canvas[:, 20:60, 20:60])
     for box, cls in zip(out[K.boxes2d], out[K.boxes2d_classes].tolist()):
         assert box_purity(out[K.images], box, cls, tol=1.0) > 0.99
 
@@ -120,7 +125,7 @@ def test_identity_affine_keeps_boxes_and_pixels() -> None:
     sample = make_sample((32, 48), [(3, 4, 20, 25)], [2])
     image = sample[K.images].clone()
     out = RandomAffine(degrees=0, translate=0, scale=(1, 1), shear=0)(sample)
-    assert torch.allclose(out[K.images], image, atol=1e-3)
+    assert torch.equal(out[K.images].float(), image)
     assert torch.allclose(out[K.boxes2d], torch.tensor([[3.0, 4, 20, 25]]), atol=1e-4)
 
 
@@ -135,7 +140,7 @@ def test_mixup_blends_and_keeps_both_box_sets(seed: int) -> None:
     assert image.shape == (3, 64, 80)
     assert classes.tolist()[0] == 0 and torch.equal(boxes[0], torch.tensor([5.0, 6, 25, 30]))
     # What the other image contributed: 2 * out - current == the pasted canvas.
-    contributed = 2 * image - base
+    contributed = 2 * image.float() - base
     if len(boxes) == 2:
         assert classes.tolist()[1] == 7
         assert box_purity(contributed, boxes[1], 7, tol=45.0) > 0.8
@@ -152,3 +157,30 @@ def test_mixup_with_zero_probability_draws_nothing() -> None:
 
     out = MixUp(prob=0.0)(sample, draw)
     assert len(out[K.boxes2d]) == 1
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_mixup_blend_equals_averaging_with_a_pasted_grey_canvas(mirror: bool) -> None:
+    # MixUp blends without building the canvas; it must give the canvas version's bytes.
+    rng = np.random.default_rng(int(mirror))
+    for _ in range(40):
+        image = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+        tile = rng.integers(0, 256, (int(rng.integers(3, 60)), int(rng.integers(3, 60)), 3))
+        tile = tile.astype(np.uint8)
+        top, left = int(rng.integers(-30, 30)), int(rng.integers(-30, 40))
+        canvas = np.full((30, 40, 3), 114, np.uint8)
+        paste(canvas, cv2.flip(tile, 1) if mirror else tile, top, left)
+        expected = cv2.addWeighted(image, 0.5, canvas, 0.5, 0.0)
+        assert np.array_equal(blend_half(image, tile, top, left, mirror), expected)
+
+
+def test_fill_around_greys_exactly_the_uncovered_part() -> None:
+    canvas = np.zeros((10, 12, 3), np.uint8)
+    fill_around(canvas, (1, 2, 9, 11), (3, 4, 6, 8))
+    grey = (canvas == 114).all(-1)
+    expected = np.zeros((10, 12), bool)
+    expected[1:9, 2:11] = True
+    expected[3:6, 4:8] = False
+    assert np.array_equal(grey, expected)
+    fill_around(canvas, (0, 0, 2, 2), (1, 1, 1, 1))  # nothing covered: all of it
+    assert (canvas[:2, :2] == 114).all()

@@ -3,7 +3,9 @@
 Per-sample transforms (:class:`Transform`) take one sample dict; multi-sample ones
 (:class:`MultiSampleTransform`: mosaic, mixup) also draw other samples from the data set
 through :class:`~vistrain.data.pipe.MultiSampleDataPipe`. All randomness comes from Python's
-global :mod:`random` module (see :mod:`vistrain.data.transforms.base`).
+global :mod:`random` module (see :mod:`vistrain.data.transforms.base`). Pixels are processed
+as uint8 arrays with OpenCV and become float only when the sample leaves the pipe (see
+:mod:`vistrain.data.transforms.image`); boxes are processed as NumPy views of their tensors.
 """
 
 from vistrain.data.transforms.affine import RandomAffine

@@ -1,7 +1,8 @@
 """The two kinds of transform a data pipe runs, and small helpers they share.
 
 A *sample* is one dict with :class:`~vistrain.data.const.CommonKeys` keys: ``images`` is a
-float32 ``(3, H, W)`` RGB tensor in 0..255, ``input_hw`` the ``(h, w)`` of the content before
+``(3, H, W)`` RGB tensor in 0..255 (uint8 inside a pipe, float32 when it leaves; see
+:mod:`vistrain.data.transforms.image`), ``input_hw`` the ``(h, w)`` of the content before
 padding, ``boxes2d`` an ``(N, 4)`` float32 xyxy tensor in current image pixels and
 ``boxes2d_classes`` the ``(N,)`` long class indices. Pixel coordinates are continuous: pixel
 ``(i, j)`` covers ``[j, j + 1) x [i, i + 1)``, so a box of a whole ``W``-wide image is
@@ -28,7 +29,9 @@ class Transform(ABC):
     """A per-sample transform: takes one sample dict and returns it transformed.
 
     Implementations may modify the dict they receive and return it; the pipe never reuses
-    a sample after handing it to a transform.
+    a sample after handing it to a transform. They should write a new image rather than
+    into the one they get (which may share memory with ``original_images``), as every
+    built-in transform does.
     """
 
     @abstractmethod

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import random
 
+import cv2
+import numpy as np
 from torch import Tensor
 
 from vistrain.common.typing import DictData
 from vistrain.data.const import CommonKeys
 from vistrain.data.transforms.base import Transform, check_prob
+from vistrain.data.transforms.boxes import box_array, set_boxes
+from vistrain.data.transforms.image import as_array, as_tensor
 
 
-def hflip_boxes(boxes: Tensor, width: int) -> Tensor:
-    """Mirror xyxy ``boxes`` in an image ``width`` pixels wide."""
-    out = boxes.clone()
-    out[:, 0] = width - boxes[:, 2]
-    out[:, 2] = width - boxes[:, 0]
+def hflip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    """Mirror xyxy ``boxes`` in an image ``width`` pixels wide (new array)."""
+    out = boxes[:, [2, 1, 0, 3]]
+    out[:, 0::2] = width - out[:, 0::2]
     return out
 
 
@@ -36,6 +39,7 @@ class RandomHorizontalFlip(Transform):
         if random.random() >= self.prob:
             return sample
         image: Tensor = sample[CommonKeys.images]
-        sample[CommonKeys.images] = image.flip(-1)
-        sample[CommonKeys.boxes2d] = hflip_boxes(sample[CommonKeys.boxes2d], int(image.shape[-1]))
+        sample[CommonKeys.images] = as_tensor(cv2.flip(as_array(image), 1))
+        boxes = hflip_boxes(box_array(sample[CommonKeys.boxes2d]), int(image.shape[-1]))
+        set_boxes(sample, boxes, sample[CommonKeys.boxes2d_classes])
         return sample

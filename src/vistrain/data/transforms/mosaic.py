@@ -5,18 +5,20 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from vistrain.common.typing import DictData
 from vistrain.data.const import CommonKeys
 from vistrain.data.transforms.base import PAD_VALUE, MultiSampleTransform, to_hw
-from vistrain.data.transforms.boxes import box_areas, clip_boxes, keep_visible
-from vistrain.data.transforms.resize import keep_ratio_hw, resize_image, scale_boxes
+from vistrain.data.transforms.boxes import box_array, place_boxes, select_classes, set_boxes
+from vistrain.data.transforms.image import as_array, as_tensor, fill_colour, image_hw
+from vistrain.data.transforms.resize import keep_ratio_hw, resize_array, scale_boxes
 
 
-def paste(canvas: Tensor, tile: Tensor, top: int, left: int) -> tuple[int, int, int, int]:
-    """Copy ``tile`` into ``canvas`` with its top-left corner at ``(top, left)``, cropped.
+def paste(canvas: np.ndarray, tile: np.ndarray, top: int, left: int) -> tuple[int, int, int, int]:
+    """Copy the ``(h, w, C)`` ``tile`` into ``canvas`` with its top-left at ``(top, left)``.
 
     ``top`` and ``left`` may be negative or push the tile past the canvas; only the overlap is
     copied.
@@ -24,13 +26,36 @@ def paste(canvas: Tensor, tile: Tensor, top: int, left: int) -> tuple[int, int, 
     Returns:
         The canvas region written, as ``(y0, x0, y1, x1)`` (empty when ``y0 >= y1``).
     """
-    ch, cw = canvas.shape[-2:]
-    th, tw = tile.shape[-2:]
+    ch, cw = canvas.shape[:2]
+    th, tw = tile.shape[:2]
     y0, x0 = max(top, 0), max(left, 0)
     y1, x1 = min(top + th, ch), min(left + tw, cw)
     if y0 < y1 and x0 < x1:
-        canvas[:, y0:y1, x0:x1] = tile[:, y0 - top : y1 - top, x0 - left : x1 - left]
+        canvas[y0:y1, x0:x1] = tile[y0 - top : y1 - top, x0 - left : x1 - left]
     return y0, x0, y1, x1
+
+
+def fill_around(
+    canvas: np.ndarray,
+    outer: tuple[int, int, int, int],
+    inner: tuple[int, int, int, int],
+    value: float = PAD_VALUE,
+) -> None:
+    """Fill the part of region ``outer`` outside its sub-region ``inner`` with grey ``value``.
+
+    Regions are ``(y0, x0, y1, x1)``; an empty ``inner`` fills all of ``outer``. Filling only
+    what no tile covers saves writing the whole mosaic canvas twice.
+    """
+    grey = fill_colour(value, 1)[0]
+    oy0, ox0, oy1, ox1 = outer
+    iy0, ix0, iy1, ix1 = inner
+    if iy0 >= iy1 or ix0 >= ix1:
+        canvas[oy0:oy1, ox0:ox1] = grey
+        return
+    canvas[oy0:iy0, ox0:ox1] = grey
+    canvas[iy1:oy1, ox0:ox1] = grey
+    canvas[iy0:iy1, ox0:ix0] = grey
+    canvas[iy0:iy1, ix1:ox1] = grey
 
 
 class Mosaic(MultiSampleTransform):
@@ -69,27 +94,26 @@ class Mosaic(MultiSampleTransform):
         samples = [sample, draw(), draw(), draw()]
         yc = int(random.uniform(0.5 * h, 1.5 * h))
         xc = int(random.uniform(0.5 * w, 1.5 * w))
-        canvas = torch.full((3, 2 * h, 2 * w), PAD_VALUE, dtype=torch.float32)
-        all_boxes: list[Tensor] = []
+        canvas = np.empty((2 * h, 2 * w, 3), dtype=np.uint8)  # each quadrant filled below
+        quadrants = [(0, 0, yc, xc), (0, xc, yc, 2 * w), (yc, 0, 2 * h, xc), (yc, xc, 2 * h, 2 * w)]
+        all_boxes: list[np.ndarray] = []
         all_classes: list[Tensor] = []
         for index, part in enumerate(samples):
             image: Tensor = part[CommonKeys.images]
-            old_hw = (int(image.shape[-2]), int(image.shape[-1]))
+            old_hw = image_hw(image)
             (th, tw), _ = keep_ratio_hw(old_hw, self.image_size)
-            tile = resize_image(image, (th, tw))
+            tile = resize_array(as_array(image), (th, tw))
             top = yc - th if index in (0, 1) else yc
             left = xc - tw if index in (0, 2) else xc
-            paste(canvas, tile, top, left)
-            boxes = scale_boxes(part[CommonKeys.boxes2d], old_hw, (th, tw))
-            boxes = boxes + torch.tensor([left, top, left, top], dtype=boxes.dtype)
-            clipped = clip_boxes(boxes, (2 * h, 2 * w))
-            keep = keep_visible(
-                clipped, box_areas(boxes), self.min_size, self.min_area_ratio, float("inf")
+            # The tile touches the centre with one corner, so it lies inside its quadrant.
+            fill_around(canvas, quadrants[index], paste(canvas, tile, top, left))
+            boxes = scale_boxes(box_array(part[CommonKeys.boxes2d]), old_hw, (th, tw))
+            clipped, keep = place_boxes(
+                boxes, left, top, (2 * h, 2 * w), self.min_size, self.min_area_ratio
             )
             all_boxes.append(clipped[keep])
-            all_classes.append(part[CommonKeys.boxes2d_classes][keep])
-        sample[CommonKeys.images] = canvas
+            all_classes.append(select_classes(part[CommonKeys.boxes2d_classes], keep))
+        sample[CommonKeys.images] = as_tensor(canvas)
         sample[CommonKeys.input_hw] = (2 * h, 2 * w)
-        sample[CommonKeys.boxes2d] = torch.cat(all_boxes)
-        sample[CommonKeys.boxes2d_classes] = torch.cat(all_classes)
+        set_boxes(sample, np.concatenate(all_boxes), torch.cat(all_classes))
         return sample
