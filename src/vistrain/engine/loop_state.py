@@ -37,6 +37,7 @@ from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.logging import log_evaluation_logs
 from vistrain.engine.callbacks.trainer_state import StepMetrics, TrainerState, TrainingEngine
 from vistrain.engine.loss_module import LossModule
+from vistrain.engine.nonfinite_guard import NonFiniteGuard
 from vistrain.engine.optim import LRSchedulerWrapper, lr_scalars
 from vistrain.engine.resume import ResumePoint, collect_checkpoint, restore_checkpoint
 from vistrain.engine.rng import start_epoch_iterator
@@ -51,6 +52,37 @@ def num_batches(loader: Any) -> int | None:
         return len(loader)
     except TypeError:
         return None
+
+
+class NoTrainingStepsError(ValueError):
+    """The training data yields no batch per epoch, so a run would train nothing."""
+
+
+def check_trains_some_steps(loader: Any) -> None:
+    """Refuse training data that yields no batch per epoch (both engines, before training).
+
+    Such a run would write step-0 checkpoints and end "successfully" without one step. A
+    loader without a length (an iterable data set) cannot be checked and passes.
+
+    Raises:
+        NoTrainingStepsError: Naming the samples, the batch size and ``drop_last``, and
+            the fix.
+    """
+    if num_batches(loader) != 0:
+        return
+    dataset = getattr(loader, "dataset", None)
+    try:
+        samples = f"{len(dataset)} samples"  # type: ignore[arg-type]
+    except TypeError:
+        samples = "its samples"
+    batch_size = getattr(loader, "batch_size", None)
+    drop_last = bool(getattr(loader, "drop_last", False))
+    per_rank = " per process" if getattr(loader, "sampler", None) is not None else ""
+    raise NoTrainingStepsError(
+        f"the training data yields no batch: {samples}, batch_size={batch_size}{per_rank}, "
+        f"drop_last={drop_last}; add training samples or lower batch_size so that at least "
+        "one full batch fits."
+    )
 
 
 NO_LIMIT = {-1: "no limit"}
@@ -139,6 +171,7 @@ class LoopState:
         self.log_every_n_steps = log_every_n_steps
         self.tensorboard = tensorboard
         self.model: nn.Module | None = None
+        self.guard = NonFiniteGuard()  # checked on log steps and before every checkpoint
 
         self.current_epoch = 0
         self.global_step = 0
@@ -261,7 +294,9 @@ class LoopState:
         The one place where a training step's gradients and optimizer steps happen for both
         engines (precision scaling, gradient accumulation and clipping belong here). Counts
         ``global_step`` once however many optimizers there are, advances the step-based
-        schedules and keeps ``metrics`` for ``on_train_batch_end``.
+        schedules and keeps ``metrics`` for ``on_train_batch_end``. The step's losses go to
+        the non-finite guard (device flags, no sync); a gradient norm computed here goes to
+        ``self.guard.observe_grad_norm(norm, step)``.
 
         Args:
             total_loss: The scalar loss of the step.
@@ -284,6 +319,7 @@ class LoopState:
             scheduler.step_on_batch(step)
         self.batches_done = batches_done
         self.metrics = StepMetrics(metrics)
+        self.guard.observe(total_loss, metrics, step, self.current_epoch)
 
     def stop_requested(self) -> bool:
         """Whether training ends after the step just done (checked at every step boundary).
@@ -315,6 +351,8 @@ class LoopState:
         """
         step = self.global_step
         log_step = step % self.log_every_n_steps == 0 or step == 1
+        if log_step:
+            self.guard.check()
         if self.scalars is None or not (logs or log_step):
             return
         scalars: dict[str, Any] = {f"train/{key}": value for key, value in (logs or {}).items()}
@@ -355,7 +393,13 @@ class LoopState:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict[str, Any]:
-        """Collective: the complete training state (see ``resume.collect_checkpoint``)."""
+        """Collective: the complete training state (see ``resume.collect_checkpoint``).
+
+        Raises:
+            NonFiniteError: If a loss became non-finite since the last check (no state of
+                poisoned weights is collected).
+        """
+        self.guard.check()
         return collect_checkpoint(
             self.state(),
             self._require_model(),
