@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.trainer_fixtures import ENGINES, run_toy
+from tests.trainer_fixtures import ENGINES, RecordingCallback, run_toy
 from vistrain.engine.callbacks import Callback
 from vistrain.engine.callbacks.checkpoint import CheckpointCallback
 from vistrain.engine.checkpoint_io import load_checkpoint
@@ -78,7 +78,10 @@ def test_nan_between_log_steps_is_caught_before_the_checkpoint(tmp_path, engine)
 def test_nonfinite_weights_never_become_last_or_best(tmp_path, engine):
     ckpt = CheckpointCallback(save_prefix=str(tmp_path), monitor="score", mode="max")
     with pytest.raises(NonFiniteError, match="weights hold NaN or Inf"):
-        run_toy(engine, str(tmp_path), [PoisonWeights(epoch=1), ckpt], num_epochs=3)
+        run_toy(
+            engine, str(tmp_path), [RecordingCallback(), PoisonWeights(epoch=1), ckpt],
+            num_epochs=3,
+        )  # fmt: skip
     folder = tmp_path / "checkpoints"
     assert _last_step(str(tmp_path)) == 6
     assert "epoch=1-step=12.ckpt" not in os.listdir(folder)
