@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.trainer_fixtures import ENGINES, RecordingCallback, run_toy
+from trainer_fixtures import ENGINES, RecordingCallback, run_toy
 from vistrain.engine.callbacks import Callback
 from vistrain.engine.callbacks.checkpoint import CheckpointCallback
 from vistrain.engine.checkpoint_io import load_checkpoint

@@ -53,9 +53,7 @@ class NonFiniteGuard:
         self._grad_norm: torch.Tensor | None = None
         self._grad_first_bad: torch.Tensor | None = None
 
-    def observe(
-        self, total_loss: Any, metrics: Mapping[str, Any], step: int, epoch: int
-    ) -> None:
+    def observe(self, total_loss: Any, metrics: Mapping[str, Any], step: int, epoch: int) -> None:
         """Record the finiteness of step ``step``'s losses (no host sync).
 
         A change of the watched names (a loss term that appears later) first checks what
