@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,11 +113,11 @@ def _last(folder: str) -> str:
 
 def test_resuming_a_finished_run_says_so_and_trains_nothing(finished_run, capsys):
     metrics = os.path.join(finished_run, "metrics.jsonl")
-    before = open(metrics, encoding="utf-8").read()
+    before = Path(metrics).read_text(encoding="utf-8")
     assert main(_cli(finished_run, "num_epochs=1")) == 0
     out = capsys.readouterr()
     assert "already trained all 1 epochs" in out.out + out.err
-    assert open(metrics, encoding="utf-8").read() == before
+    assert Path(metrics).read_text(encoding="utf-8") == before
 
 
 def test_fewer_epochs_than_trained_is_refused(finished_run):
