@@ -90,20 +90,24 @@ def test_nonfinite_weights_never_become_last_or_best(tmp_path, engine):
         assert nonfinite_tensors(weights) == []
 
 
-def test_observe_reads_nothing_from_the_device(monkeypatch):
+def test_observe_and_fold_read_nothing_from_the_device(monkeypatch):
     guard = NonFiniteGuard()
-    loss = torch.tensor(float("inf"))
+    guard.FOLD_EVERY = 2  # fold on the device several times before the check
+    finite, inf = torch.tensor(1.0), torch.tensor(float("inf"))
 
     def no_sync(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("observe() read a tensor on the host")
 
-    for name in ("item", "tolist", "__bool__", "__float__", "cpu"):
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, no_sync)
-    for step in range(1, 4):
-        guard.observe(loss, {"a": torch.tensor(1.0), "b": loss}, step, epoch=0)
+    for step in range(1, 8):
+        bad_b = inf if step >= 3 else finite
+        loss = inf if step >= 5 else finite
+        guard.observe(loss, {"a": finite, "b": bad_b}, step, epoch=step // 4)
     monkeypatch.undo()
-    with pytest.raises(NonFiniteError, match="total_loss, b at step 1 \\(epoch 0\\)"):
+    with pytest.raises(NonFiniteError) as err:
         guard.check()
+    assert "non-finite value of b at step 3 (epoch 0) (later also: total_loss)" in str(err.value)
 
 
 def test_finite_steps_pass_and_grad_norm_is_named():

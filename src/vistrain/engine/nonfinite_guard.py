@@ -1,10 +1,10 @@
 """Stop a run whose loss or gradient norm became NaN or Inf, without a device sync per step.
 
 Reading a loss as a Python float waits for the device, so checking every step would cost a
-sync per step. Instead every step adds its finiteness flags to a small tensor on the device
-(``torch.isfinite`` of each loss term, a logical and, and the first step a term went bad:
-a few tiny kernels, no sync), and the host reads that tensor only on log steps and before
-every checkpoint (``LoopState`` calls ``check``). A bad value is then reported with the step
+sync per step. Instead every step keeps its loss values stacked on the device (one small
+kernel, no sync); every few hundred steps they are folded, on the device, into the first
+step each value was not finite, and the host reads that only on log steps and before every
+checkpoint (``LoopState`` calls ``check``). A bad value is then reported with the step
 and epoch it first appeared in, and the loss terms that were not finite, and no checkpoint
 of the poisoned weights is written.
 
@@ -14,6 +14,7 @@ never lets a file with non-finite weights become ``last.ckpt`` or ``best.ckpt``.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,24 +38,70 @@ def _as_tensor(value: Any) -> torch.Tensor:
     return torch.tensor(float(value))
 
 
-class NonFiniteGuard:
-    """Collects finiteness flags on the device each step; reads them when asked.
+class _Watch:
+    """Rows of watched values, one per step, folded on the device into the first bad row.
 
-    The flags of one step are ``isfinite`` of the total loss and every loss term (and the
-    gradient norm when given). Per watched value the guard keeps, on the device, the first
-    step at which it was not finite (0 = never). The epoch of that step is known on the host
-    from the epoch starts it has seen, so reading the result is one small copy.
+    Rows are numbered in order of arrival; ``row_steps`` maps a row number to its training
+    step on the host (8 bytes per step), so the fold needs no host-to-device copy.
     """
 
     def __init__(self) -> None:
-        self._names: list[str] | None = None
-        self._first_bad: torch.Tensor | None = None  # int64 per name: first bad step, 0 = none
-        self._epoch_starts: list[tuple[int, int]] = []  # (first step, epoch)
-        self._grad_norm: torch.Tensor | None = None
-        self._grad_first_bad: torch.Tensor | None = None
+        self.rows: list[torch.Tensor] = []
+        self.row_steps = array("q")
+        self.folded = 0  # rows already folded
+        self.first_bad: torch.Tensor | None = None  # per value: 1 + first bad row, 0 = none
 
-    def observe(self, total_loss: Any, metrics: Mapping[str, Any], step: int, epoch: int) -> None:
-        """Record the finiteness of step ``step``'s losses (no host sync).
+    def add(self, row: torch.Tensor, step: int, fold_every: int) -> None:
+        self.rows.append(row)
+        self.row_steps.append(step)
+        if len(self.rows) >= fold_every:
+            self.fold()
+
+    def fold(self) -> None:
+        """Fold the kept rows into ``first_bad`` with device ops only."""
+        if not self.rows:
+            return
+        bad = ~torch.isfinite(torch.stack(self.rows))  # (rows, values)
+        start = self.folded + 1
+        number = torch.arange(start, start + len(self.rows), device=bad.device)
+        found = torch.where(bad, number[:, None], torch.iinfo(torch.int64).max).min(dim=0).values
+        found = torch.where(bad.any(dim=0), found, 0)
+        self.folded += len(self.rows)
+        self.rows.clear()
+        if self.first_bad is not None:
+            found = torch.where(self.first_bad > 0, self.first_bad, found)
+        self.first_bad = found
+
+    def bad_steps(self) -> list[int]:
+        """Per watched value, the first step it was not finite (0 = never); one host sync."""
+        self.fold()
+        if self.first_bad is None:
+            return []
+        return [self.row_steps[row - 1] if row else 0 for row in self.first_bad.tolist()]
+
+
+class NonFiniteGuard:
+    """Keeps each step's losses on the device; finds non-finite ones when asked.
+
+    A step costs one ``torch.stack`` of its (already computed, detached) loss values and a
+    list append. Every ``FOLD_EVERY`` steps, and when checked, the kept rows are folded on
+    the device into the first row at which each watched value was not finite, so memory
+    stays bounded however rarely the run checks. The epoch of a step is known on the host
+    from the epoch starts the guard has seen, so a check reads one small tensor.
+    """
+
+    FOLD_EVERY = 256
+
+    def __init__(self) -> None:
+        self._names: list[str] | None = None
+        self._losses = _Watch()
+        self._grad_norm = _Watch()
+        self._epoch_starts: list[tuple[int, int]] = []  # (first step, epoch)
+
+    def observe(
+        self, total_loss: torch.Tensor, metrics: Mapping[str, Any], step: int, epoch: int
+    ) -> None:
+        """Keep step ``step``'s total loss and loss terms (no host sync).
 
         A change of the watched names (a loss term that appears later) first checks what
         was collected so far, then starts over with the new names.
@@ -64,26 +111,25 @@ class NonFiniteGuard:
         """
         if not self._epoch_starts or self._epoch_starts[-1][1] != epoch:
             self._epoch_starts.append((step, epoch))
-        names = [TOTAL_LOSS, *metrics]
-        values = [_as_tensor(total_loss), *(_as_tensor(v) for v in metrics.values())]
-        if names != self._names:
+        names = self._names
+        if (
+            names is None
+            or len(names) != len(metrics) + 1
+            or any(a != b for a, b in zip(names[1:], metrics))
+        ):
             self.check()
-            self._names = names
-            self._first_bad = None
-        flags = torch.isfinite(torch.stack([v.to(values[0].device) for v in values]))
-        self._first_bad = self._mark(self._first_bad, flags, step)
+            self._names = [TOTAL_LOSS, *metrics]
+            self._losses = _Watch()
+        values = [total_loss.detach(), *metrics.values()]
+        try:
+            row = torch.stack(values)
+        except (TypeError, RuntimeError):  # numbers, (1,)-shaped terms, mixed devices
+            row = torch.stack([_as_tensor(v).to(values[0].device) for v in values])
+        self._losses.add(row, step, self.FOLD_EVERY)
 
     def observe_grad_norm(self, grad_norm: torch.Tensor, step: int) -> None:
-        """Record the finiteness of a step's gradient norm (no host sync)."""
-        flags = torch.isfinite(grad_norm.detach().reshape(1))
-        self._grad_first_bad = self._mark(self._grad_first_bad, flags, step)
-
-    @staticmethod
-    def _mark(first_bad: torch.Tensor | None, flags: torch.Tensor, step: int) -> torch.Tensor:
-        if first_bad is None:
-            first_bad = torch.zeros(flags.shape, dtype=torch.int64, device=flags.device)
-        newly_bad = (~flags) & (first_bad == 0)
-        return torch.where(newly_bad, torch.full_like(first_bad, step), first_bad)
+        """Keep a step's gradient norm (no host sync)."""
+        self._grad_norm.add(grad_norm.detach().reshape(1), step, self.FOLD_EVERY)
 
     def _epoch_of(self, step: int) -> int:
         epoch = self._epoch_starts[0][1] if self._epoch_starts else 0
@@ -104,14 +150,10 @@ class NonFiniteGuard:
                 every value that was not finite at that step.
         """
         bad: dict[str, int] = {}
-        if self._first_bad is not None and self._names is not None:
-            for name, step in zip(self._names, self._first_bad.tolist()):
+        for names, watch in ((self._names or [], self._losses), ([GRAD_NORM], self._grad_norm)):
+            for name, step in zip(names, watch.bad_steps()):
                 if step:
-                    bad[name] = int(step)
-        if self._grad_first_bad is not None:
-            step = int(self._grad_first_bad.item())
-            if step:
-                bad[GRAD_NORM] = step
+                    bad[name] = step
         if is_distributed():
             merged: dict[str, int] = {}
             for rank_bad in all_gather_object(bad):
