@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+from dist_utils import run_distributed
 from trainer_fixtures import ENGINES, RecordingCallback, run_toy
 from vistrain.engine.callbacks import Callback
 from vistrain.engine.callbacks.checkpoint import CheckpointCallback
@@ -124,3 +125,20 @@ def test_set_refuses_non_finite_floats(value):
     with pytest.raises(ValueError, match="not a finite number") as err:
         apply_overrides(ToyParams(), [f"lr={value}"])
     assert "\n" not in str(err.value) and "lr=" in str(err.value)
+
+
+def _two_rank_nan(rank: int, world_size: int, folder: str) -> str:
+    """Rank 1 alone gets a NaN loss at step 3; returns each rank's error message."""
+    callbacks: list[Callback] = [PoisonLoss(at_step=3)] if rank == 1 else []
+    try:
+        run_toy("native", folder, callbacks, num_epochs=2)
+    except NonFiniteError as err:
+        return str(err)
+    return "no error"
+
+
+def test_ranks_stop_together_and_agree_on_the_first_bad_step(tmp_path):
+    messages = run_distributed(_two_rank_nan, 2, str(tmp_path))
+    # Rank 0's own loss turns NaN only at step 4 (through the averaged gradients); the
+    # merged check names rank 1's step 3 on both ranks, and neither waits for the other.
+    assert all("at step 3 (epoch 0)" in message for message in messages), messages
