@@ -11,11 +11,14 @@ for everything that is not their own::
     first batch                             epoch_iterator() -> adopts a handed-over loader,
                                             sampler.set_epoch, epoch-start RNG, skip on resume
     forward, loss                           (the engine's own)
-    backward + optimizer step               train_step(loss, metrics, optimizers, ...)
-    after on_train_batch_end                log_train(logs); stop_requested()
+    backward + optimizer step               train_step(loss, metrics, optimizers, ...) -> the
+                                            losses go to the non-finite guard (no sync)
+    after on_train_batch_end                log_train(logs) (log steps: guard.check());
+                                            stop_requested()
     after a validation's on_test_epoch_end  end_validation(logs) -> val/<k>, on_validation_end
     epoch end                               finish_epoch() -> schedulers.step, on_train_epoch_end
-    CheckpointCallback                      checkpoint_state() (engine.checkpoint_state())
+    CheckpointCallback                      checkpoint_state() (engine.checkpoint_state()),
+                                            guard.check() first
 
 So a change of the step itself (precision, accumulation, clipping) lands in ``train_step``
 and a stop request (a signal, a time budget) in ``stop_requested``, once for both engines.
@@ -77,9 +80,8 @@ def check_trains_some_steps(loader: Any) -> None:
         samples = "its samples"
     batch_size = getattr(loader, "batch_size", None)
     drop_last = bool(getattr(loader, "drop_last", False))
-    per_rank = " per process" if getattr(loader, "sampler", None) is not None else ""
     raise NoTrainingStepsError(
-        f"the training data yields no batch: {samples}, batch_size={batch_size}{per_rank}, "
+        f"the training data yields no batch: {samples}, batch_size={batch_size} per process, "
         f"drop_last={drop_last}; add training samples or lower batch_size so that at least "
         "one full batch fits."
     )
