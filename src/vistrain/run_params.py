@@ -42,6 +42,7 @@ from vistrain.engine.callbacks.trainer_state import TrainerState
 from vistrain.engine.checkpoint_io import load_checkpoint, write_bytes_atomic
 from vistrain.engine.loss_module import LossModule
 from vistrain.engine.optim import LRSchedulerWrapper
+from vistrain.run_info import RUN_INFO_KEY, checkpoint_experiment, experiment_name
 
 logger = logging.getLogger("vistrain")
 
@@ -171,8 +172,6 @@ class ResumePlan:
 
 def recorded_params(ckpt: Mapping[str, Any], ckpt_path: str) -> dict[str, Any] | None:
     """The parameters a checkpoint's run had: its own record, else its folder's params.json."""
-    from vistrain.run_info import RUN_INFO_KEY
-
     state = ckpt.get("callbacks", {}).get(RUN_INFO_KEY, {})
     if isinstance(state, Mapping) and isinstance(state.get("params"), Mapping):
         return dict(state["params"])
@@ -189,6 +188,8 @@ def recorded_params(ckpt: Mapping[str, Any], ckpt_path: str) -> dict[str, Any] |
 def plan_resume(module: ModuleType, params: Any, ckpt_path: str) -> ResumePlan:
     """Compare ``params`` with the checkpoint's run and decide what the resume does.
 
+    A checkpoint of another experiment is not compared (its restore names the experiment).
+
     Raises:
         ResumeRefusedError: If a refused key changed (all refused keys are listed), or
             ``num_epochs`` is below what the checkpoint has trained.
@@ -196,6 +197,9 @@ def plan_resume(module: ModuleType, params: Any, ckpt_path: str) -> ResumePlan:
     """
     ckpt = load_checkpoint(ckpt_path)
     plan = ResumePlan()
+    origin = checkpoint_experiment(ckpt)
+    if origin is not None and origin != experiment_name(module):
+        return plan  # another experiment's file: restoring it reports that, by name
     old = recorded_params(ckpt, ckpt_path)
     new = params_record(params)
     if old is None:
