@@ -238,12 +238,18 @@ def _fit(args: argparse.Namespace, argv: Sequence[str]) -> int:
             if args.devices > 1 and not launched_by_torchrun:
                 return _launch_workers(args, argv, output_dir)
             from vistrain.engine.checkpoint_io import CheckpointError
+            from vistrain.engine.loop_state import NoTrainingStepsError
+            from vistrain.engine.nonfinite_guard import NonFiniteError
+            from vistrain.run_params import ResumeRefusedError
             from vistrain.runner import run_fit
 
             try:
                 run_fit(module, params, output_dir, ckpt_path=ckpt_path, engine=args.engine)
-            except CheckpointError as err:
+            except (CheckpointError, ResumeRefusedError, NoTrainingStepsError) as err:
                 raise UsageError(str(err)) from None
+            except NonFiniteError as err:  # not a usage mistake: exit 1, still one line
+                print(f"vistrain: error: {err}", file=sys.stderr)
+                return 1
     except RunFolderError as err:
         raise UsageError(str(err)) from None
     return 0

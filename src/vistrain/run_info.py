@@ -21,19 +21,25 @@ RUN_INFO_KEY = "RunInfoCallback"
 
 
 class RunInfoCallback(Callback):
-    """Saves the experiment name and the vistrain version in every checkpoint.
+    """Saves the experiment name, its parameters and the vistrain version in every checkpoint.
 
     Args:
         experiment: Name of the experiment (built-in name or config file stem).
+        params: The run's parameters as JSON values (``run_params.params_record``), which
+            ``--resume`` compares its own with; None records none.
     """
 
-    def __init__(self, experiment: str) -> None:
+    def __init__(self, experiment: str, params: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.experiment = experiment
+        self.params = None if params is None else dict(params)
 
     def state_dict(self) -> dict[str, Any]:
-        """The experiment name and the vistrain version that wrote the checkpoint."""
-        return {"experiment": self.experiment, "vistrain_version": __version__}
+        """The experiment name, parameters and vistrain version that wrote the checkpoint."""
+        state: dict[str, Any] = {"experiment": self.experiment, "vistrain_version": __version__}
+        if self.params is not None:
+            state["params"] = self.params
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Nothing to restore: the resuming run's own name is what its checkpoints record."""

@@ -26,9 +26,18 @@ from vistrain.common.log_setup import setup_logger
 from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.checkpoint import CheckpointCallback
 from vistrain.engine.checkpoint_io import CheckpointError, check_model_state, load_checkpoint
+from vistrain.engine.nonfinite_guard import NonFiniteError
 from vistrain.engine.trainer import Trainer
 from vistrain.model.adapter import find_ema_adapters
 from vistrain.run_info import RunInfoCallback, checkpoint_experiment, experiment_name
+from vistrain.run_params import (
+    ResumeRefusedError,
+    ScheduleReplanCallback,
+    log_changes,
+    params_record,
+    plan_resume,
+    write_params_json,
+)
 from vistrain.run_summary import log_run_summary
 from vistrain.zoo.base import Experiment
 
@@ -56,7 +65,7 @@ def _build(module: ModuleType, params: Any, output_dir: str) -> Experiment:
             f"build() of {module.__name__} returned {type(experiment).__name__}; "
             "it must return a vistrain.zoo.base.Experiment."
         )
-    experiment.callbacks.append(RunInfoCallback(experiment_name(module)))
+    experiment.callbacks.append(RunInfoCallback(experiment_name(module), params_record(params)))
     return experiment
 
 
@@ -111,6 +120,27 @@ def _fit_with(engine: str, experiment: Experiment, output_dir: str, ckpt_path: s
         )
 
 
+def _plan_resume(module: ModuleType, params: Any, ckpt_path: str) -> bool | None:
+    """Check a resume's parameters against the checkpoint's and log what changed.
+
+    Returns:
+        Whether the schedule must be re-planned; None when the run has finished already.
+
+    Raises:
+        ResumeRefusedError: For a change the checkpoint cannot continue with (also logged).
+    """
+    try:
+        plan = plan_resume(module, params, ckpt_path)
+    except ResumeRefusedError as err:
+        logger.error("%s", err)
+        raise
+    if plan.finished:
+        logger.info("%s", plan.message)
+        return None
+    log_changes(plan, ckpt_path)
+    return plan.replan
+
+
 def run_fit(
     module: ModuleType,
     params: Any,
@@ -118,7 +148,16 @@ def run_fit(
     ckpt_path: str | None = None,
     engine: str = "native",
 ) -> None:
-    """Train the experiment of ``module`` with ``params``, writing into ``output_dir``."""
+    """Train the experiment of ``module`` with ``params``, writing into ``output_dir``.
+
+    Writes ``params.json``; a resume first compares ``params`` with the checkpoint's run
+    (``vistrain.run_params``): it lists the changes, re-plans the schedule for those that
+    need it, and returns at once when the run has already trained all its epochs.
+
+    Raises:
+        ResumeRefusedError: If ``ckpt_path``'s run cannot continue with ``params``.
+        NonFiniteError: If training produced a NaN/Inf loss or weights (also logged).
+    """
     created_group = init_process_group()
     finished = False
     started = time.perf_counter()
@@ -126,13 +165,28 @@ def run_fit(
         os.makedirs(output_dir, exist_ok=True)
         setup_logger(log_file=os.path.join(output_dir, "log.txt") if get_rank() == 0 else None)
         logger.info("Run folder: %s", os.path.abspath(output_dir))
+        replan: bool | None = False
+        if ckpt_path is not None:
+            replan = _plan_resume(module, params, ckpt_path)
+            if replan is None:
+                finished = True
+                return
+        if get_rank() == 0:
+            write_params_json(output_dir, experiment_name(module), params)
         experiment = _build(module, params, output_dir)
+        if replan:
+            experiment.callbacks.insert(
+                0, ScheduleReplanCallback(experiment.optimizers, experiment.lr_schedulers)
+            )
         try:
             _fit_with(engine, experiment, output_dir, ckpt_path)
         except CheckpointError as err:
             if ckpt_path is None:
                 raise
             raise foreign_checkpoint_error(ckpt_path, experiment_name(module), err) from None
+        except NonFiniteError as err:
+            logger.error("%s", err)
+            raise
         del experiment
         finished = True
         log_run_summary(module, params, output_dir, time.perf_counter() - started)

@@ -11,11 +11,14 @@ for everything that is not their own::
     first batch                             epoch_iterator() -> adopts a handed-over loader,
                                             sampler.set_epoch, epoch-start RNG, skip on resume
     forward, loss                           (the engine's own)
-    backward + optimizer step               train_step(loss, metrics, optimizers, ...)
-    after on_train_batch_end                log_train(logs); stop_requested()
+    backward + optimizer step               train_step(loss, metrics, optimizers, ...) -> the
+                                            losses go to the non-finite guard (no sync)
+    after on_train_batch_end                log_train(logs) (log steps: guard.check());
+                                            stop_requested()
     after a validation's on_test_epoch_end  end_validation(logs) -> val/<k>, on_validation_end
     epoch end                               finish_epoch() -> schedulers.step, on_train_epoch_end
-    CheckpointCallback                      checkpoint_state() (engine.checkpoint_state())
+    CheckpointCallback                      checkpoint_state() (engine.checkpoint_state()),
+                                            guard.check() first
 
 So a change of the step itself (precision, accumulation, clipping) lands in ``train_step``
 and a stop request (a signal, a time budget) in ``stop_requested``, once for both engines.
@@ -37,6 +40,7 @@ from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.logging import log_evaluation_logs
 from vistrain.engine.callbacks.trainer_state import StepMetrics, TrainerState, TrainingEngine
 from vistrain.engine.loss_module import LossModule
+from vistrain.engine.nonfinite_guard import NonFiniteGuard
 from vistrain.engine.optim import LRSchedulerWrapper, lr_scalars
 from vistrain.engine.resume import ResumePoint, collect_checkpoint, restore_checkpoint
 from vistrain.engine.rng import start_epoch_iterator
@@ -51,6 +55,36 @@ def num_batches(loader: Any) -> int | None:
         return len(loader)
     except TypeError:
         return None
+
+
+class NoTrainingStepsError(ValueError):
+    """The training data yields no batch per epoch, so a run would train nothing."""
+
+
+def check_trains_some_steps(loader: Any) -> None:
+    """Refuse training data that yields no batch per epoch (both engines, before training).
+
+    Such a run would write step-0 checkpoints and end "successfully" without one step. A
+    loader without a length (an iterable data set) cannot be checked and passes.
+
+    Raises:
+        NoTrainingStepsError: Naming the samples, the batch size and ``drop_last``, and
+            the fix.
+    """
+    if num_batches(loader) != 0:
+        return
+    dataset = getattr(loader, "dataset", None)
+    try:
+        samples = f"{len(dataset)} samples"  # type: ignore[arg-type]
+    except TypeError:
+        samples = "its samples"
+    batch_size = getattr(loader, "batch_size", None)
+    drop_last = bool(getattr(loader, "drop_last", False))
+    raise NoTrainingStepsError(
+        f"the training data yields no batch: {samples}, batch_size={batch_size} per process, "
+        f"drop_last={drop_last}; add training samples or lower batch_size so that at least "
+        "one full batch fits."
+    )
 
 
 NO_LIMIT = {-1: "no limit"}
@@ -139,6 +173,7 @@ class LoopState:
         self.log_every_n_steps = log_every_n_steps
         self.tensorboard = tensorboard
         self.model: nn.Module | None = None
+        self.guard = NonFiniteGuard()  # checked on log steps and before every checkpoint
 
         self.current_epoch = 0
         self.global_step = 0
@@ -261,7 +296,9 @@ class LoopState:
         The one place where a training step's gradients and optimizer steps happen for both
         engines (precision scaling, gradient accumulation and clipping belong here). Counts
         ``global_step`` once however many optimizers there are, advances the step-based
-        schedules and keeps ``metrics`` for ``on_train_batch_end``.
+        schedules and keeps ``metrics`` for ``on_train_batch_end``. The step's losses go to
+        the non-finite guard (device flags, no sync); a gradient norm computed here goes to
+        ``self.guard.observe_grad_norm(norm, step)``.
 
         Args:
             total_loss: The scalar loss of the step.
@@ -284,6 +321,7 @@ class LoopState:
             scheduler.step_on_batch(step)
         self.batches_done = batches_done
         self.metrics = StepMetrics(metrics)
+        self.guard.observe(total_loss, metrics, step, self.current_epoch)
 
     def stop_requested(self) -> bool:
         """Whether training ends after the step just done (checked at every step boundary).
@@ -315,6 +353,8 @@ class LoopState:
         """
         step = self.global_step
         log_step = step % self.log_every_n_steps == 0 or step == 1
+        if log_step:
+            self.guard.check()
         if self.scalars is None or not (logs or log_step):
             return
         scalars: dict[str, Any] = {f"train/{key}": value for key, value in (logs or {}).items()}
@@ -355,7 +395,13 @@ class LoopState:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict[str, Any]:
-        """Collective: the complete training state (see ``resume.collect_checkpoint``)."""
+        """Collective: the complete training state (see ``resume.collect_checkpoint``).
+
+        Raises:
+            NonFiniteError: If a loss became non-finite since the last check (no state of
+                poisoned weights is collected).
+        """
+        self.guard.check()
         return collect_checkpoint(
             self.state(),
             self._require_model(),

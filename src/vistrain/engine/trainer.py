@@ -57,7 +57,12 @@ from vistrain.common.typing import DictData, MetricLogs
 from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.logging import log_callback_train_logs
 from vistrain.engine.connectors import DataConnector
-from vistrain.engine.loop_state import LoopState, as_loader_list, check_loop_limits
+from vistrain.engine.loop_state import (
+    LoopState,
+    as_loader_list,
+    check_loop_limits,
+    check_trains_some_steps,
+)
 from vistrain.engine.loss_module import LossModule
 from vistrain.engine.optim import LRSchedulerWrapper, check_optimizers_train
 from vistrain.engine.rng import preserved_rng_state
@@ -215,7 +220,8 @@ class Trainer:
         """Train ``model``; resume from ``ckpt_path`` when given.
 
         Raises:
-            ValueError: If there is no training data or connector, an optimizer holds none of
+            ValueError: If there is no training data or connector, the data yields no batch
+                (``check_trains_some_steps``), an optimizer holds none of
                 the parameters of ``model`` and ``loss_module``, or the checkpoint does not
                 fit (nothing is changed in that case).
             FileNotFoundError: If ``ckpt_path`` does not exist.
@@ -223,6 +229,7 @@ class Trainer:
         loop = self.loop
         if loop.train_dataloader is None or self.train_data_connector is None:
             raise ValueError("fit() needs train_dataloader and train_data_connector.")
+        check_trains_some_steps(loop.train_dataloader)
         if not isinstance(loss_module, LossModule):
             raise TypeError(f"loss_module must be a LossModule, got {type(loss_module).__name__}.")
         loop.optimizers = check_list_of("optimizers", optimizers, Optimizer)

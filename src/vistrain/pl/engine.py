@@ -48,7 +48,7 @@ from vistrain.common.checks import check_positive_int
 from vistrain.common.typing import DictData, MetricLogs
 from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.trainer_state import TrainerState
-from vistrain.engine.loop_state import LoopState, num_batches
+from vistrain.engine.loop_state import LoopState, check_trains_some_steps, num_batches
 from vistrain.engine.loss_module import LossModule
 from vistrain.engine.optim import LRSchedulerWrapper
 from vistrain.engine.rng import capture_rng_state, restore_rng_state
@@ -356,7 +356,12 @@ class LightningEngine:
 
     # ------------------------------------------------------------------ fit start / end
     def start_fit(self, output_dir: str, ckpt_path: str | None) -> None:
-        """Resume from ``ckpt_path`` (our format) if given, then open the scalar writers."""
+        """Resume from ``ckpt_path`` (our format) if given, then open the scalar writers.
+
+        Raises:
+            ValueError: If the training data yields no batch (``check_trains_some_steps``).
+        """
+        check_trains_some_steps(self.loop.train_dataloader)
         if ckpt_path is not None:
             self.resume(ckpt_path)
         self.loop.open_scalars(output_dir, resumed=ckpt_path is not None)

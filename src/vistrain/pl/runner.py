@@ -24,7 +24,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from vistrain.common.distributed import DEFAULT_TIMEOUT
-from vistrain.engine.loop_state import check_loop_limits
+from vistrain.engine.loop_state import check_loop_limits, check_trains_some_steps
 from vistrain.pl.callback_wrapper import CallbackWrapper
 from vistrain.pl.training_module import TrainingModule
 from vistrain.zoo.base import Experiment
@@ -141,7 +141,8 @@ def fit_with_lightning(
         The trained ``TrainingModule``.
 
     Raises:
-        ValueError: If ``experiment.trainer_kwargs`` holds a key this engine does not know.
+        ValueError: If ``experiment.trainer_kwargs`` holds a key this engine does not know,
+            or the training data yields no batch.
     """
     trainer_kwargs = dict(experiment.trainer_kwargs)
     unknown = set(trainer_kwargs) - _TRAINER_KEYS
@@ -150,6 +151,7 @@ def fit_with_lightning(
             f"trainer_kwargs {sorted(unknown)} are not supported by the Lightning engine; "
             f"supported: {sorted(_TRAINER_KEYS)}."
         )
+    check_trains_some_steps(experiment.train_dataloader)  # before any callback's setup
     module = TrainingModule(
         experiment.model,
         experiment.loss_module,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -95,9 +96,12 @@ def _convert(text: str, annotation: Any) -> Any:
             raise ValueError(f"{text!r} is not an integer") from None
     if annotation is float:
         try:
-            return float(text)
+            number = float(text)
         except ValueError:
             raise ValueError(f"{text!r} is not a number") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{text!r} is not a finite number (nan and inf are refused)")
+        return number
     if annotation is str:
         return text
     raise ValueError(f"parameters of type {annotation!r} cannot be set from the command line")

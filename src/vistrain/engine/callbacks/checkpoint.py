@@ -19,6 +19,9 @@ Files, all written by rank 0 through ``vistrain.engine.checkpoint_io`` (crash-co
 and, with ``monitor``, ``best.ckpt`` (hard link to the best validated one) and ``best.json``
 (its value, so a resume from the checkpoint that became best afterwards still knows it).
 
+Weights holding NaN or Inf are never saved (so never ``last.ckpt`` or ``best.ckpt``): the
+save raises ``NonFiniteError`` instead (``vistrain.engine.nonfinite_guard``).
+
 Best-checkpoint rule: validation runs *after* the save hooks, so a validation evaluates the
 weights of the newest checkpoint when that file was saved at the validation's step. Its
 ``monitor`` value (``trainer_state["val_logs"]`` in ``on_validation_end``) is credited to that
@@ -55,6 +58,7 @@ from vistrain.engine.checkpoint_io import (
     write_bytes_atomic,
 )
 from vistrain.engine.loss_module import LossModule
+from vistrain.engine.nonfinite_guard import NonFiniteError, nonfinite_tensors
 from vistrain.engine.resume import collect_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -315,9 +319,15 @@ class CheckpointCallback(Callback):
         epoch_finished: bool,
         batch_idx: int | None,
     ) -> None:
-        """Record the new file, collect the state on every rank, write it on rank 0."""
+        """Record the new file, collect the state on every rank, write it on rank 0.
+
+        Raises:
+            NonFiniteError: If the model's weights hold NaN or Inf; nothing is written and
+                ``last.ckpt`` / ``best.ckpt`` keep the previous finite weights.
+        """
         step = trainer_state["global_step"]
         name = f"epoch={trainer_state['current_epoch']}-step={step}.ckpt"
+        bookkeeping = (list(self._saved), self._last_step)
         if name in self._saved:
             self._saved.remove(name)
         self._saved.append(name)
@@ -327,7 +337,21 @@ class CheckpointCallback(Callback):
             expired = self._saved[: -self.max_to_keep]
             self._saved = self._saved[-self.max_to_keep :]
         # The state is taken after the bookkeeping so the file records itself as kept.
-        state = self._collect_state(trainer_state, model, epoch_finished, batch_idx)
+        try:
+            state = self._collect_state(trainer_state, model, epoch_finished, batch_idx)
+        except NonFiniteError:
+            self._saved, self._last_step = bookkeeping
+            self.on_fit_end(trainer_state, model)  # earlier files are durable when it stops
+            raise
+        bad = nonfinite_tensors(state["state_dict"])  # same weights on every rank
+        if bad:
+            self._saved, self._last_step = bookkeeping
+            self.on_fit_end(trainer_state, model)
+            raise NonFiniteError(
+                f"training stopped at step {step} (epoch {trainer_state['current_epoch']}): "
+                f"the weights hold NaN or Inf ({', '.join(bad)}); {name} was not written and "
+                f"{LAST_NAME} / {BEST_NAME} keep the last finite weights."
+            )
         if get_rank() != 0:
             return
         path = os.path.join(self.output_dir, name)

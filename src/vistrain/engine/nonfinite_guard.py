@@ -1,0 +1,195 @@
+"""Stop a run whose loss or gradient norm became NaN or Inf, without a device sync per step.
+
+Reading a loss as a Python float waits for the device, so checking every step would cost a
+sync per step. Instead every step keeps its loss values stacked on the device (one small
+kernel, no sync); every few hundred steps they are folded, on the device, into the first
+step each value was not finite, and the host reads that only on log steps and before every
+checkpoint (``LoopState`` calls ``check``). A bad value is then reported with the step
+and epoch it first appeared in, and the loss terms that were not finite, and no checkpoint
+of the poisoned weights is written.
+
+``nonfinite_tensors`` checks a state dict (one sync, at save time): ``CheckpointCallback``
+never lets a file with non-finite weights become ``last.ckpt`` or ``best.ckpt``.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from vistrain.common.distributed import all_gather_object, is_distributed
+
+TOTAL_LOSS = "total_loss"
+"""Name of the summed loss among the watched values."""
+GRAD_NORM = "grad_norm"
+"""Name of the gradient norm among the watched values (when the step computes one)."""
+
+
+class NonFiniteError(RuntimeError):
+    """A loss term, the total loss or the gradient norm became NaN or Inf."""
+
+
+def _as_tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().reshape(())
+    return torch.tensor(float(value))
+
+
+class _Watch:
+    """Rows of watched values, one per step, folded on the device into the first bad row.
+
+    Rows are numbered in order of arrival; ``row_steps`` maps a row number to its training
+    step on the host (8 bytes per step), so the fold needs no host-to-device copy.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[torch.Tensor] = []
+        self.row_steps = array("q")
+        self.folded = 0  # rows already folded
+        self.first_bad: torch.Tensor | None = None  # per value: 1 + first bad row, 0 = none
+
+    def add(self, row: torch.Tensor, step: int, fold_every: int) -> None:
+        self.rows.append(row)
+        self.row_steps.append(step)
+        if len(self.rows) >= fold_every:
+            self.fold()
+
+    def fold(self) -> None:
+        """Fold the kept rows into ``first_bad`` with device ops only."""
+        if not self.rows:
+            return
+        bad = ~torch.isfinite(torch.stack(self.rows))  # (rows, values)
+        start = self.folded + 1
+        number = torch.arange(start, start + len(self.rows), device=bad.device)
+        found = torch.where(bad, number[:, None], torch.iinfo(torch.int64).max).min(dim=0).values
+        found = torch.where(bad.any(dim=0), found, 0)
+        self.folded += len(self.rows)
+        self.rows.clear()
+        if self.first_bad is not None:
+            found = torch.where(self.first_bad > 0, self.first_bad, found)
+        self.first_bad = found
+
+    def bad_steps(self) -> list[int]:
+        """Per watched value, the first step it was not finite (0 = never); one host sync."""
+        self.fold()
+        if self.first_bad is None:
+            return []
+        return [self.row_steps[row - 1] if row else 0 for row in self.first_bad.tolist()]
+
+
+class NonFiniteGuard:
+    """Keeps each step's losses on the device; finds non-finite ones when asked.
+
+    A step costs one ``torch.stack`` of its (already computed, detached) loss values and a
+    list append. Every ``FOLD_EVERY`` steps, and when checked, the kept rows are folded on
+    the device into the first row at which each watched value was not finite, so memory
+    stays bounded however rarely the run checks. The epoch of a step is known on the host
+    from the epoch starts the guard has seen, so a check reads one small tensor.
+    """
+
+    FOLD_EVERY = 256
+
+    def __init__(self) -> None:
+        self._names: list[str] | None = None
+        self._losses = _Watch()
+        self._grad_norm = _Watch()
+        self._epoch_starts: list[tuple[int, int]] = []  # (first step, epoch)
+
+    def observe(
+        self, total_loss: torch.Tensor, metrics: Mapping[str, Any], step: int, epoch: int
+    ) -> None:
+        """Keep step ``step``'s total loss and loss terms (no host sync).
+
+        A change of the watched names (a loss term that appears later) first checks what
+        was collected so far, then starts over with the new names.
+
+        Raises:
+            NonFiniteError: Only when the names changed and an earlier value was not finite.
+        """
+        if not self._epoch_starts or self._epoch_starts[-1][1] != epoch:
+            self._epoch_starts.append((step, epoch))
+        names = self._names
+        if (
+            names is None
+            or len(names) != len(metrics) + 1
+            or any(a != b for a, b in zip(names[1:], metrics))
+        ):
+            self.check()
+            self._names = [TOTAL_LOSS, *metrics]
+            self._losses = _Watch()
+        values = [total_loss.detach(), *metrics.values()]
+        try:
+            row = torch.stack(values)
+        except (TypeError, RuntimeError):  # numbers, (1,)-shaped terms, mixed devices
+            row = torch.stack([_as_tensor(v).to(values[0].device) for v in values])
+        self._losses.add(row, step, self.FOLD_EVERY)
+
+    def observe_grad_norm(self, grad_norm: torch.Tensor, step: int) -> None:
+        """Keep a step's gradient norm (no host sync)."""
+        self._grad_norm.add(grad_norm.detach().reshape(1), step, self.FOLD_EVERY)
+
+    def _epoch_of(self, step: int) -> int:
+        epoch = self._epoch_starts[0][1] if self._epoch_starts else 0
+        for first_step, start_epoch in self._epoch_starts:
+            if first_step <= step:
+                epoch = start_epoch
+        return epoch
+
+    def check(self) -> None:
+        """Read the collected flags (one host sync); raise if anything was not finite.
+
+        Collective under a process group (every rank calls it at the same log step or
+        checkpoint): the ranks' findings are merged, so all of them stop together rather
+        than one raising while the others wait in the next collective.
+
+        Raises:
+            NonFiniteError: Naming the first step and epoch with a non-finite value and
+                every value that was not finite at that step.
+        """
+        bad: dict[str, int] = {}
+        for names, watch in ((self._names or [], self._losses), ([GRAD_NORM], self._grad_norm)):
+            for name, step in zip(names, watch.bad_steps()):
+                if step:
+                    bad[name] = step
+        if is_distributed():
+            merged: dict[str, int] = {}
+            for rank_bad in all_gather_object(bad):
+                for name, step in rank_bad.items():
+                    merged[name] = min(step, merged.get(name, step))
+            bad = merged
+        if not bad:
+            return
+        first = min(bad.values())
+        names = [name for name, step in bad.items() if step == first]
+        later = sorted(name for name, step in bad.items() if step != first)
+        more = f" (later also: {', '.join(later)})" if later else ""
+        raise NonFiniteError(
+            f"training stopped: non-finite value of {', '.join(names)} at step {first} "
+            f"(epoch {self._epoch_of(first)}){more}; no checkpoint was written from then on. "
+            "Lower lr, add gradient clipping or check the data; resume from a checkpoint "
+            "saved before that step."
+        )
+
+
+def nonfinite_tensors(state_dict: Mapping[str, Any], limit: int = 5) -> list[str]:
+    """Names of floating-point tensors of ``state_dict`` holding NaN or Inf (at most ``limit``).
+
+    One device sync for the whole dict (the flags are stacked before they are read).
+    """
+    names: list[str] = []
+    flags: list[torch.Tensor] = []
+    for name, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+            names.append(name)
+            flags.append(torch.isfinite(value).all())
+    if not flags:
+        return []
+    device = flags[0].device
+    finite = torch.stack([flag.to(device) for flag in flags]).tolist()
+    return [name for name, ok in zip(names, finite) if not ok][:limit]
+
+
+__all__ = ["GRAD_NORM", "TOTAL_LOSS", "NonFiniteError", "NonFiniteGuard", "nonfinite_tensors"]

@@ -1,0 +1,144 @@
+"""The non-finite guard: a NaN/Inf loss or weight stops the run, named, in both engines."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from trainer_fixtures import ENGINES, RecordingCallback, run_toy
+from vistrain.engine.callbacks import Callback
+from vistrain.engine.callbacks.checkpoint import CheckpointCallback
+from vistrain.engine.checkpoint_io import load_checkpoint
+from vistrain.engine.nonfinite_guard import NonFiniteError, NonFiniteGuard, nonfinite_tensors
+from vistrain.zoo.base import apply_overrides
+from vistrain.zoo.toy_classifier import Params as ToyParams
+
+
+class PoisonLoss(Callback):
+    """Makes the model output NaN from training step ``at_step`` on (forward hook)."""
+
+    def __init__(self, at_step: int) -> None:
+        super().__init__()
+        self.at_step = at_step
+        self.handle: Any = None
+
+    def on_train_batch_start(self, trainer_state, model, loss_module, batch, batch_idx) -> None:
+        if trainer_state["global_step"] + 1 == self.at_step and self.handle is None:
+            self.handle = model.register_forward_hook(
+                lambda mod, args, out: {"pred": out["pred"] * float("nan")}
+            )
+
+
+class PoisonWeights(Callback):
+    """Puts an Inf into the weights at the end of epoch ``epoch`` (losses stay finite)."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer_state, model, loss_module) -> None:
+        if trainer_state["current_epoch"] == self.epoch:
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = float("inf")
+
+
+def _last_step(folder: str) -> int:
+    return int(load_checkpoint(os.path.join(folder, "checkpoints", "last.ckpt"))["global_step"])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_nan_loss_stops_at_next_log_step_naming_step_epoch_and_terms(tmp_path, engine):
+    # 6 steps per epoch; NaN from step 7 (epoch 1); log steps every 4 -> read at step 8.
+    ckpt = CheckpointCallback(save_prefix=str(tmp_path), async_save=False)
+    with pytest.raises(NonFiniteError) as err:
+        run_toy(engine, str(tmp_path), [PoisonLoss(at_step=7), ckpt], num_epochs=3)
+    message = str(err.value)
+    assert "total_loss" in message and "mse" in message
+    assert "at step 7 (epoch 1)" in message
+    assert _last_step(str(tmp_path)) == 6  # the epoch-0 checkpoint stays last
+    assert not any("step=12" in name for name in os.listdir(tmp_path / "checkpoints"))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_nan_between_log_steps_is_caught_before_the_checkpoint(tmp_path, engine):
+    ckpt = CheckpointCallback(save_prefix=str(tmp_path))
+    with pytest.raises(NonFiniteError, match="at step 9 \\(epoch 1\\)"):
+        run_toy(
+            engine, str(tmp_path), [PoisonLoss(at_step=9), ckpt], num_epochs=3,
+            log_every_n_steps=100,
+        )  # fmt: skip
+    assert _last_step(str(tmp_path)) == 6
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["epoch=0-step=6.ckpt", "last.ckpt"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_nonfinite_weights_never_become_last_or_best(tmp_path, engine):
+    ckpt = CheckpointCallback(save_prefix=str(tmp_path), monitor="score", mode="max")
+    with pytest.raises(NonFiniteError, match="weights hold NaN or Inf"):
+        run_toy(
+            engine, str(tmp_path), [RecordingCallback(), PoisonWeights(epoch=1), ckpt],
+            num_epochs=3,
+        )  # fmt: skip
+    folder = tmp_path / "checkpoints"
+    assert _last_step(str(tmp_path)) == 6
+    assert "epoch=1-step=12.ckpt" not in os.listdir(folder)
+    for name in ("last.ckpt", "best.ckpt"):
+        weights = load_checkpoint(str(folder / name))["state_dict"]
+        assert nonfinite_tensors(weights) == []
+
+
+def test_observe_and_fold_read_nothing_from_the_device(monkeypatch):
+    guard = NonFiniteGuard()
+    guard.FOLD_EVERY = 2  # fold on the device several times before the check
+    finite, inf = torch.tensor(1.0), torch.tensor(float("inf"))
+
+    def no_sync(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("observe() read a tensor on the host")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    for step in range(1, 8):
+        bad_b = inf if step >= 3 else finite
+        loss = inf if step >= 5 else finite
+        guard.observe(loss, {"a": finite, "b": bad_b}, step, epoch=step // 4)
+    monkeypatch.undo()
+    with pytest.raises(NonFiniteError) as err:
+        guard.check()
+    assert "non-finite value of b at step 3 (epoch 0) (later also: total_loss)" in str(err.value)
+
+
+def test_finite_steps_pass_and_grad_norm_is_named():
+    guard = NonFiniteGuard()
+    guard.observe(torch.tensor(1.0), {"a": torch.tensor(0.5)}, 1, epoch=0)
+    guard.check()
+    guard.observe_grad_norm(torch.tensor(float("nan")), 2)
+    with pytest.raises(NonFiniteError, match="grad_norm at step 2"):
+        guard.check()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "1e999"])
+def test_set_refuses_non_finite_floats(value):
+    with pytest.raises(ValueError, match="not a finite number") as err:
+        apply_overrides(ToyParams(), [f"lr={value}"])
+    assert "\n" not in str(err.value) and "lr=" in str(err.value)
+
+
+def _two_rank_nan(rank: int, world_size: int, folder: str) -> str:
+    """Rank 1 alone gets a NaN loss at step 3; returns each rank's error message."""
+    callbacks: list[Callback] = [PoisonLoss(at_step=3)] if rank == 1 else []
+    try:
+        run_toy("native", folder, callbacks, num_epochs=2)
+    except NonFiniteError as err:
+        return str(err)
+    return "no error"
+
+
+def test_ranks_stop_together_and_agree_on_the_first_bad_step(tmp_path):
+    messages = run_distributed(_two_rank_nan, 2, str(tmp_path))
+    # Rank 0's own loss turns NaN only at step 4 (through the averaged gradients); the
+    # merged check names rank 1's step 3 on both ranks, and neither waits for the other.
+    assert all("at step 3 (epoch 0)" in message for message in messages), messages
