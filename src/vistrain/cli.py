@@ -1,7 +1,11 @@
 """The ``vistrain`` command line; ``vistrain --help`` lists its subcommands.
 
 Usage errors (an unknown config or ``--set`` key, a value of the wrong type, a missing
-file) print one line and exit with status 2 before anything is written.
+file) print one line and exit with status 2 before anything is written. So do the errors a
+user fixes without reading code: an output or checkpoint folder that cannot be written, a
+config whose ``build`` fails, a checkpoint that cannot continue the run; the line also goes
+into the run's ``log.txt`` when there is one. Ctrl-C before training exits with 130 and one
+line; output cut off by a closed pipe (``| head``) ends the command quietly with 141.
 """
 
 from __future__ import annotations
@@ -33,7 +37,23 @@ logger = logging.getLogger("vistrain")
 
 
 class UsageError(Exception):
-    """A mistake in the command line; reported in one line, exit status 2."""
+    """A mistake in the command line; reported in one line, exit status 2.
+
+    Args:
+        message: The line to print (after ``vistrain: error:``).
+        log_dir: The run folder whose ``log.txt``, if it exists, also gets the line.
+    """
+
+    def __init__(self, message: str, log_dir: str | None = None) -> None:
+        super().__init__(message)
+        self.log_dir = log_dir
+
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, what a shell reports for a command stopped by Ctrl-C."""
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE, what a shell reports for a command whose reader went away."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -135,7 +155,21 @@ def _prepare(args: argparse.Namespace) -> tuple[ModuleType, Any]:
         params = apply_overrides(module.Params(), args.overrides)
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
+    except Exception as err:  # a mistake in the code of a config file, found on import
+        from vistrain.runner import raised_at
+
+        raise UsageError(
+            f"config {args.config!r} could not be loaded: {type(err).__name__}: {err} (at "
+            f"{raised_at(err)})"
+        ) from None
     return module, params
+
+
+def _os_error_line(err: OSError) -> str:
+    """One line for a file-system error met while running: what failed, on which path."""
+    if err.filename is not None and err.strerror:
+        return f"cannot write or read {err.filename!r}: {err.strerror}"
+    return str(err)
 
 
 def _find_last_checkpoint(args: argparse.Namespace) -> tuple[str, str]:
@@ -230,7 +264,13 @@ def _fit(args: argparse.Namespace, argv: Sequence[str]) -> int:
             ) from None
     launched_by_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     lock_held_by_launcher = bool(os.environ.get(HELD_LOCK_ENV))
+    from vistrain.common.writable import NotWritableError, check_writable_folder
+
     try:
+        if not lock_held_by_launcher and int(os.environ.get("RANK", "0")) == 0:
+            check_writable_folder(
+                output_dir, f"--output-dir {output_dir!r}", "pass another --output-dir"
+            )
         if ckpt_path is None and not lock_held_by_launcher:
             check_new_run_folder(output_dir)
         take_lock = not lock_held_by_launcher and int(os.environ.get("RANK", "0")) == 0
@@ -238,13 +278,17 @@ def _fit(args: argparse.Namespace, argv: Sequence[str]) -> int:
             if args.devices > 1 and not launched_by_torchrun:
                 return _launch_workers(args, argv, output_dir)
             from vistrain.engine.checkpoint_io import CheckpointError
-            from vistrain.runner import run_fit
+            from vistrain.runner import ExperimentBuildError, run_fit
 
             try:
                 run_fit(module, params, output_dir, ckpt_path=ckpt_path, engine=args.engine)
-            except CheckpointError as err:
-                raise UsageError(str(err)) from None
-    except RunFolderError as err:
+            except (CheckpointError, ExperimentBuildError, NotWritableError) as err:
+                raise UsageError(str(err), log_dir=output_dir) from None
+            except BrokenPipeError:
+                raise
+            except OSError as err:
+                raise UsageError(_os_error_line(err), log_dir=output_dir) from None
+    except (RunFolderError, NotWritableError) as err:
         raise UsageError(str(err)) from None
     return 0
 
@@ -253,14 +297,18 @@ def _test(args: argparse.Namespace) -> int:
     module, params = _prepare(args)
     if not os.path.isfile(args.ckpt):
         raise UsageError(f"--ckpt: checkpoint {args.ckpt!r} does not exist")
+    from vistrain.common.writable import NotWritableError, check_writable_folder
     from vistrain.engine.checkpoint_io import CheckpointError
-    from vistrain.runner import run_test
+    from vistrain.runner import ExperimentBuildError, run_test
 
     output_dir = _output_dir(args, suffix="-test")
     try:
+        check_writable_folder(
+            output_dir, f"--output-dir {output_dir!r}", "pass another --output-dir"
+        )
         logs = run_test(module, params, output_dir, args.ckpt)
-    except CheckpointError as err:
-        raise UsageError(str(err)) from None
+    except (CheckpointError, ExperimentBuildError, NotWritableError) as err:
+        raise UsageError(str(err), log_dir=output_dir) from None
     for key, value in logs.items():
         print(f"test/{key}: {value:.4f}")
     print(f"Results in {os.path.abspath(output_dir)}")
@@ -368,29 +416,63 @@ def _make_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_error(message: str, log_dir: str | None) -> None:
+    """Print ``vistrain: error: message`` and append it to ``log_dir/log.txt`` if that exists."""
+    line = f"vistrain: error: {message}"
+    print(line, file=sys.stderr)
+    log_file = os.path.join(log_dir, "log.txt") if log_dir is not None else None
+    if log_file is not None and os.path.isfile(log_file):
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        with contextlib.suppress(OSError), open(log_file, "a", encoding="utf-8") as handle:
+            handle.write(f"[{stamp} ERROR] {line}\n")
+
+
+def _silence_stdout() -> None:
+    """Point standard output at the null device after its reader went away (``| head``).
+
+    Python flushes standard output once more at exit; without this that flush raises a
+    second ``BrokenPipeError`` and prints "Exception ignored" to standard error.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vistrain`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     try:
-        try:
-            adopt_slurm_env()
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-        if args.command == "fit":
-            return _fit(args, argv)
-        if args.command == "test":
-            return _test(args)
-        if args.command == "predict":
-            return _predict(args)
-        if args.command == "export":
-            return _export(args)
-        if args.command == "make-shapes":
-            return _make_shapes(args)
-        return _configs()
+        return _dispatch(args, argv)
     except UsageError as err:
-        print(f"vistrain: error: {err}", file=sys.stderr)
-        return 2
+        _report_error(str(err), err.log_dir)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        print("vistrain: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run the chosen subcommand; UsageError for the user's mistakes."""
+    try:
+        adopt_slurm_env()
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.command == "fit":
+        return _fit(args, argv)
+    if args.command == "test":
+        return _test(args)
+    if args.command == "predict":
+        return _predict(args)
+    if args.command == "export":
+        return _export(args)
+    if args.command == "make-shapes":
+        return _make_shapes(args)
+    return _configs()
 
 
 __all__ = ["UsageError", "main"]
