@@ -24,6 +24,7 @@ from typing import Any
 from vistrain import __version__
 from vistrain.common.cpu import usable_cores
 from vistrain.common.launch_env import adopt_slurm_env, launch_run_id
+from vistrain.common.log_setup import silence_stdout
 from vistrain.run_folder import (
     HELD_LOCK_ENV,
     RunFolderError,
@@ -427,18 +428,6 @@ def _report_error(message: str, log_dir: str | None) -> None:
             handle.write(f"[{stamp} ERROR] {line}\n")
 
 
-def _silence_stdout() -> None:
-    """Point standard output at the null device after its reader went away (``| head``).
-
-    Python flushes standard output once more at exit; without this that flush raises a
-    second ``BrokenPipeError`` and prints "Exception ignored" to standard error.
-    """
-    with contextlib.suppress(OSError, ValueError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vistrain`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -449,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report_error(str(err), err.log_dir)
         return EXIT_USAGE
     except BrokenPipeError:
-        _silence_stdout()
+        silence_stdout()
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         print("vistrain: interrupted (Ctrl-C)", file=sys.stderr)
