@@ -40,7 +40,7 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
 
 
 def to_uint8_rgb(array: np.ndarray, bgr: bool = False) -> np.ndarray:
-    """An ``(H, W, 3)`` uint8 RGB array from a decoded image array.
+    """An ``(H, W, 3)`` uint8 RGB array from a decoded image array; always a writable array.
 
     Args:
         array: ``(H, W)`` grey, or ``(H, W, C)`` with C = 1 (grey), 2 (grey + alpha), 3 (colour)
@@ -63,7 +63,8 @@ def to_uint8_rgb(array: np.ndarray, bgr: bool = False) -> np.ndarray:
         array = array[:, :, :3]
         if bgr:
             array = array[:, :, ::-1]
-    return np.ascontiguousarray(_to_uint8(array))
+    result = np.ascontiguousarray(_to_uint8(array))
+    return result if result.flags.writeable else result.copy()
 
 
 def pil_to_rgb(image: Image.Image) -> np.ndarray:
