@@ -371,6 +371,14 @@ def test_output_piped_into_a_closed_reader(tmp_path: Path) -> None:
     assert "Resume:" in (run / "log.txt").read_text()
 
 
+def test_the_command_line_starts_without_importing_torch() -> None:
+    """Importing torch takes seconds; a Ctrl-C then must already reach main's handler."""
+    code = "import sys, vistrain.cli; print('torch' in sys.modules)"
+    env = dict(os.environ, PYTHONPATH=SRC)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
 def test_ctrl_c_during_setup_is_one_line(tmp_path: Path) -> None:
     marker = tmp_path / "building"
     config = tmp_path / "slow_exp.py"

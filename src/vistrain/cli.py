@@ -1,5 +1,8 @@
 """The ``vistrain`` command line; ``vistrain --help`` lists its subcommands.
 
+Importing this module does not import torch (the subcommands do), so a Ctrl-C at any moment
+of a start-up reaches ``main``'s handler instead of printing an import traceback.
+
 Usage errors (an unknown config or ``--set`` key, a value of the wrong type, a missing
 file) print one line and exit with status 2 before anything is written. So do the errors a
 user fixes without reading code: an output or checkpoint folder that cannot be written, a
@@ -22,9 +25,7 @@ from types import ModuleType
 from typing import Any
 
 from vistrain import __version__
-from vistrain.common.cpu import usable_cores
 from vistrain.common.launch_env import adopt_slurm_env, launch_run_id
-from vistrain.common.log_setup import silence_stdout
 from vistrain.run_folder import (
     HELD_LOCK_ENV,
     RunFolderError,
@@ -32,7 +33,6 @@ from vistrain.run_folder import (
     check_new_run_folder,
 )
 from vistrain.zoo import DEFAULT_EXPERIMENT, available_experiments, load_config
-from vistrain.zoo.base import apply_overrides, param_types
 
 logger = logging.getLogger("vistrain")
 
@@ -151,6 +151,8 @@ def _config_name(config: str) -> str:
 
 def _prepare(args: argparse.Namespace) -> tuple[ModuleType, Any]:
     """Load the experiment and its parameters; raise UsageError on any mistake."""
+    from vistrain.zoo.base import apply_overrides
+
     try:
         module = load_config(args.config)
         params = apply_overrides(module.Params(), args.overrides)
@@ -203,6 +205,8 @@ def _launcher_env(nproc: int) -> None:
     Each of ``nproc`` processes gets an equal share of this process's cores (at least
     one); a value the user set in ``OMP_NUM_THREADS`` is kept.
     """
+    from vistrain.common.cpu import usable_cores
+
     if not os.environ.get("OMP_NUM_THREADS"):
         os.environ["OMP_NUM_THREADS"] = str(max(1, usable_cores() // nproc))
 
@@ -317,6 +321,8 @@ def _test(args: argparse.Namespace) -> int:
 
 
 def _configs() -> int:
+    from vistrain.zoo.base import param_types
+
     for name in available_experiments():
         module = load_config(name)
         default = " (default)" if name == DEFAULT_EXPERIMENT else ""
@@ -331,6 +337,7 @@ def _configs() -> int:
 def _load_detector(args: argparse.Namespace) -> tuple[Any, Any]:
     """The checkpoint's detector and the predict settings, from ``--ckpt/--config/--set``."""
     from vistrain.predict import PredictParams, load_detector
+    from vistrain.zoo.base import apply_overrides, param_types
 
     own_keys = set(param_types(PredictParams))
     own = [item for item in args.overrides if item.split("=", 1)[0].strip() in own_keys]
@@ -438,6 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report_error(str(err), err.log_dir)
         return EXIT_USAGE
     except BrokenPipeError:
+        from vistrain.common.log_setup import silence_stdout
+
         silence_stdout()
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
