@@ -93,9 +93,12 @@ def test_output_path_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixtur
     _one_line_error(capsys, "is under the file")
 
 
-def test_read_only_output_folder(read_only_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("devices", ["1", "2"])
+def test_read_only_output_folder(
+    read_only_dir: Path, capsys: pytest.CaptureFixture[str], devices: str
+) -> None:
     output = read_only_dir / "vistrain-run"
-    assert main(["fit", *TOY, "--output-dir", str(output)]) == 2
+    assert main(["fit", *TOY, "--devices", devices, "--output-dir", str(output)]) == 2
     _one_line_error(capsys, "cannot be written", "pass another --output-dir")
     assert not output.exists()
 
@@ -117,9 +120,12 @@ def test_full_disk_at_start(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("engine", ["native", "lightning"])
 def test_checkpoint_folder_not_writable_is_found_before_training(
-    tmp_path: Path, read_only_dir: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, read_only_dir: Path, capsys: pytest.CaptureFixture[str], engine: str
 ) -> None:
+    if engine == "lightning":
+        pytest.importorskip("lightning")
     run = tmp_path / "run"
     run.mkdir()
     if os.geteuid() == 0:
@@ -128,7 +134,7 @@ def test_checkpoint_folder_not_writable_is_found_before_training(
         (run / "checkpoints").mkdir(mode=0o555)
     try:
         started = time.perf_counter()
-        assert main(["fit", *TOY, "--output-dir", str(run)]) == 2
+        assert main(["fit", *TOY, "--engine", engine, "--output-dir", str(run)]) == 2
         line = _one_line_error(capsys, "checkpoint folder", "cannot be written")
     finally:
         if os.geteuid() != 0:
