@@ -1,7 +1,14 @@
 """The ``vistrain`` command line; ``vistrain --help`` lists its subcommands.
 
+Importing this module does not import torch (the subcommands do), so a Ctrl-C at any moment
+of a start-up reaches ``main``'s handler instead of printing an import traceback.
+
 Usage errors (an unknown config or ``--set`` key, a value of the wrong type, a missing
-file) print one line and exit with status 2 before anything is written.
+file) print one line and exit with status 2 before anything is written. So do the errors a
+user fixes without reading code: an output or checkpoint folder that cannot be written, a
+config whose ``build`` fails, a checkpoint that cannot continue the run; the line also goes
+into the run's ``log.txt`` when there is one. Ctrl-C before training exits with 130 and one
+line; output cut off by a closed pipe (``| head``) ends the command quietly with 141.
 """
 
 from __future__ import annotations
@@ -18,7 +25,6 @@ from types import ModuleType
 from typing import Any
 
 from vistrain import __version__
-from vistrain.common.cpu import usable_cores
 from vistrain.common.launch_env import adopt_slurm_env, launch_run_id
 from vistrain.run_folder import (
     HELD_LOCK_ENV,
@@ -27,13 +33,28 @@ from vistrain.run_folder import (
     check_new_run_folder,
 )
 from vistrain.zoo import DEFAULT_EXPERIMENT, available_experiments, load_config
-from vistrain.zoo.base import apply_overrides, param_types
 
 logger = logging.getLogger("vistrain")
 
 
 class UsageError(Exception):
-    """A mistake in the command line; reported in one line, exit status 2."""
+    """A mistake in the command line; reported in one line, exit status 2.
+
+    Args:
+        message: The line to print (after ``vistrain: error:``).
+        log_dir: The run folder whose ``log.txt``, if it exists, also gets the line.
+    """
+
+    def __init__(self, message: str, log_dir: str | None = None) -> None:
+        super().__init__(message)
+        self.log_dir = log_dir
+
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, what a shell reports for a command stopped by Ctrl-C."""
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE, what a shell reports for a command whose reader went away."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -130,12 +151,28 @@ def _config_name(config: str) -> str:
 
 def _prepare(args: argparse.Namespace) -> tuple[ModuleType, Any]:
     """Load the experiment and its parameters; raise UsageError on any mistake."""
+    from vistrain.zoo.base import apply_overrides
+
     try:
         module = load_config(args.config)
         params = apply_overrides(module.Params(), args.overrides)
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
+    except Exception as err:  # a mistake in the code of a config file, found on import
+        from vistrain.runner import raised_at
+
+        raise UsageError(
+            f"config {args.config!r} could not be loaded: {type(err).__name__}: {err} (at "
+            f"{raised_at(err)})"
+        ) from None
     return module, params
+
+
+def _os_error_line(err: OSError) -> str:
+    """One line for a file-system error met while running: what failed, on which path."""
+    if err.filename is not None and err.strerror:
+        return f"cannot write or read {err.filename!r}: {err.strerror}"
+    return str(err)
 
 
 def _find_last_checkpoint(args: argparse.Namespace) -> tuple[str, str]:
@@ -168,6 +205,8 @@ def _launcher_env(nproc: int) -> None:
     Each of ``nproc`` processes gets an equal share of this process's cores (at least
     one); a value the user set in ``OMP_NUM_THREADS`` is kept.
     """
+    from vistrain.common.cpu import usable_cores
+
     if not os.environ.get("OMP_NUM_THREADS"):
         os.environ["OMP_NUM_THREADS"] = str(max(1, usable_cores() // nproc))
 
@@ -230,7 +269,13 @@ def _fit(args: argparse.Namespace, argv: Sequence[str]) -> int:
             ) from None
     launched_by_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     lock_held_by_launcher = bool(os.environ.get(HELD_LOCK_ENV))
+    from vistrain.common.writable import NotWritableError, check_writable_folder
+
     try:
+        if not lock_held_by_launcher and int(os.environ.get("RANK", "0")) == 0:
+            check_writable_folder(
+                output_dir, f"--output-dir {output_dir!r}", "pass another --output-dir"
+            )
         if ckpt_path is None and not lock_held_by_launcher:
             check_new_run_folder(output_dir)
         take_lock = not lock_held_by_launcher and int(os.environ.get("RANK", "0")) == 0
@@ -241,16 +286,26 @@ def _fit(args: argparse.Namespace, argv: Sequence[str]) -> int:
             from vistrain.engine.loop_state import NoTrainingStepsError
             from vistrain.engine.nonfinite_guard import NonFiniteError
             from vistrain.run_params import ResumeRefusedError
-            from vistrain.runner import run_fit
+            from vistrain.runner import ExperimentBuildError, run_fit
 
             try:
                 run_fit(module, params, output_dir, ckpt_path=ckpt_path, engine=args.engine)
-            except (CheckpointError, ResumeRefusedError, NoTrainingStepsError) as err:
-                raise UsageError(str(err)) from None
+            except (
+                CheckpointError,
+                ExperimentBuildError,
+                NotWritableError,
+                ResumeRefusedError,
+                NoTrainingStepsError,
+            ) as err:
+                raise UsageError(str(err), log_dir=output_dir) from None
             except NonFiniteError as err:  # not a usage mistake: exit 1, still one line
                 print(f"vistrain: error: {err}", file=sys.stderr)
                 return 1
-    except RunFolderError as err:
+            except BrokenPipeError:
+                raise
+            except OSError as err:
+                raise UsageError(_os_error_line(err), log_dir=output_dir) from None
+    except (RunFolderError, NotWritableError) as err:
         raise UsageError(str(err)) from None
     return 0
 
@@ -259,14 +314,18 @@ def _test(args: argparse.Namespace) -> int:
     module, params = _prepare(args)
     if not os.path.isfile(args.ckpt):
         raise UsageError(f"--ckpt: checkpoint {args.ckpt!r} does not exist")
+    from vistrain.common.writable import NotWritableError, check_writable_folder
     from vistrain.engine.checkpoint_io import CheckpointError
-    from vistrain.runner import run_test
+    from vistrain.runner import ExperimentBuildError, run_test
 
     output_dir = _output_dir(args, suffix="-test")
     try:
+        check_writable_folder(
+            output_dir, f"--output-dir {output_dir!r}", "pass another --output-dir"
+        )
         logs = run_test(module, params, output_dir, args.ckpt)
-    except CheckpointError as err:
-        raise UsageError(str(err)) from None
+    except (CheckpointError, ExperimentBuildError, NotWritableError) as err:
+        raise UsageError(str(err), log_dir=output_dir) from None
     for key, value in logs.items():
         print(f"test/{key}: {value:.4f}")
     print(f"Results in {os.path.abspath(output_dir)}")
@@ -274,6 +333,8 @@ def _test(args: argparse.Namespace) -> int:
 
 
 def _configs() -> int:
+    from vistrain.zoo.base import param_types
+
     for name in available_experiments():
         module = load_config(name)
         default = " (default)" if name == DEFAULT_EXPERIMENT else ""
@@ -288,6 +349,7 @@ def _configs() -> int:
 def _load_detector(args: argparse.Namespace) -> tuple[Any, Any]:
     """The checkpoint's detector and the predict settings, from ``--ckpt/--config/--set``."""
     from vistrain.predict import PredictParams, load_detector
+    from vistrain.zoo.base import apply_overrides, param_types
 
     own_keys = set(param_types(PredictParams))
     own = [item for item in args.overrides if item.split("=", 1)[0].strip() in own_keys]
@@ -374,29 +436,53 @@ def _make_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_error(message: str, log_dir: str | None) -> None:
+    """Print ``vistrain: error: message`` and append it to ``log_dir/log.txt`` if that exists."""
+    line = f"vistrain: error: {message}"
+    print(line, file=sys.stderr)
+    log_file = os.path.join(log_dir, "log.txt") if log_dir is not None else None
+    if log_file is not None and os.path.isfile(log_file):
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        with contextlib.suppress(OSError), open(log_file, "a", encoding="utf-8") as handle:
+            handle.write(f"[{stamp} ERROR] {line}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vistrain`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     try:
-        try:
-            adopt_slurm_env()
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-        if args.command == "fit":
-            return _fit(args, argv)
-        if args.command == "test":
-            return _test(args)
-        if args.command == "predict":
-            return _predict(args)
-        if args.command == "export":
-            return _export(args)
-        if args.command == "make-shapes":
-            return _make_shapes(args)
-        return _configs()
+        return _dispatch(args, argv)
     except UsageError as err:
-        print(f"vistrain: error: {err}", file=sys.stderr)
-        return 2
+        _report_error(str(err), err.log_dir)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        from vistrain.common.log_setup import silence_stdout
+
+        silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        print("vistrain: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run the chosen subcommand; UsageError for the user's mistakes."""
+    try:
+        adopt_slurm_env()
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.command == "fit":
+        return _fit(args, argv)
+    if args.command == "test":
+        return _test(args)
+    if args.command == "predict":
+        return _predict(args)
+    if args.command == "export":
+        return _export(args)
+    if args.command == "make-shapes":
+        return _make_shapes(args)
+    return _configs()
 
 
 __all__ = ["UsageError", "main"]

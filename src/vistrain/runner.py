@@ -23,6 +23,7 @@ import torch
 
 from vistrain.common.distributed import destroy_process_group, get_rank, init_process_group
 from vistrain.common.log_setup import setup_logger
+from vistrain.common.writable import check_writable_folder
 from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.checkpoint import CheckpointCallback
 from vistrain.engine.checkpoint_io import CheckpointError, check_model_state, load_checkpoint
@@ -57,9 +58,60 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
+class ExperimentBuildError(ValueError):
+    """An experiment's ``build`` failed; the message names the config, the error and where."""
+
+
+def raised_at(err: BaseException) -> str:
+    """``file:line`` of the innermost frame of ``err``'s traceback (where it was raised)."""
+    tb = err.__traceback__
+    if tb is None:
+        return "an unknown place"
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+
+
+def build_experiment(module: ModuleType, params: Any, output_dir: str) -> Experiment:
+    """Call the experiment's ``build``, turning any error in it into one clear line.
+
+    A ``ValueError`` or ``FileNotFoundError`` is the experiment's own message about bad
+    settings or data and is kept as it is; any other error (a mistake in a config file's
+    code) is reported with its type and the file and line that raised it.
+
+    Raises:
+        ExperimentBuildError: Naming the experiment and the error.
+    """
+    name = experiment_name(module)
+    try:
+        return module.build(params, output_dir)  # type: ignore[no-any-return]
+    except (ValueError, FileNotFoundError) as err:
+        raise ExperimentBuildError(f"config {name!r}: {err}") from err
+    except Exception as err:
+        raise ExperimentBuildError(
+            f"config {name!r}: build() raised {type(err).__name__}: {err} (at "
+            f"{raised_at(err)}); fix the config's build function"
+        ) from err
+
+
+def check_checkpoint_folders(callbacks: list[Callback]) -> None:
+    """Refuse a run whose checkpoint folders cannot take files, before its first epoch.
+
+    Raises:
+        NotWritableError: Naming the folder and why (a file, read-only, a full disk).
+    """
+    for callback in callbacks:
+        if isinstance(callback, CheckpointCallback):
+            check_writable_folder(
+                callback.output_dir,
+                f"checkpoint folder {callback.output_dir!r}",
+                "make it writable or pass another --output-dir",
+            )
+
+
 def _build(module: ModuleType, params: Any, output_dir: str) -> Experiment:
     seed_everything(int(getattr(params, "seed", 0)))
-    experiment = module.build(params, output_dir)
+    experiment = build_experiment(module, params, output_dir)
     if not isinstance(experiment, Experiment):
         raise TypeError(
             f"build() of {module.__name__} returned {type(experiment).__name__}; "
@@ -157,6 +209,9 @@ def run_fit(
     Raises:
         ResumeRefusedError: If ``ckpt_path``'s run cannot continue with ``params``.
         NonFiniteError: If training produced a NaN/Inf loss or weights (also logged).
+        ExperimentBuildError: If the experiment's ``build`` fails.
+        NotWritableError: If a checkpoint folder cannot take files (checked before training).
+        CheckpointError: If ``ckpt_path`` cannot continue this run.
     """
     created_group = init_process_group()
     finished = False
@@ -178,6 +233,8 @@ def run_fit(
             experiment.callbacks.insert(
                 0, ScheduleReplanCallback(experiment.optimizers, experiment.lr_schedulers)
             )
+        if get_rank() == 0:
+            check_checkpoint_folders(experiment.callbacks)
         try:
             _fit_with(engine, experiment, output_dir, ckpt_path)
         except CheckpointError as err:

@@ -11,6 +11,7 @@ output, log lines pass through it and are printed above the bar instead of teari
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -28,14 +29,37 @@ def get_logger(name: str | None = None) -> logging.Logger:
     return logging.getLogger(LOGGER_NAME if not name else f"{LOGGER_NAME}.{name}")
 
 
+def silence_stdout() -> None:
+    """Point standard output at the null device after its reader went away (``| head``).
+
+    Without this every later write, and Python's last flush at exit, raises another
+    ``BrokenPipeError``; the logger would print a "Logging error" traceback per line.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 class _CurrentStdout:
-    """A stream that writes to whatever ``sys.stdout`` is at the time of the write."""
+    """A stream that writes to whatever ``sys.stdout`` is at the time of the write.
+
+    When the reader of standard output goes away (``vistrain fit | head``), the console
+    falls silent and the run goes on; ``log.txt`` still gets every line.
+    """
 
     def write(self, text: str) -> int:
-        return sys.stdout.write(text)
+        try:
+            return sys.stdout.write(text)
+        except BrokenPipeError:
+            silence_stdout()
+            return len(text)
 
     def flush(self) -> None:
-        sys.stdout.flush()
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            silence_stdout()
 
 
 def _level_number(level: int | str) -> int:

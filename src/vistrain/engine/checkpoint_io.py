@@ -11,8 +11,8 @@ this module decides *how* bytes reach the disk so that a reader never sees a tor
 2. ``link_checkpoint`` makes ``last.ckpt`` / ``best.ckpt`` point at the bytes of a periodic
    file without serialising again: a hard link to a temporary name, then ``os.replace``.
    Files are never written in place, so hard-linked names never change under each other.
-3. ``load_checkpoint`` / ``check_model_state`` turn a missing, truncated, foreign or
-   ill-fitting file into a clear error *before* any state is touched.
+3. ``load_checkpoint`` / ``check_model_state`` / ``check_training_state`` turn a missing,
+   truncated, foreign or ill-fitting file into a clear error *before* any state is touched.
 4. ``AsyncCheckpointWriter`` takes a CPU snapshot on the calling thread and writes it on one
    background thread, one write at a time.
 """
@@ -26,7 +26,7 @@ import re
 import secrets
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any
 
@@ -358,6 +358,94 @@ def check_model_state(
         + "; ".join(problems)
         + ". Check that the configuration matches the one the checkpoint was trained with."
     )
+
+
+RESUME_KEYS = ("epoch", "global_step", "optimizers", "lr_schedulers")
+"""Keys a checkpoint needs to continue training (``state_dict`` is checked on loading)."""
+
+
+def _optimizer_misfit(saved: Any, optimizer: Any) -> str | None:
+    """Why the optimizer state ``saved`` cannot be loaded into ``optimizer``, or None."""
+    if not isinstance(saved, Mapping) or not isinstance(saved.get("param_groups"), list):
+        return "its state has no 'param_groups' list"
+    groups = optimizer.param_groups
+    if len(saved["param_groups"]) != len(groups):
+        return f"{len(saved['param_groups'])} parameter groups saved, {len(groups)} here"
+    params = []
+    for idx, (old, new) in enumerate(zip(saved["param_groups"], groups)):
+        count = len(old.get("params", [])) if isinstance(old, Mapping) else -1
+        if count != len(new["params"]):
+            return f"group {idx} holds {count} parameters saved, {len(new['params'])} here"
+        params += list(zip(old["params"], new["params"]))
+    state = saved.get("state", {})
+    for saved_id, param in params:
+        for name, value in (state.get(saved_id) or {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                return (
+                    f"its {name!r} of a parameter has shape {list(value.shape)}, the "
+                    f"parameter {list(param.shape)}"
+                )
+    return None
+
+
+def _scheduler_misfit(saved: Any, scheduler: Any) -> str | None:
+    """Why the scheduler state ``saved`` cannot be loaded into ``scheduler``, or None."""
+    if not isinstance(saved, Mapping):
+        return f"its state is a {type(saved).__name__}, not a dict"
+    configs = getattr(scheduler, "configs", None)
+    if configs is not None:
+        if not isinstance(saved.get("schedulers"), list) or "lrs" not in saved:
+            return "its state lacks the 'schedulers' or 'lrs' entry"
+        if len(saved["schedulers"]) != len(configs):
+            return f"{len(saved['schedulers'])} schedules saved, {len(configs)} here"
+        groups = len(scheduler.optimizer.param_groups)
+        if len(saved["lrs"]) != groups:
+            return f"learning rates of {len(saved['lrs'])} parameter groups saved, {groups} here"
+    return None
+
+
+def check_training_state(
+    ckpt: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    optimizers: Sequence[Any],
+    lr_schedulers: Sequence[Any],
+) -> None:
+    """Check that ``ckpt`` can continue a run with these optimizers and schedulers.
+
+    Call it before any state is changed: loading the weights first and then failing on the
+    optimizer would leave a half-restored run.
+
+    Raises:
+        CheckpointError: Naming ``path`` and the first problem: a missing key, a different
+            number of optimizers or schedulers, or a state that does not fit (other parameter
+            groups, parameter counts or shapes).
+    """
+    where = os.fspath(path)
+    required = RESUME_KEYS if ckpt.get("epoch_finished", True) else (*RESUME_KEYS, "batches_done")
+    missing = [key for key in required if key not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"Checkpoint {where} lacks {', '.join(repr(key) for key in missing)}, which a resume "
+            "needs; the file is incomplete or was not written by a vistrain training run."
+        )
+    for what, saved, have, misfit in (
+        ("optimizer", ckpt["optimizers"], optimizers, _optimizer_misfit),
+        ("scheduler", ckpt["lr_schedulers"], lr_schedulers, _scheduler_misfit),
+    ):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(have):
+            count = len(saved) if isinstance(saved, (list, tuple)) else "no list of"
+            raise CheckpointError(
+                f"Checkpoint {where} holds {count} {what} states but this run has "
+                f"{len(have)} {what}s; build the run with the same {what}s."
+            )
+        for idx, (state, target) in enumerate(zip(saved, have)):
+            reason = misfit(state, target)
+            if reason is not None:
+                raise CheckpointError(
+                    f"Checkpoint {where}: {what} {idx} does not fit this run ({reason}); "
+                    f"build the run with the {what} settings it was trained with, or start a "
+                    "new run."
+                )
 
 
 # --------------------------------------------------------------------------------------------

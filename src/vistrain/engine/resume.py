@@ -20,6 +20,7 @@ from vistrain.engine.checkpoint_io import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     check_model_state,
+    check_training_state,
     load_checkpoint,
 )
 from vistrain.engine.optim import LRSchedulerWrapper
@@ -137,21 +138,13 @@ def restore_checkpoint(
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        CheckpointError: If it is unreadable, foreign, or its weights do not fit the model.
-        ValueError: If the numbers of optimizers or schedulers differ from the checkpoint's.
+        CheckpointError: If it is unreadable, foreign, lacks a key a resume needs, or its
+            weights, optimizers or schedulers do not fit the run.
     """
     ckpt = load_checkpoint(ckpt_path)
     bare = unwrap_model(model)
     check_model_state(bare, ckpt["state_dict"], ckpt_path)
-    for what, saved, have in (
-        ("optimizer", ckpt["optimizers"], optimizers),
-        ("scheduler", ckpt["lr_schedulers"], lr_schedulers),
-    ):
-        if len(saved) != len(have):
-            raise ValueError(
-                f"Checkpoint {ckpt_path} holds {len(saved)} {what} states but this run has "
-                f"{len(have)} {what}s; build the run with the same {what}s."
-            )
+    check_training_state(ckpt, ckpt_path, optimizers, lr_schedulers)
     bare.load_state_dict(ckpt["state_dict"])
     for optimizer, opt_state in zip(optimizers, ckpt["optimizers"]):
         optimizer.load_state_dict(opt_state)

@@ -66,11 +66,24 @@ class Params:
 
     def validate(self) -> None:
         """Raise ValueError for values no run can use."""
-        for name in ("num_epochs", "batch_size", "image_size", "num_train_images"):
+        positive = (
+            "num_epochs",
+            "batch_size",
+            "image_size",
+            "num_train_images",
+            "num_val_images",
+            "checkpoint_period",
+            "val_every",
+            "log_every",
+        )
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.num_val_images < 1 or self.num_workers < 0 or self.lr <= 0:
-            raise ValueError("num_val_images must be >= 1, num_workers >= 0 and lr > 0")
+        for name in ("num_workers", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
         if self.num_threads < 0:
             raise ValueError(f"num_threads={self.num_threads} must be >= 0 (0 = automatic)")
         if self.norm not in ("batch", "group"):

@@ -252,7 +252,7 @@ class Params:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("no_aug_epochs", "warmup_epochs", "num_workers", "num_threads"):
+        for name in ("no_aug_epochs", "warmup_epochs", "num_workers", "num_threads", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.warmup_epochs + self.no_aug_epochs > self.num_epochs:
@@ -339,6 +339,7 @@ def build(params: Params, output_dir: str) -> Experiment:
         score_threshold=params.score_threshold,
         nms_threshold=params.nms_threshold,
     )
+    val_set.check_num_classes(net.num_classes)
     start_from_weights(net, params.init_weights, params.freeze_backbone, params.freeze_bn)
     log_yolox_summary(net, recipe.image_size)
     model = ModelExpEMAAdapter(net, decay=params.ema_decay, warmup_steps=params.ema_warmup_steps)

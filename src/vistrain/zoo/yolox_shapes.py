@@ -208,7 +208,17 @@ class Params:
                 f"batch_size={self.batch_size} must be <= num_train_images="
                 f"{self.num_train_images} (the last incomplete batch is dropped)"
             )
-        for name in ("num_workers", "num_threads", "resize_steps", "warmup_epochs"):
+        nonnegative = (
+            "num_workers",
+            "num_threads",
+            "resize_steps",
+            "warmup_epochs",
+            "seed",
+            "data_seed",
+            "degrees",
+            "shear",
+        )
+        for name in nonnegative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.image_size - STRIDE * self.resize_steps < STRIDE:
@@ -266,15 +276,22 @@ def _datasets(params: Params) -> tuple[COCODataset, COCODataset]:
     cache = shapes_cache_dir(params.cache_dir)
 
     def ensure(split: str, num_images: int) -> Any:
-        return ensure_shapes_dataset(
-            cache,
-            _split_name(split, params, num_images),
-            num_images,
-            image_size=params.image_size,
-            seed=params.data_seed,
-            num_classes=params.num_classes,
-            max_objects=params.max_objects,
-        )
+        try:
+            return ensure_shapes_dataset(
+                cache,
+                _split_name(split, params, num_images),
+                num_images,
+                image_size=params.image_size,
+                seed=params.data_seed,
+                num_classes=params.num_classes,
+                max_objects=params.max_objects,
+            )
+        except OSError as err:  # a read-only cache, or a file where the cache folder goes
+            raise ValueError(
+                f"the shapes data cache {str(cache)!r} cannot be written ({err.strerror or err}"
+                f"{f': {err.filename}' if err.filename else ''}); pass --set cache_dir=DIR "
+                "or set VISTRAIN_CACHE to a writable folder"
+            ) from None
 
     splits = {"train": params.num_train_images, "val": params.num_val_images}
     if is_rank_zero():
@@ -313,6 +330,8 @@ def build(params: Params, output_dir: str) -> Experiment:
     train_set, val_set = _datasets(params)
 
     net = YOLOX(num_classes=params.num_classes, size="nano")
+    for data in (train_set, val_set):
+        data.check_num_classes(net.num_classes)
     start_from_weights(net, params.init_weights, params.freeze_backbone, params.freeze_bn)
     log_yolox_summary(net, params.image_size)
     model = ModelExpEMAAdapter(net, decay=params.ema_decay, warmup_steps=params.ema_warmup_steps)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,9 @@ from torch.utils.data import Dataset
 from vistrain.common.typing import DictData
 from vistrain.data.const import CommonKeys
 from vistrain.data.datasets.coco_json import load_coco_json
+from vistrain.data.image_io import pil_to_rgb
+
+logger = logging.getLogger("vistrain")
 
 
 def _decode_rgb(encoded: np.ndarray) -> np.ndarray | None:
@@ -38,8 +43,9 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
 
     OpenCV decodes it, straight to RGB (about twice as fast as PIL for JPEG, somewhat faster
     for PNG); grey, palette, RGBA and 16-bit files become 8-bit RGB. Files OpenCV cannot
-    decode (PCX, TGA, ...) are read with PIL. EXIF orientation is ignored either way, so the
-    pixels are those the annotation's ``height`` and ``width`` describe.
+    decode (PCX, TGA, ...) are read with PIL and converted by ``vistrain.data.image_io``.
+    EXIF orientation is ignored either way, so the pixels are those the annotation's
+    ``height`` and ``width`` describe.
 
     Raises:
         FileNotFoundError: If the file does not exist.
@@ -56,11 +62,44 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
         return rgb
     try:
         with Image.open(path) as image:
-            return np.array(image.convert("RGB"))
+            return pil_to_rgb(image)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"Image file {str(path)!r} does not exist.") from err
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"Image file {str(path)!r} could not be read: {err}") from err
+
+
+class BadBoxes:
+    """Counts boxes left out for a non-positive width or height or a non-finite value.
+
+    Such boxes are dropped (they have no area to learn from, and a NaN would poison the loss),
+    but a data set where this happens usually has a bug in its conversion to COCO, so
+    ``warn`` says so once, with the count and the first image ids, instead of per box.
+    """
+
+    SHOWN_IDS = 5
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.image_ids: list[int] = []
+
+    def add(self, image_id: int) -> None:
+        """Record one dropped box of image ``image_id``."""
+        self.count += 1
+        if image_id not in self.image_ids and len(self.image_ids) < self.SHOWN_IDS:
+            self.image_ids.append(image_id)
+
+    def warn(self, where: str) -> None:
+        """Log one warning if any box was dropped."""
+        if self.count:
+            logger.warning(
+                "%s: dropped %d box(es) with a non-positive width or height or a non-finite "
+                "value, in images %s%s.",
+                where,
+                self.count,
+                ", ".join(str(image_id) for image_id in self.image_ids),
+                " and others" if self.count > len(self.image_ids) else "",
+            )
 
 
 class COCODataset(Dataset[DictData]):
@@ -74,8 +113,9 @@ class COCODataset(Dataset[DictData]):
     ``boxes2d`` (float32 ``(N, 4)`` xyxy pixels, from COCO's xywh, clipped to the image),
     ``boxes2d_classes`` (long ``(N,)``: the index of the category id in the sorted
     ``category_ids``) and ``coco_image_id``. Crowd annotations (``iscrowd=1``) and boxes with
-    no area are left out; images without boxes are kept. Samples follow the file's order of
-    ``images``.
+    no area are left out (boxes with a non-positive width or height or a non-finite value with
+    one warning that counts them); images without boxes are kept. Samples follow the file's
+    order of ``images``.
 
     Attributes:
         annotation_file: The JSON path (the COCO evaluator is built from it).
@@ -95,7 +135,8 @@ class COCODataset(Dataset[DictData]):
     Raises:
         FileNotFoundError: If the JSON file, the image folder or (with ``check_images``) an
             image is missing; the message names the path.
-        ValueError: If the JSON is malformed or inconsistent; the message names the file.
+        ValueError: If the JSON is malformed or inconsistent (e.g. an annotation's category
+            is not in ``categories``); the message names the file.
     """
 
     def __init__(
@@ -159,17 +200,29 @@ class COCODataset(Dataset[DictData]):
 
         boxes: list[list[list[float]]] = [[] for _ in self._image_ids]
         classes: list[list[int]] = [[] for _ in self._image_ids]
+        bad_boxes = BadBoxes()
         for ann in data.get("annotations", []):
+            ann_id = ann.get("id", "?") if isinstance(ann, dict) else ann
             try:
                 index = position[int(ann["image_id"])]
-                cls = class_of[int(ann["category_id"])]
+                category = int(ann["category_id"])
                 x, y, w, h = (float(v) for v in ann["bbox"])
             except (KeyError, TypeError, ValueError) as err:
                 raise ValueError(
-                    f"{where}: annotation {ann.get('id', '?') if isinstance(ann, dict) else ann!r} "
-                    f"has a missing or unknown image_id, category_id or bbox ({err!r})."
+                    f"{where}: annotation {ann_id!r} has a missing or unknown image_id, "
+                    f"category_id or bbox ({err!r})."
                 ) from err
+            if category not in class_of:
+                raise ValueError(
+                    f"{where}: annotation {ann_id!r} has category_id {category}, which is not in "
+                    f"'categories' (ids {self.category_ids}); add the category or fix the "
+                    "annotation."
+                )
+            cls = class_of[category]
             if ann.get("iscrowd", 0):
+                continue
+            if not (math.isfinite(x + y + w + h) and w > 0 and h > 0):
+                bad_boxes.add(self._image_ids[index])
                 continue
             box = [x, y, x + w, y + h]
             size = self._sizes[index]
@@ -183,8 +236,26 @@ class COCODataset(Dataset[DictData]):
             if box[2] > box[0] and box[3] > box[1]:
                 boxes[index].append(box)
                 classes[index].append(cls)
+        bad_boxes.warn(where)
         self._boxes = [np.asarray(b, dtype=np.float32).reshape(-1, 4) for b in boxes]
         self._classes = [np.asarray(c, dtype=np.int64).reshape(-1) for c in classes]
+
+    def check_num_classes(self, num_classes: int, what: str = "num_classes") -> None:
+        """Refuse a model whose class count differs from this data's categories.
+
+        A model with fewer classes than the data crashes deep inside the loss's label
+        assignment; one with more silently never learns the extra classes.
+
+        Raises:
+            ValueError: Naming both counts, the annotation file and the categories.
+        """
+        if num_classes != len(self.category_ids):
+            names = ", ".join(self.class_names)
+            raise ValueError(
+                f"{what}={num_classes} but {self.annotation_file!r} has "
+                f"{len(self.category_ids)} categories ({names}); the model's classes must match "
+                "the data's categories"
+            )
 
     def __len__(self) -> int:
         return len(self._image_ids)
