@@ -73,10 +73,10 @@ def prepare_model(
     Returns the same ``model`` object. Compiling an already compiled model keeps its
     compiled forward (no second compilation when ``test`` follows ``fit``).
     """
-    if channels_last:
-        model = model.to(device=device, memory_format=torch.channels_last)
-    elif device is not None:
+    if device is not None:
         model = model.to(device)
+    if channels_last:  # Module.to takes memory_format; its type stubs do not list it
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if compile is not False and getattr(model, "_compiled_call_impl", None) is None:
         model.compile(backend="inductor" if compile is True else compile)
     return model
