@@ -12,6 +12,9 @@ state. For 1 and 2 compute threads the script measures, per save:
 Ratios are against the blocking save measured in the same run. Usage::
 
     .venv/bin/python benchmarks/checkpoint.py [--rounds 5] [--batch 8] [--size 64] [--dir DIR]
+        [--device cuda]
+
+On ``--device cuda`` the model trains on the GPU; a save then includes the copy to the host.
 """
 
 from __future__ import annotations
@@ -58,13 +61,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=64, help="input image side")
     parser.add_argument("--dir", default=None, help="folder to write to (default: a temp dir)")
+    parser.add_argument("--device", default="cpu", help="device the model trains on")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = resnet18()
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model = resnet18().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    images = torch.randn(args.batch, 3, args.size, args.size)
-    labels = torch.randint(0, 1000, (args.batch,))
+    images = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    labels = torch.randint(0, 1000, (args.batch,), device=device)
     loss_fn = nn.CrossEntropyLoss()
 
     def train_step() -> float:
@@ -72,6 +78,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         loss_fn(model(images), labels).backward()
         opt.step()
+        sync()
         return time.perf_counter() - start
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -86,7 +93,7 @@ def main() -> None:
     )
     print(
         f"model: {n_params / 1e6:.2f}M parameters, state {state_mb:.1f} MB, "
-        f"batch {args.batch}x3x{args.size}x{args.size}, {os.cpu_count()} cores"
+        f"batch {args.batch}x3x{args.size}x{args.size}, {os.cpu_count()} cores, device={device}"
     )
 
     folder = args.dir or tempfile.mkdtemp(prefix="vistrain-ckpt-bench-")

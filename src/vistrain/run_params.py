@@ -114,6 +114,16 @@ RESUME_POLICY: dict[str, tuple[str, str]] = {
     "shear": (APPLIED, _LATER),
     "hsv_prob": (APPLIED, _LATER),
     "flip_prob": (APPLIED, _LATER),
+    # how a step is computed (zoo/engine_params.py)
+    "precision": (APPLIED, _LATER + " (a new fp16 loss scaler starts at its initial scale)"),
+    "accumulate_grad_batches": (
+        REFUSED,
+        "it changes the optimizer steps per epoch that the loop position and schedule count",
+    ),
+    "gradient_clip_val": (APPLIED, _LATER),
+    "gradient_clip_algorithm": (APPLIED, _LATER),
+    "compile": (APPLIED, _LATER + " (checkpoints keep plain parameter names)"),
+    "channels_last": (APPLIED, _LATER),
 }
 """What ``--resume`` does with a changed key of a built-in experiment: (action, why)."""
 

@@ -92,6 +92,15 @@ def _resolve_distributed(distributed: bool | None) -> tuple[int, int]:
     return 1, 0
 
 
+def resolve_pin_memory(pin_memory: bool | None) -> bool:
+    """``pin_memory`` as given, or (None) whether CUDA is available.
+
+    The runner trains on the GPU whenever one is available, so pinning by default then puts
+    every batch where a non-blocking copy to the GPU can overlap with the host's work.
+    """
+    return torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+
+
 def _check_loader_args(dataset: Dataset[Any], batch_size: int, num_workers: int) -> None:
     if not hasattr(dataset, "__len__"):
         raise TypeError(f"dataset={dataset!r} must be a map-style data set with __len__.")
@@ -111,7 +120,7 @@ def build_train_dataloader(
     distributed: bool | None = None,
     collate_fn: Callable[[list[Any]], Any] = collate_batch,
     persistent_workers: bool = False,
-    pin_memory: bool = False,
+    pin_memory: bool | None = None,
 ) -> DataLoader[DictData]:
     """A training loader: seeded shuffling per epoch, per-rank shards, seeded workers.
 
@@ -129,7 +138,8 @@ def build_train_dataloader(
             than one rank is initialised.
         collate_fn: Batch builder.
         persistent_workers: Keep workers alive across epochs (needs ``num_workers > 0``).
-        pin_memory: Pin batches for faster copies to a GPU.
+        pin_memory: Pin batches in page-locked memory, so copies to a GPU are asynchronous
+            (non-blocking); None pins when CUDA is available (the run then trains there).
 
     Raises:
         TypeError: If ``dataset`` has no length.
@@ -148,7 +158,7 @@ def build_train_dataloader(
         sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_fn,
-        pin_memory=pin_memory,
+        pin_memory=resolve_pin_memory(pin_memory),
         drop_last=drop_last,
         worker_init_fn=seed_worker,
         generator=generator,
@@ -162,7 +172,7 @@ def build_test_dataloader(
     num_workers: int = 0,
     distributed: bool | None = None,
     collate_fn: Callable[[list[Any]], Any] = collate_batch,
-    pin_memory: bool = False,
+    pin_memory: bool | None = None,
 ) -> DataLoader[DictData]:
     """A test loader: data set order, no dropped samples; each sample on exactly one rank.
 
@@ -176,7 +186,8 @@ def build_test_dataloader(
         num_workers: Worker processes.
         distributed: As in :func:`build_train_dataloader`.
         collate_fn: Batch builder.
-        pin_memory: Pin batches for faster copies to a GPU.
+        pin_memory: Pin batches in page-locked memory, so copies to a GPU are asynchronous
+            (non-blocking); None pins when CUDA is available (the run then trains there).
 
     Raises:
         TypeError: If ``dataset`` has no length.
@@ -192,7 +203,7 @@ def build_test_dataloader(
         shuffle=False,
         num_workers=num_workers,
         collate_fn=collate_fn,
-        pin_memory=pin_memory,
+        pin_memory=resolve_pin_memory(pin_memory),
         drop_last=False,
         worker_init_fn=seed_worker,
     )

@@ -57,6 +57,13 @@ from vistrain.common.typing import DictData, MetricLogs
 from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.logging import log_callback_train_logs
 from vistrain.engine.connectors import DataConnector
+from vistrain.engine.device_setup import (
+    check_channels_last,
+    check_compile,
+    move_to_device,
+    prepare_model,
+    to_channels_last,
+)
 from vistrain.engine.loop_state import (
     LoopState,
     as_loader_list,
@@ -66,19 +73,6 @@ from vistrain.engine.loop_state import (
 from vistrain.engine.loss_module import LossModule
 from vistrain.engine.optim import LRSchedulerWrapper, check_optimizers_train
 from vistrain.engine.rng import preserved_rng_state
-
-
-def move_to_device(data: Any, device: torch.device) -> Any:
-    """Move every tensor in nested dicts, lists and tuples to ``device``; leave the rest."""
-    if isinstance(data, torch.Tensor):
-        return data.to(device, non_blocking=True)
-    if isinstance(data, dict):
-        return {key: move_to_device(value, device) for key, value in data.items()}
-    if isinstance(data, list):
-        return [move_to_device(value, device) for value in data]
-    if isinstance(data, tuple) and not hasattr(data, "_fields"):
-        return tuple(move_to_device(value, device) for value in data)
-    return data
 
 
 class Trainer:
@@ -98,12 +92,18 @@ class Trainer:
         val_check_interval: Validate every n optimizer steps (None = never by step).
         log_every_n_steps: Write the learning rates every n steps.
         tensorboard: Also write TensorBoard event files next to ``metrics.jsonl``.
+        compile: Compile the model's forward in place (``True``: the inductor backend; a
+            string: that ``torch.compile`` backend, e.g. ``"eager"``); parameter names, and
+            so checkpoints, stay those of the plain model (``vistrain.engine.device_setup``).
+        channels_last: Keep the model's 4-D weights and the batches' 4-D floating-point
+            tensors in the channels-last memory format.
 
     Raises:
         ValueError: If a limit or an interval is out of range, or ``device`` is not a device
-            or not available on this machine.
+            or not available on this machine, or ``compile`` names no backend.
         NotADirectoryError: If ``output_dir`` is an existing file.
-        TypeError: If a callback does not subclass ``Callback``.
+        TypeError: If a callback does not subclass ``Callback``, or ``compile`` or
+            ``channels_last`` has the wrong type.
     """
 
     def __init__(
@@ -121,10 +121,16 @@ class Trainer:
         val_check_interval: int | None = None,
         log_every_n_steps: int = 50,
         tensorboard: bool = True,
+        compile: bool | str = False,
+        channels_last: bool = False,
     ) -> None:
         check_loop_limits(
             num_epochs, num_steps, check_val_every_n_epoch, val_check_interval, log_every_n_steps
         )
+        check_compile(compile)
+        check_channels_last(channels_last)
+        self.compile = compile
+        self.channels_last = channels_last
         callback_list = check_list_of("callbacks", list(callbacks), Callback)
         if os.path.exists(output_dir) and not os.path.isdir(output_dir):
             raise NotADirectoryError(
@@ -202,7 +208,7 @@ class Trainer:
             self._setup_done = True
 
     def _wrap_model(self, model: nn.Module) -> nn.Module:
-        model = model.to(self.device)
+        model = prepare_model(model, self.device, self.compile, self.channels_last)
         needs_ddp = is_distributed() and not isinstance(model, nn.parallel.DistributedDataParallel)
         if needs_ddp and any(p.requires_grad for p in model.parameters()):
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -295,6 +301,7 @@ class Trainer:
             raise RuntimeError("No train data connector.")
         batch_idx = skip_batches
         move_batches = self.device.type != "cpu"  # loaders yield CPU tensors already
+        channels_last = self.channels_last
         # Per-step path, kept flat: on a short step every call and lookup shows in
         # benchmarks/overhead.py. The hooks still run in the order of the module docstring.
         callbacks = self.callbacks
@@ -304,6 +311,8 @@ class Trainer:
         for batch in iterator:
             if move_batches:
                 batch = move_to_device(batch, self.device)
+            if channels_last:
+                batch = to_channels_last(batch)
             state = loop.state()
             for callback in callbacks:
                 callback.on_train_batch_start(state, model, loss_module, batch, batch_idx)
@@ -354,6 +363,8 @@ class Trainer:
         for loader_idx, loader in enumerate(self.test_dataloader):
             for batch_idx, raw_batch in enumerate(loader):
                 batch = move_to_device(raw_batch, self.device)
+                if self.channels_last:
+                    batch = to_channels_last(batch)
                 inputs = self.test_data_connector(batch)
                 outputs = model(**inputs) if isinstance(inputs, dict) else model(inputs)
                 state = self.loop.state(training=self._fitting)
@@ -375,7 +386,7 @@ class Trainer:
         Returns:
             The logs returned by the callbacks' ``on_test_epoch_end``, as floats.
         """
-        model = model.to(self.device)
+        model = prepare_model(model, self.device, self.compile, self.channels_last)
         self.loop.model = model
         self._setup()
         logs = self._run_test(model)

@@ -38,6 +38,8 @@ _TRAINER_KEYS = {
     "val_check_interval",
     "log_every_n_steps",
     "tensorboard",
+    "compile",
+    "channels_last",
 }
 _NEVER = 10**9
 """check_val_every_n_epoch standing for "never by epoch" (Lightning needs an int or None)."""
@@ -165,6 +167,8 @@ def fit_with_lightning(
         log_every_n_steps=int(trainer_kwargs.get("log_every_n_steps", 50)),
         tensorboard=bool(trainer_kwargs.get("tensorboard", True)),
         resume_from=ckpt_path,
+        compile=trainer_kwargs.get("compile", False),
+        channels_last=trainer_kwargs.get("channels_last", False),
     )
     trainer = build_lightning_trainer(
         output_dir,

@@ -25,6 +25,12 @@ from torch.utils.data import DataLoader
 from vistrain.common.checks import check_list_of, check_positive_int
 from vistrain.common.typing import DictData
 from vistrain.engine.connectors import DataConnector
+from vistrain.engine.device_setup import (
+    check_channels_last,
+    check_compile,
+    prepare_model,
+    to_channels_last,
+)
 from vistrain.engine.loop_state import as_loader_list
 from vistrain.engine.loss_module import LossModule
 from vistrain.engine.optim import LRSchedulerWrapper, check_optimizers_train
@@ -56,11 +62,15 @@ class TrainingModule(pl.LightningModule):
         log_every_n_steps: Write learning rates every n steps.
         tensorboard: Also write TensorBoard event files.
         resume_from: A vistrain checkpoint (either engine's) to resume from at fit start.
+        compile: As the native Trainer's: compile the model's forward in place (``True``:
+            inductor; a string: that backend), keeping plain parameter names.
+        channels_last: As the native Trainer's: model and 4-D batch tensors channels-last
+            (batches after Lightning moved them to the device).
 
     Raises:
         TypeError: If an argument has the wrong type.
         ValueError: If there is no optimizer, an optimizer holds none of the model's
-            parameters, or ``log_every_n_steps`` is below 1.
+            parameters, ``log_every_n_steps`` is below 1 or ``compile`` names no backend.
     """
 
     def __init__(
@@ -77,6 +87,8 @@ class TrainingModule(pl.LightningModule):
         log_every_n_steps: int = 50,
         tensorboard: bool = True,
         resume_from: str | None = None,
+        compile: bool | str = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -88,6 +100,8 @@ class TrainingModule(pl.LightningModule):
             raise ValueError("TrainingModule needs at least one optimizer.")
         check_optimizers_train(optimizer_list, model, loss_module)
         check_positive_int("log_every_n_steps", log_every_n_steps)
+        check_compile(compile)
+        check_channels_last(channels_last)
         for name, connector in (
             ("train_data_connector", train_data_connector),
             ("test_data_connector", test_data_connector),
@@ -105,6 +119,8 @@ class TrainingModule(pl.LightningModule):
         self.test_data_connector = test_data_connector
         self.output_dir = output_dir
         self.resume_from = resume_from
+        self.compile_model = compile
+        self.channels_last = channels_last
         self.engine = LightningEngine(
             model=model,
             loss_module=loss_module,
@@ -144,8 +160,16 @@ class TrainingModule(pl.LightningModule):
         return self.output_dir or str(self.trainer.default_root_dir)
 
     def setup(self, stage: str) -> None:
-        """Attach the engine to the trainer (callbacks were registered just before)."""
+        """Attach the engine to the trainer; channels-last and compile the model.
+
+        Lightning moves the module to its device after this hook (keeping the memory format).
+        """
         self.engine.attach(self.trainer)
+        prepare_model(self.model, None, self.compile_model, self.channels_last)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """The batch on the device; its 4-D floating-point tensors channels-last if asked."""
+        return to_channels_last(batch) if self.channels_last else batch
 
     def on_fit_start(self) -> None:
         """Resume from ``resume_from`` (our checkpoint format) and open the scalar writers."""

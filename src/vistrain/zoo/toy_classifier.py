@@ -34,6 +34,7 @@ from vistrain.engine.optim import warmup_cosine
 from vistrain.eval.classification import ClassificationEvaluator
 from vistrain.model.adapter import ModelEMAAdapter
 from vistrain.zoo.base import Experiment
+from vistrain.zoo.engine_params import EngineParams
 
 DESCRIPTION = "CNN classifier on generated stripe images (4 classes), top-1/top-5 accuracy"
 NUM_CLASSES = 4
@@ -42,8 +43,11 @@ logger = logging.getLogger("vistrain")
 
 
 @dataclass
-class Params:
+class Params(EngineParams):
     """Parameters of the toy classifier (``--set KEY=VALUE``).
+
+    The engine options (``precision``, ``accumulate_grad_batches``, ``gradient_clip_val``,
+    ``gradient_clip_algorithm``, ``compile``, ``channels_last``) are ``EngineParams``'.
 
     ``num_threads`` is the number of torch threads, as in the YOLOX experiment: 0 = the
     cores minus one per loader worker, at least 1 (unless OMP_NUM_THREADS is set).
@@ -66,6 +70,7 @@ class Params:
 
     def validate(self) -> None:
         """Raise ValueError for values no run can use."""
+        self.validate_engine_options()
         positive = (
             "num_epochs",
             "batch_size",
@@ -199,6 +204,7 @@ def build(params: Params, output_dir: str) -> Experiment:
             "num_epochs": params.num_epochs,
             "check_val_every_n_epoch": params.val_every,
             "log_every_n_steps": params.log_every,
+            **params.engine_trainer_kwargs(),
         },
     )
 

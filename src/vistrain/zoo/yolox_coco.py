@@ -57,6 +57,7 @@ from vistrain.model.adapter import ModelExpEMAAdapter
 from vistrain.model.yolox import SIZES, YOLOX
 from vistrain.predict import DetectorInfo, info_from_annotations
 from vistrain.zoo.base import Experiment
+from vistrain.zoo.engine_params import EngineParams
 from vistrain.zoo.yolox_wiring import (
     check_init_weights,
     log_yolox_summary,
@@ -107,8 +108,11 @@ def official_recipe(size: str) -> SizeRecipe:
 
 
 @dataclass
-class Params:
+class Params(EngineParams):
     """Parameters of a YOLOX run on COCO-format data (``--set KEY=VALUE``).
+
+    The engine options (``precision``, ``accumulate_grad_batches``, ``gradient_clip_val``,
+    ``gradient_clip_algorithm``, ``compile``, ``channels_last``) are ``EngineParams``'.
 
     Attributes:
         train_ann: COCO instances JSON of the training data (required).
@@ -232,6 +236,7 @@ class Params:
 
     def validate(self) -> None:
         """Raise ValueError naming the first key whose value no run can use."""
+        self.validate_engine_options()
         run = self.recipe()
         for name in ("train_ann", "train_images", "val_ann", "val_images"):
             if not getattr(self, name):
@@ -407,6 +412,7 @@ def build(params: Params, output_dir: str) -> Experiment:
             "num_epochs": params.num_epochs,
             "check_val_every_n_epoch": params.val_every,
             "log_every_n_steps": params.log_every,
+            **params.engine_trainer_kwargs(),
         },
     )
 

@@ -67,6 +67,7 @@ from vistrain.model.adapter import ModelExpEMAAdapter
 from vistrain.model.yolox import YOLOX
 from vistrain.predict import DetectorInfo
 from vistrain.zoo.base import Experiment
+from vistrain.zoo.engine_params import EngineParams
 from vistrain.zoo.yolox_wiring import (
     check_init_weights,
     log_yolox_summary,
@@ -86,8 +87,11 @@ STRIDE = 32
 
 
 @dataclass
-class Params:
+class Params(EngineParams):
     """Parameters of the YOLOX shapes run (``--set KEY=VALUE``).
+
+    The engine options (``precision``, ``accumulate_grad_batches``, ``gradient_clip_val``,
+    ``gradient_clip_algorithm``, ``compile``, ``channels_last``) are ``EngineParams``'.
 
     Attributes:
         num_epochs: Training epochs.
@@ -177,6 +181,7 @@ class Params:
 
     def validate(self) -> None:
         """Raise ValueError naming the first key whose value no run can use."""
+        self.validate_engine_options()
         positive = (
             "num_epochs",
             "batch_size",
@@ -388,6 +393,7 @@ def build(params: Params, output_dir: str) -> Experiment:
             "num_epochs": params.num_epochs,
             "check_val_every_n_epoch": params.val_every,
             "log_every_n_steps": params.log_every,
+            **params.engine_trainer_kwargs(),
         },
     )
 
