@@ -55,7 +55,9 @@ def test_16bit_png_loads_with_its_real_values(tmp_path: Path) -> None:
     loaded = load_image(path)
     assert loaded.shape == (32, 32, 3) and loaded.dtype == np.uint8
     expected = np.rint(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
-    np.testing.assert_array_equal(loaded[:, :, 0], expected)
+    # OpenCV scales by 1/256 (truncating), PIL's fallback by 255/65535 (rounding): within 1.
+    difference = np.abs(loaded[:, :, 0].astype(np.int16) - expected.astype(np.int16))
+    assert difference.max() <= 1
     np.testing.assert_array_equal(loaded[:, :, 0], loaded[:, :, 2])
     assert (loaded == 255).mean() < 0.01  # Pillow's convert("RGB") made ~all of it white
 
