@@ -16,6 +16,7 @@ import torch
 
 from vistrain.common.distributed import broadcast, is_distributed
 
+
 def parse_max_time(value: float | str | None) -> float | None:
     """``max_time`` in seconds: a number of seconds or ``"DD:HH:MM:SS"`` / ``"HH:MM:SS"``.
 

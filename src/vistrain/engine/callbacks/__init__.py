@@ -2,6 +2,7 @@
 
 from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.checkpoint import CheckpointCallback
+from vistrain.engine.callbacks.early_stopping import EarlyStoppingCallback
 from vistrain.engine.callbacks.ema import EMACallback
 from vistrain.engine.callbacks.evaluator import EvaluatorCallback
 from vistrain.engine.callbacks.logging import LoggingCallback
@@ -17,6 +18,7 @@ __all__ = [
     "Callback",
     "CheckpointCallback",
     "EMACallback",
+    "EarlyStoppingCallback",
     "EvaluatorCallback",
     "LoggingCallback",
     "TrainerState",
