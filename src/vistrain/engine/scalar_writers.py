@@ -254,6 +254,9 @@ class WandbWriter:
 class MlflowWriter:
     """An MLflow run in ``MLFLOW_TRACKING_URI`` (default: a file store ``<run>/mlruns``).
 
+    MLflow 3 refuses new file stores unless ``MLFLOW_ALLOW_FILE_STORE=true``; set that, or
+    point ``MLFLOW_TRACKING_URI`` at a database or a tracking server.
+
     The experiment comes from ``MLFLOW_EXPERIMENT_NAME`` (default ``vistrain``); a resumed
     run continues the run whose id ``trackers.json`` holds. Metrics are sent in one batch
     per logged step.
