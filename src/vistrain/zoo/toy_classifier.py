@@ -34,6 +34,7 @@ from vistrain.engine.optim import warmup_cosine
 from vistrain.eval.classification import ClassificationEvaluator
 from vistrain.model.adapter import ModelEMAAdapter
 from vistrain.zoo.base import Experiment
+from vistrain.zoo.monitoring import MonitoringParams
 
 DESCRIPTION = "CNN classifier on generated stripe images (4 classes), top-1/top-5 accuracy"
 NUM_CLASSES = 4
@@ -42,7 +43,7 @@ logger = logging.getLogger("vistrain")
 
 
 @dataclass
-class Params:
+class Params(MonitoringParams):
     """Parameters of the toy classifier (``--set KEY=VALUE``).
 
     ``num_threads`` is the number of torch threads, as in the YOLOX experiment: 0 = the
@@ -66,6 +67,7 @@ class Params:
 
     def validate(self) -> None:
         """Raise ValueError for values no run can use."""
+        self.validate_monitoring()
         for name in ("num_epochs", "batch_size", "image_size", "num_train_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -170,6 +172,7 @@ def build(params: Params, output_dir: str) -> Experiment:
     ]
     if params.ema:
         callbacks.insert(0, EMACallback())
+    callbacks += params.monitoring_callbacks(output_dir, monitor="Cls/top1", mode="max")
     return Experiment(
         model=model,
         loss_module=loss_module,
@@ -186,6 +189,7 @@ def build(params: Params, output_dir: str) -> Experiment:
             "num_epochs": params.num_epochs,
             "check_val_every_n_epoch": params.val_every,
             "log_every_n_steps": params.log_every,
+            **params.monitoring_trainer_kwargs(),
         },
     )
 

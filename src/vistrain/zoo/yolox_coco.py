@@ -57,6 +57,7 @@ from vistrain.model.adapter import ModelExpEMAAdapter
 from vistrain.model.yolox import SIZES, YOLOX
 from vistrain.predict import DetectorInfo, info_from_annotations
 from vistrain.zoo.base import Experiment
+from vistrain.zoo.monitoring import MonitoringParams
 from vistrain.zoo.yolox_wiring import (
     check_init_weights,
     log_yolox_summary,
@@ -107,7 +108,7 @@ def official_recipe(size: str) -> SizeRecipe:
 
 
 @dataclass
-class Params:
+class Params(MonitoringParams):
     """Parameters of a YOLOX run on COCO-format data (``--set KEY=VALUE``).
 
     Attributes:
@@ -232,6 +233,7 @@ class Params:
 
     def validate(self) -> None:
         """Raise ValueError naming the first key whose value no run can use."""
+        self.validate_monitoring()
         run = self.recipe()
         for name in ("train_ann", "train_images", "val_ann", "val_images"):
             if not getattr(self, name):
@@ -390,7 +392,7 @@ def build(params: Params, output_dir: str) -> Experiment:
         log_every=params.log_every,
         vis_every=params.vis_every,
         checkpoint_period=params.checkpoint_period,
-    )
+    ) + params.monitoring_callbacks(output_dir, monitor="Det/AP", mode="max")
     train_connector, test_connector = yolox_data_connectors()
     return Experiment(
         model=model,
@@ -406,6 +408,7 @@ def build(params: Params, output_dir: str) -> Experiment:
             "num_epochs": params.num_epochs,
             "check_val_every_n_epoch": params.val_every,
             "log_every_n_steps": params.log_every,
+            **params.monitoring_trainer_kwargs(),
         },
     )
 

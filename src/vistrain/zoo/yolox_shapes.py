@@ -67,6 +67,7 @@ from vistrain.model.adapter import ModelExpEMAAdapter
 from vistrain.model.yolox import YOLOX
 from vistrain.predict import DetectorInfo
 from vistrain.zoo.base import Experiment
+from vistrain.zoo.monitoring import MonitoringParams
 from vistrain.zoo.yolox_wiring import (
     check_init_weights,
     log_yolox_summary,
@@ -86,7 +87,7 @@ STRIDE = 32
 
 
 @dataclass
-class Params:
+class Params(MonitoringParams):
     """Parameters of the YOLOX shapes run (``--set KEY=VALUE``).
 
     Attributes:
@@ -177,6 +178,7 @@ class Params:
 
     def validate(self) -> None:
         """Raise ValueError naming the first key whose value no run can use."""
+        self.validate_monitoring()
         positive = (
             "num_epochs",
             "batch_size",
@@ -303,7 +305,7 @@ def _callbacks(
         log_every=params.log_every,
         vis_every=params.vis_every,
         checkpoint_period=params.checkpoint_period,
-    )
+    ) + params.monitoring_callbacks(output_dir, monitor="Det/AP", mode="max")
 
 
 def build(params: Params, output_dir: str) -> Experiment:
@@ -369,6 +371,7 @@ def build(params: Params, output_dir: str) -> Experiment:
             "num_epochs": params.num_epochs,
             "check_val_every_n_epoch": params.val_every,
             "log_every_n_steps": params.log_every,
+            **params.monitoring_trainer_kwargs(),
         },
     )
 
