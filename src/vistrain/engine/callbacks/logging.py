@@ -114,13 +114,13 @@ def learning_rates(trainer_state: TrainerState) -> dict[str, float]:
     return rates
 
 
-def max_memory_mb(model: nn.Module) -> float:
+def max_memory_mb(model: nn.Module | None) -> float:
     """Peak memory of this process in MiB (``perf/max_memory_mb``).
 
     CUDA ``max_memory_allocated`` of the model's GPU, else the process's peak resident set
     size (``getrusage``: KiB on Linux, bytes on macOS). Neither reading waits for the device.
     """
-    param = next(model.parameters(), None)
+    param = next(model.parameters(), None) if isinstance(model, nn.Module) else None
     if param is not None and param.device.type == "cuda":
         return torch.cuda.max_memory_allocated(param.device) / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
