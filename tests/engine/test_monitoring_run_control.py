@@ -114,17 +114,18 @@ class Sleep(Callback):
         time.sleep(self.seconds)
 
 
-def test_max_time_stops_with_a_checkpoint_and_counts_earlier_segments(tmp_path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_max_time_stops_with_a_checkpoint_and_counts_earlier_segments(tmp_path, engine) -> None:
     out = str(tmp_path)
     ckpt = CheckpointCallback(save_prefix=out, checkpoint_period=100)
-    run_toy("native", out, [Sleep(0.05), ckpt], num_epochs=1000, max_time=0.4)
+    run_toy(engine, out, [Sleep(0.05), ckpt], num_epochs=1000, max_time=0.4)
     state = _last(out)
     assert 4 <= state["global_step"] < 40  # stopped by the budget, far before the epochs
     assert state["train_time_s"] >= 0.4
     time.sleep(0.5)  # time between segments is not training time
     resumed = CheckpointCallback(save_prefix=out, checkpoint_period=100)
     run_toy(
-        "native", out, [Sleep(0.05), resumed], num_epochs=1000, max_time=0.6,
+        engine, out, [Sleep(0.05), resumed], num_epochs=1000, max_time=0.6,
         ckpt_path=_ckpt(out, "last.ckpt"),
     )  # fmt: skip
     again = _last(out)

@@ -79,6 +79,8 @@ class LightningEngine:
         log_every_n_steps: Write learning rates every n steps (train logs are written
             whenever callbacks return them).
         tensorboard: Also write TensorBoard event files.
+        max_time: Training-time budget in seconds (None = none).
+        loggers: Scalar writer names (None = the default).
     """
 
     def __init__(
@@ -92,6 +94,8 @@ class LightningEngine:
         output_dir: str | None,
         log_every_n_steps: int,
         tensorboard: bool,
+        max_time: float | None = None,
+        loggers: list[str] | None = None,
     ) -> None:
         self.model = model
         self.loss_module = loss_module
@@ -111,6 +115,8 @@ class LightningEngine:
             num_steps=-1,
             log_every_n_steps=log_every_n_steps,
             tensorboard=tensorboard,
+            max_time=max_time,
+            loggers=loggers,
         )
         self.loop.model = model
         self.train_loader_proxy = EpochLoader(self)
@@ -321,6 +327,8 @@ class LightningEngine:
         """
         logs, self._batch_logs = self._batch_logs, {}
         self.loop.log_train(logs)
+        if self.loop.stop_requested() and self.loop.stop_reason is not None:
+            self._trainer().should_stop = True  # a request or the spent time budget
         self._save_if_stopping()
         trainer = self._trainer()
         if trainer.check_val_every_n_epoch is not None and self._epoch_complete():

@@ -32,6 +32,8 @@ from vistrain.zoo.base import Experiment
 logger = logging.getLogger("vistrain")
 
 _TRAINER_KEYS = {
+    "max_time",
+    "loggers",
     "num_epochs",
     "num_steps",
     "check_val_every_n_epoch",
@@ -163,6 +165,8 @@ def fit_with_lightning(
         log_every_n_steps=int(trainer_kwargs.get("log_every_n_steps", 50)),
         tensorboard=bool(trainer_kwargs.get("tensorboard", True)),
         resume_from=ckpt_path,
+        max_time=trainer_kwargs.get("max_time"),
+        loggers=trainer_kwargs.get("loggers"),
     )
     trainer = build_lightning_trainer(
         output_dir,
