@@ -50,9 +50,7 @@ from vistrain.engine.time_budget import TimeBudget
 
 def log_stop(reason: str, epoch: int, step: int) -> None:
     """One line saying why and where training stops early."""
-    logging.getLogger("vistrain").info(
-        "Stopping at epoch %d, step %d: %s. A checkpoint is saved.", epoch, step, reason
-    )
+    logging.getLogger("vistrain").info("Stopping at epoch %d, step %d: %s.", epoch, step, reason)
 
 
 def num_batches(loader: Any) -> int | None:
@@ -344,9 +342,13 @@ class LoopState:
             return
         model = self._require_model()
         state = self.state()
-        for callback in self.callbacks:
-            if isinstance(callback, CheckpointCallback):
-                callback.save_now(state, model, epoch_finished=self.epoch_finished)
+        savers = [cb for cb in self.callbacks if isinstance(cb, CheckpointCallback)]
+        for callback in savers:
+            callback.save_now(state, model, epoch_finished=self.epoch_finished)
+        if not savers:
+            logging.getLogger("vistrain").warning(
+                "Training stopped early without a CheckpointCallback: no checkpoint was saved."
+            )
 
     # ------------------------------------------------------------------ logs
     def open_scalars(self, output_dir: str, resumed: bool) -> None:
