@@ -208,6 +208,8 @@ def run_toy(
         log_every_n_steps=loop.pop("log_every_n_steps"),
         tensorboard=loop.pop("tensorboard"),
         resume_from=ckpt_path,
+        max_time=loop.pop("max_time", None),
+        loggers=loop.pop("loggers", None),
     )
     pl_trainer = build_lightning_trainer(
         output_dir,

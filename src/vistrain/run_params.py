@@ -124,6 +124,11 @@ RESUME_POLICY: dict[str, tuple[str, str]] = {
     "gradient_clip_algorithm": (APPLIED, _LATER),
     "compile": (APPLIED, _LATER + " (checkpoints keep plain parameter names)"),
     "channels_last": (APPLIED, _LATER),
+    # monitoring and run control (zoo/monitoring.py)
+    "early_stop_patience": (APPLIED, _LATER + " (the wait count so far is kept)"),
+    "loggers": (APPLIED, "the chosen scalar writers take the history on from the resume"),
+    "profile_steps": (APPLIED, _LATER),
+    "max_time": (APPLIED, "the new budget counts the training time already spent"),
 }
 """What ``--resume`` does with a changed key of a built-in experiment: (action, why)."""
 

@@ -195,7 +195,12 @@ def _parts(multi: bool = False, sharded: bool = False) -> dict[str, Any]:
 def _metrics(folder: str) -> list[tuple[Any, ...]]:
     with open(os.path.join(folder, "metrics.jsonl"), encoding="utf-8") as handle:
         records = [json.loads(line) for line in handle]
-    return [(r["tag"], r["step"], r["epoch"], round(r["value"], 8)) for r in records]
+    # perf/* are clocks and memory: never the same in two runs or engines.
+    return [
+        (r["tag"], r["step"], r["epoch"], round(r["value"], 8))
+        for r in records
+        if not r["tag"].startswith("perf/")
+    ]
 
 
 def _run(

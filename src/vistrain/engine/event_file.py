@@ -1,4 +1,4 @@
-"""A small synchronous writer of TensorBoard event files for scalars.
+"""A small synchronous writer of TensorBoard event files for scalars (and PNG pictures).
 
 TensorBoard reads ``events.out.tfevents.*`` files: a sequence of ``Event`` protocol buffers,
 each framed as a TFRecord by ``tensorboard``'s own ``RecordWriter``. The writer of
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from itertools import count
 
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
@@ -64,6 +64,25 @@ class ScalarEventWriter:
         self._write(Event(wall_time=wall_time, step=step, summary=Summary(value=values)))
         if time.monotonic() >= self._next_flush:
             self.flush()
+
+    def add_png_images(
+        self, images: Sequence[tuple[str, bytes, int, int]], step: int, wall_time: float
+    ) -> None:
+        """Write PNG pictures ``(tag, png, height, width)`` of one step as a single event.
+
+        TensorBoard shows them in its images tab, one slider per tag over the steps.
+        """
+        values = [
+            Summary.Value(
+                tag=tag,
+                image=Summary.Image(
+                    height=height, width=width, colorspace=3, encoded_image_string=png
+                ),
+            )
+            for tag, png, height, width in images
+        ]
+        self._write(Event(wall_time=wall_time, step=step, summary=Summary(value=values)))
+        self.flush()
 
     def flush(self) -> None:
         """Hand everything written so far to the operating system."""

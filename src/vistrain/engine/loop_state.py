@@ -15,6 +15,8 @@ for everything that is not their own::
                                             losses go to the non-finite guard (no sync)
     after on_train_batch_end                log_train(logs) (log steps: guard.check());
                                             stop_requested()
+    a callback or the time budget           request_stop(reason) -> stop at the next boundary
+    after the loop, if a stop was requested save_stop_checkpoint()
     after a validation's on_test_epoch_end  end_validation(logs) -> val/<k>, on_validation_end
     epoch end                               finish_epoch() -> schedulers.step, on_train_epoch_end
     CheckpointCallback                      checkpoint_state() (engine.checkpoint_state()),
@@ -26,6 +28,7 @@ and a stop request (a signal, a time budget) in ``stop_requested``, once for bot
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -37,6 +40,7 @@ from torch.utils.data import DataLoader
 from vistrain.common.checks import check_list_of, check_positive_int
 from vistrain.common.typing import DictData, MetricLogs
 from vistrain.engine.callbacks.base import Callback
+from vistrain.engine.callbacks.checkpoint import CheckpointCallback
 from vistrain.engine.callbacks.logging import log_evaluation_logs
 from vistrain.engine.callbacks.trainer_state import StepMetrics, TrainerState, TrainingEngine
 from vistrain.engine.loss_module import LossModule
@@ -45,6 +49,12 @@ from vistrain.engine.optim import LRSchedulerWrapper, lr_scalars
 from vistrain.engine.resume import ResumePoint, collect_checkpoint, restore_checkpoint
 from vistrain.engine.rng import start_epoch_iterator
 from vistrain.engine.scalar_log import ScalarLogger
+from vistrain.engine.time_budget import TimeBudget
+
+
+def log_stop(reason: str, epoch: int, step: int) -> None:
+    """One line saying why and where training stops early."""
+    logging.getLogger("vistrain").info("Stopping at epoch %d, step %d: %s.", epoch, step, reason)
 
 
 def num_batches(loader: Any) -> int | None:
@@ -144,6 +154,9 @@ class LoopState:
         num_steps: Training-step limit (-1 = none).
         log_every_n_steps: Write the learning rates every n steps.
         tensorboard: Also write TensorBoard event files next to ``metrics.jsonl``.
+        max_time: Training-time budget in seconds (None = none), see ``time_budget``.
+        loggers: Scalar writers by name (``vistrain.engine.scalar_writers``); None: the
+            default (``metrics.jsonl``, plus TensorBoard when ``tensorboard``).
     """
 
     def __init__(
@@ -160,6 +173,8 @@ class LoopState:
         num_steps: int,
         log_every_n_steps: int,
         tensorboard: bool,
+        max_time: float | None = None,
+        loggers: Sequence[str] | None = None,
     ) -> None:
         self.engine = engine
         self.engine_name = engine_name
@@ -172,8 +187,11 @@ class LoopState:
         self.num_steps = num_steps
         self.log_every_n_steps = log_every_n_steps
         self.tensorboard = tensorboard
+        self.loggers = None if loggers is None else list(loggers)
         self.model: nn.Module | None = None
         self.guard = NonFiniteGuard()  # checked on log steps and before every checkpoint
+        self.time_budget = TimeBudget(max_time)
+        self.stop_reason: str | None = None
 
         self.current_epoch = 0
         self.global_step = 0
@@ -323,20 +341,67 @@ class LoopState:
         self.metrics = StepMetrics(metrics)
         self.guard.observe(total_loss, metrics, step, self.current_epoch)
 
+    def request_stop(self, reason: str) -> None:
+        """Stop the loop at the next step boundary, with a checkpoint (the first reason wins).
+
+        For early stopping and the time budget. Every rank must ask at the same step (callers
+        decide collectively) so all ranks leave the loop together. The engine then calls
+        ``save_stop_checkpoint``.
+        """
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            log_stop(reason, self.current_epoch, self.global_step)
+
     def stop_requested(self) -> bool:
         """Whether training ends after the step just done (checked at every step boundary).
 
-        Today the step limit; a stop request (signal, time budget) joins here.
+        The step limit, a ``request_stop`` or a spent time budget (checked on every step
+        alone, on log steps and epoch ends when distributed: see ``time_budget``).
         """
-        return self.num_steps != -1 and self.global_step >= self.num_steps
+        if self.stop_reason is not None:
+            return True
+        if self.num_steps != -1 and self.global_step >= self.num_steps:
+            return True
+        budget = self.time_budget
+        if budget.max_seconds is not None:
+            sync = self.epoch_finished or self.global_step % self.log_every_n_steps == 0
+            if budget.exhausted(sync):
+                self.request_stop(f"max_time={budget.max_seconds:g}s spent")
+                return True
+        return False
+
+    def save_stop_checkpoint(self) -> None:
+        """Collective: after a requested stop, every ``CheckpointCallback`` saves the state now.
+
+        The file holds the state after the stopping validation (early-stopping counters, the
+        time spent), so a resume continues from exactly there.
+        """
+        if self.stop_reason is None:
+            return
+        model = self._require_model()
+        state = self.state()
+        savers = [cb for cb in self.callbacks if isinstance(cb, CheckpointCallback)]
+        for callback in savers:
+            callback.save_now(state, model, epoch_finished=self.epoch_finished)
+        if not savers:
+            logging.getLogger("vistrain").warning(
+                "Training stopped early without a CheckpointCallback: no checkpoint was saved."
+            )
 
     # ------------------------------------------------------------------ logs
     def open_scalars(self, output_dir: str, resumed: bool) -> None:
-        """Open ``metrics.jsonl`` (and TensorBoard files); a resume drops records past its step."""
+        """Open the scalar writers; a resume drops records past its step.
+
+        Called by both engines at the start of fit, after a resume: a fresh run also starts
+        its training clock here (a resumed one did in ``resume``).
+        """
+        if not resumed:
+            self.time_budget.start()
         self.scalars = ScalarLogger(
             output_dir,
             tensorboard=self.tensorboard,
             purge_after_step=self.global_step if resumed else None,
+            loggers=self.loggers,
         )
 
     def close_scalars(self) -> None:
@@ -346,7 +411,7 @@ class LoopState:
             scalars.close()
 
     def log_train(self, logs: MetricLogs | None) -> None:
-        """Write the callbacks' ``on_train_batch_end`` logs as ``train/<k>``.
+        """Write the callbacks' ``on_train_batch_end`` logs as ``train/<k>`` (``perf/<k>`` as is).
 
         On log steps (every ``log_every_n_steps`` and the first) the learning rates and the
         epoch are written too.
@@ -357,7 +422,10 @@ class LoopState:
             self.guard.check()
         if self.scalars is None or not (logs or log_step):
             return
-        scalars: dict[str, Any] = {f"train/{key}": value for key, value in (logs or {}).items()}
+        scalars: dict[str, Any] = {
+            key if key.startswith("perf/") else f"train/{key}": value
+            for key, value in (logs or {}).items()
+        }
         if log_step:
             scalars.update(lr_scalars(self.optimizers))
             scalars["epoch"] = self.current_epoch
@@ -382,7 +450,7 @@ class LoopState:
         """Write a test run's logs as ``test/<k>`` and return them as floats."""
         result = {key: float(value) for key, value in logs.items()}
         log_evaluation_logs("Test", result)
-        scalars = ScalarLogger(output_dir, tensorboard=self.tensorboard)
+        scalars = ScalarLogger(output_dir, tensorboard=self.tensorboard, loggers=self.loggers)
         try:
             scalars.log(
                 {f"test/{key}": value for key, value in result.items()},
@@ -397,6 +465,8 @@ class LoopState:
     def checkpoint_state(self) -> dict[str, Any]:
         """Collective: the complete training state (see ``resume.collect_checkpoint``).
 
+        Also the training seconds spent so far (``train_time_s``), for ``max_time``.
+
         Raises:
             NonFiniteError: If a loss became non-finite since the last check (no state of
                 poisoned weights is collected).
@@ -409,6 +479,7 @@ class LoopState:
             epoch_finished=self.epoch_finished,
             batches_done=self.batches_done,
             epoch_start_rng=self.epoch_start_rng,
+            train_time_s=self.time_budget.spent(),
         )
 
     def resume(self, ckpt_path: str) -> ResumePoint:
@@ -429,6 +500,7 @@ class LoopState:
         )
         self.global_step = point.global_step
         self.val_logs = point.val_logs
+        self.time_budget.start(point.train_time_s)
         self.current_epoch = point.start_epoch
         return point
 

@@ -52,6 +52,7 @@ def collect_checkpoint(
     epoch_finished: bool,
     batches_done: int | None = None,
     epoch_start_rng: dict[str, Any] | None = None,
+    train_time_s: float = 0.0,
 ) -> dict[str, Any]:
     """Collective: the complete training state; every rank must call it.
 
@@ -69,6 +70,7 @@ def collect_checkpoint(
         batches_done: Batches of the epoch done; None reads ``trainer_state["batches_done"]``
             (or the epoch's length once it finished).
         epoch_start_rng: This rank's RNG states at the epoch's start, for a mid-epoch resume.
+        train_time_s: Training seconds spent so far (``Trainer(max_time=...)``).
     """
     for callback in callbacks:
         callback.on_save_checkpoint(trainer_state, model)
@@ -98,6 +100,7 @@ def collect_checkpoint(
         "sampler": {"epoch_start_rng": all_gather_object(epoch_start_rng)},
         "world_size": get_world_size(),
         "val_logs": dict(trainer_state.get("val_logs") or {}),
+        "train_time_s": float(train_time_s),
     }
 
 
@@ -112,6 +115,7 @@ class ResumePoint:
         val_logs: The latest validation logs at the checkpoint.
         resume_rng: For a mid-epoch resume, (this rank's RNG at the epoch's start, at the
             checkpoint), for ``start_epoch_iterator``; None otherwise.
+        train_time_s: Training seconds spent up to the checkpoint (``max_time``).
     """
 
     start_epoch: int
@@ -119,6 +123,7 @@ class ResumePoint:
     global_step: int
     val_logs: dict[str, float] = field(default_factory=dict)
     resume_rng: tuple[dict[str, Any], dict[str, Any]] | None = None
+    train_time_s: float = 0.0
 
 
 def restore_checkpoint(
@@ -181,6 +186,7 @@ def restore_checkpoint(
         skip_batches=0,
         global_step=int(ckpt["global_step"]),
         val_logs=dict(ckpt.get("val_logs", {})),
+        train_time_s=float(ckpt.get("train_time_s", 0.0)),
     )
     if ckpt.get("epoch_finished", True):
         if rank_rng is not None:

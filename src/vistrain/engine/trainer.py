@@ -16,7 +16,9 @@ at these points::
             logs = on_train_batch_end(state, model, loss_module, outputs, batch, batch_idx)
             -> logs written as train/<key>
             validate when val_check_interval divides global_step
-            stop here when the step limit is reached (or a stop was requested)
+            stop here when the step limit is reached, a stop was requested (request_stop:
+            early stopping) or max_time is spent; after a requested stop every
+            CheckpointCallback saves once more
         scheduler.step(epoch) for every scheduler
         on_train_epoch_end(state, model, loss_module)
         validate when (epoch + 1) % check_val_every_n_epoch == 0
@@ -73,6 +75,8 @@ from vistrain.engine.loop_state import (
 from vistrain.engine.loss_module import LossModule
 from vistrain.engine.optim import LRSchedulerWrapper, check_optimizers_train
 from vistrain.engine.rng import preserved_rng_state
+from vistrain.engine.scalar_writers import check_logger_names
+from vistrain.engine.time_budget import parse_max_time
 
 
 class Trainer:
@@ -97,6 +101,12 @@ class Trainer:
             so checkpoints, stay those of the plain model (``vistrain.engine.device_setup``).
         channels_last: Keep the model's 4-D weights and the batches' 4-D floating-point
             tensors in the channels-last memory format.
+        max_time: Training-time budget: seconds or ``"DD:HH:MM:SS"``; training stops at the
+            step boundary where it is spent and a checkpoint is saved. Counts time inside
+            ``fit`` of this and earlier (resumed) segments. None: no budget.
+        loggers: Scalar writer names (``"jsonl"``, ``"tb"``, ``"csv"``, ``"wandb"``,
+            ``"mlflow"``: ``vistrain.engine.scalar_writers``); None: ``jsonl`` plus ``tb``
+            when ``tensorboard``.
 
     Raises:
         ValueError: If a limit or an interval is out of range, or ``device`` is not a device
@@ -123,7 +133,11 @@ class Trainer:
         tensorboard: bool = True,
         compile: bool | str = False,
         channels_last: bool = False,
+        max_time: float | str | None = None,
+        loggers: Sequence[str] | None = None,
     ) -> None:
+        max_seconds = parse_max_time(max_time)
+        logger_names = check_logger_names(loggers)
         check_loop_limits(
             num_epochs, num_steps, check_val_every_n_epoch, val_check_interval, log_every_n_steps
         )
@@ -159,6 +173,8 @@ class Trainer:
             num_steps=num_steps,
             log_every_n_steps=log_every_n_steps,
             tensorboard=tensorboard,
+            max_time=max_seconds,
+            loggers=logger_names,
         )
         self._setup_done = False
         self._fitting = False
@@ -199,6 +215,13 @@ class Trainer:
         if not self._fitting:
             raise RuntimeError("checkpoint_state() is only available while fit() runs.")
         return self.loop.checkpoint_state()
+
+    def request_stop(self, reason: str) -> None:
+        """Stop training at the next step boundary and save a checkpoint (see ``LoopState``).
+
+        Every rank must ask at the same step (early stopping decides on rank 0's values).
+        """
+        self.loop.request_stop(reason)
 
     # ----------------------------------------------------------------- fit
     def _setup(self) -> None:
@@ -258,6 +281,7 @@ class Trainer:
                 skip_batches=0 if point is None else point.skip_batches,
                 resume_rng=None if point is None else point.resume_rng,
             )
+            loop.save_stop_checkpoint()
             state = loop.state()
             for callback in self.callbacks:
                 callback.on_fit_end(state, model)

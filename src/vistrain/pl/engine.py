@@ -79,6 +79,8 @@ class LightningEngine:
         log_every_n_steps: Write learning rates every n steps (train logs are written
             whenever callbacks return them).
         tensorboard: Also write TensorBoard event files.
+        max_time: Training-time budget in seconds (None = none).
+        loggers: Scalar writer names (None = the default).
     """
 
     def __init__(
@@ -92,6 +94,8 @@ class LightningEngine:
         output_dir: str | None,
         log_every_n_steps: int,
         tensorboard: bool,
+        max_time: float | None = None,
+        loggers: list[str] | None = None,
     ) -> None:
         self.model = model
         self.loss_module = loss_module
@@ -111,6 +115,8 @@ class LightningEngine:
             num_steps=-1,
             log_every_n_steps=log_every_n_steps,
             tensorboard=tensorboard,
+            max_time=max_time,
+            loggers=loggers,
         )
         self.loop.model = model
         self.train_loader_proxy = EpochLoader(self)
@@ -127,6 +133,7 @@ class LightningEngine:
         self._batch_logs: MetricLogs = {}
         self._eval_logs: MetricLogs = {}
         self._warned_step_val = False
+        self._stop_saved = False
 
     # ------------------------------------------------------------------ registration
     def attach(self, trainer: pl.Trainer) -> None:
@@ -200,6 +207,21 @@ class LightningEngine:
                 )
             return
         trainer.check_val_every_n_epoch = every_n_epochs
+
+    def request_stop(self, reason: str) -> None:
+        """Stop after this step or validation: Lightning's ``should_stop``, then a checkpoint.
+
+        The checkpoint is saved by ``end_validation_epoch`` / ``after_train_batch`` once the
+        hook that asked has returned (every rank asks at the same step).
+        """
+        self.loop.request_stop(reason)
+        self._trainer().should_stop = True
+
+    def _save_if_stopping(self) -> None:
+        """Once, after a requested stop: every CheckpointCallback saves the state now."""
+        if self.loop.stop_reason is not None and not self._stop_saved:
+            self._stop_saved = True
+            self.loop.save_stop_checkpoint()
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Collective: the complete training state in the native Trainer's format.
@@ -305,6 +327,9 @@ class LightningEngine:
         """
         logs, self._batch_logs = self._batch_logs, {}
         self.loop.log_train(logs)
+        if self.loop.stop_requested() and self.loop.stop_reason is not None:
+            self._trainer().should_stop = True  # a request or the spent time budget
+        self._save_if_stopping()
         trainer = self._trainer()
         if trainer.check_val_every_n_epoch is not None and self._epoch_complete():
             self.finish_epoch()
@@ -342,6 +367,7 @@ class LightningEngine:
         logs, self._eval_logs = self._eval_logs, {}
         self._sync_epoch()
         self.loop.end_validation(logs)
+        self._save_if_stopping()
 
     def end_validation(self) -> None:
         """Restore the RNG states saved by ``start_validation``."""

@@ -32,6 +32,8 @@ from vistrain.zoo.base import Experiment
 logger = logging.getLogger("vistrain")
 
 _TRAINER_KEYS = {
+    "max_time",
+    "loggers",
     "num_epochs",
     "num_steps",
     "check_val_every_n_epoch",
@@ -169,6 +171,8 @@ def fit_with_lightning(
         resume_from=ckpt_path,
         compile=trainer_kwargs.get("compile", False),
         channels_last=trainer_kwargs.get("channels_last", False),
+        max_time=trainer_kwargs.get("max_time"),
+        loggers=trainer_kwargs.get("loggers"),
     )
     trainer = build_lightning_trainer(
         output_dir,

@@ -34,6 +34,8 @@ from vistrain.engine.device_setup import (
 from vistrain.engine.loop_state import as_loader_list
 from vistrain.engine.loss_module import LossModule
 from vistrain.engine.optim import LRSchedulerWrapper, check_optimizers_train
+from vistrain.engine.scalar_writers import check_logger_names
+from vistrain.engine.time_budget import parse_max_time
 from vistrain.pl.engine import LightningEngine
 
 
@@ -67,6 +69,10 @@ class TrainingModule(pl.LightningModule):
         channels_last: As the native Trainer's: model and 4-D batch tensors channels-last
             (batches after Lightning moved them to the device).
 
+        max_time: Training-time budget, as ``Trainer(max_time=...)``: Lightning stops at the
+            step where it is spent, after a checkpoint.
+        loggers: Scalar writer names, as ``Trainer(loggers=...)``.
+
     Raises:
         TypeError: If an argument has the wrong type.
         ValueError: If there is no optimizer, an optimizer holds none of the model's
@@ -89,6 +95,8 @@ class TrainingModule(pl.LightningModule):
         resume_from: str | None = None,
         compile: bool | str = False,
         channels_last: bool = False,
+        max_time: float | str | None = None,
+        loggers: Sequence[str] | str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -131,6 +139,8 @@ class TrainingModule(pl.LightningModule):
             output_dir=output_dir,
             log_every_n_steps=log_every_n_steps,
             tensorboard=tensorboard,
+            max_time=parse_max_time(max_time),
+            loggers=check_logger_names(loggers),
         )
 
     # ------------------------------------------------------------------ Lightning API

@@ -61,6 +61,14 @@ class Visualizer(ABC):
     def save_to_disk(self, cur_iter: int, output_folder: str) -> None:
         """Write what was drawn into ``output_folder``."""
 
+    @property
+    def drawn(self) -> list[tuple[str, Any]]:
+        """The pictures drawn since the last ``reset()`` as (name, PIL image); none by default.
+
+        ``VisualizerCallback`` sends these to TensorBoard's images tab.
+        """
+        return []
+
     @abstractmethod
     def reset(self) -> None:
         """Forget what was drawn (called after it has been shown or saved)."""

@@ -35,6 +35,7 @@ from vistrain.eval.classification import ClassificationEvaluator
 from vistrain.model.adapter import ModelEMAAdapter
 from vistrain.zoo.base import Experiment
 from vistrain.zoo.engine_params import EngineParams
+from vistrain.zoo.monitoring import MonitoringParams
 
 DESCRIPTION = "CNN classifier on generated stripe images (4 classes), top-1/top-5 accuracy"
 NUM_CLASSES = 4
@@ -43,7 +44,7 @@ logger = logging.getLogger("vistrain")
 
 
 @dataclass
-class Params(EngineParams):
+class Params(EngineParams, MonitoringParams):
     """Parameters of the toy classifier (``--set KEY=VALUE``).
 
     The engine options (``precision``, ``accumulate_grad_batches``, ``gradient_clip_val``,
@@ -71,6 +72,7 @@ class Params(EngineParams):
     def validate(self) -> None:
         """Raise ValueError for values no run can use."""
         self.validate_engine_options()
+        self.validate_monitoring()
         positive = (
             "num_epochs",
             "batch_size",
@@ -188,6 +190,7 @@ def build(params: Params, output_dir: str) -> Experiment:
     ]
     if params.ema:
         callbacks.insert(0, EMACallback())
+    callbacks += params.monitoring_callbacks(output_dir, monitor="Cls/top1", mode="max")
     return Experiment(
         model=model,
         loss_module=loss_module,
@@ -205,6 +208,7 @@ def build(params: Params, output_dir: str) -> Experiment:
             "check_val_every_n_epoch": params.val_every,
             "log_every_n_steps": params.log_every,
             **params.engine_trainer_kwargs(),
+            **params.monitoring_trainer_kwargs(),
         },
     )
 

@@ -58,6 +58,7 @@ from vistrain.model.yolox import SIZES, YOLOX
 from vistrain.predict import DetectorInfo, info_from_annotations
 from vistrain.zoo.base import Experiment
 from vistrain.zoo.engine_params import EngineParams
+from vistrain.zoo.monitoring import MonitoringParams
 from vistrain.zoo.yolox_wiring import (
     check_init_weights,
     log_yolox_summary,
@@ -108,7 +109,7 @@ def official_recipe(size: str) -> SizeRecipe:
 
 
 @dataclass
-class Params(EngineParams):
+class Params(EngineParams, MonitoringParams):
     """Parameters of a YOLOX run on COCO-format data (``--set KEY=VALUE``).
 
     The engine options (``precision``, ``accumulate_grad_batches``, ``gradient_clip_val``,
@@ -237,6 +238,7 @@ class Params(EngineParams):
     def validate(self) -> None:
         """Raise ValueError naming the first key whose value no run can use."""
         self.validate_engine_options()
+        self.validate_monitoring()
         run = self.recipe()
         for name in ("train_ann", "train_images", "val_ann", "val_images"):
             if not getattr(self, name):
@@ -396,7 +398,7 @@ def build(params: Params, output_dir: str) -> Experiment:
         log_every=params.log_every,
         vis_every=params.vis_every,
         checkpoint_period=params.checkpoint_period,
-    )
+    ) + params.monitoring_callbacks(output_dir, monitor="Det/AP", mode="max")
     train_connector, test_connector = yolox_data_connectors()
     return Experiment(
         model=model,
@@ -413,6 +415,7 @@ def build(params: Params, output_dir: str) -> Experiment:
             "check_val_every_n_epoch": params.val_every,
             "log_every_n_steps": params.log_every,
             **params.engine_trainer_kwargs(),
+            **params.monitoring_trainer_kwargs(),
         },
     )
 

@@ -68,6 +68,7 @@ from vistrain.model.yolox import YOLOX
 from vistrain.predict import DetectorInfo
 from vistrain.zoo.base import Experiment
 from vistrain.zoo.engine_params import EngineParams
+from vistrain.zoo.monitoring import MonitoringParams
 from vistrain.zoo.yolox_wiring import (
     check_init_weights,
     log_yolox_summary,
@@ -87,7 +88,7 @@ STRIDE = 32
 
 
 @dataclass
-class Params(EngineParams):
+class Params(EngineParams, MonitoringParams):
     """Parameters of the YOLOX shapes run (``--set KEY=VALUE``).
 
     The engine options (``precision``, ``accumulate_grad_batches``, ``gradient_clip_val``,
@@ -182,6 +183,7 @@ class Params(EngineParams):
     def validate(self) -> None:
         """Raise ValueError naming the first key whose value no run can use."""
         self.validate_engine_options()
+        self.validate_monitoring()
         positive = (
             "num_epochs",
             "batch_size",
@@ -325,7 +327,7 @@ def _callbacks(
         log_every=params.log_every,
         vis_every=params.vis_every,
         checkpoint_period=params.checkpoint_period,
-    )
+    ) + params.monitoring_callbacks(output_dir, monitor="Det/AP", mode="max")
 
 
 def build(params: Params, output_dir: str) -> Experiment:
@@ -394,6 +396,7 @@ def build(params: Params, output_dir: str) -> Experiment:
             "check_val_every_n_epoch": params.val_every,
             "log_every_n_steps": params.log_every,
             **params.engine_trainer_kwargs(),
+            **params.monitoring_trainer_kwargs(),
         },
     )
 

@@ -112,7 +112,9 @@ def train(
         state["global_step"] += 1
         state["batches_done"] = batch_idx + 1
         state["metrics"] = metrics(state["global_step"])
-        logs.append(callback.on_train_batch_end(state, None, None, {}, batch, batch_idx))  # type: ignore[arg-type]
+        out = callback.on_train_batch_end(state, None, None, {}, batch, batch_idx)  # type: ignore[arg-type]
+        # perf/* (clocks, memory) are pinned in test_perf_scalars_match_the_line.
+        logs.append(out and {k: v for k, v in out.items() if not k.startswith("perf/")})
     return logs
 
 
@@ -124,6 +126,30 @@ def validate(
         clock.now += seconds / 4
         callback.on_test_batch_end(state, None, {}, {}, batch_idx)  # type: ignore[arg-type]
     callback.on_test_epoch_end(state, None)  # type: ignore[arg-type]
+
+
+def test_perf_scalars_match_the_line(clock: FakeClock, lines: list[str]) -> None:
+    callback = make_callback(refresh_rate=4)
+    state = make_state(current_epoch=0, global_step=0)
+    callback.on_train_epoch_start(state, None, None)  # type: ignore[arg-type]
+    logs = []
+    for batch_idx in range(8):
+        batch = {"images": torch.zeros(8, 3, 2, 2)}
+        clock.now += 0.1
+        callback.on_train_batch_start(state, None, None, batch, batch_idx)  # type: ignore[arg-type]
+        clock.now += 0.4
+        state["global_step"] += 1
+        state["batches_done"] = batch_idx + 1
+        state["metrics"] = default_metrics(state["global_step"])
+        logs.append(callback.on_train_batch_end(state, None, None, {}, batch, batch_idx))  # type: ignore[arg-type]
+    # The second window: 4 batches of 0.1 s waiting + 0.4 s training, 8 images each.
+    perf = {k: v for k, v in logs[7].items() if k.startswith("perf/")}
+    assert perf.pop("perf/max_memory_mb") > 0
+    assert perf == pytest.approx(
+        {"perf/step_time": 0.5, "perf/img_per_s": 16.0, "perf/data_time": 0.1}
+    )
+    assert ", 2.00 it/s, 16.0 img/s, data: 0.100s, " in lines[-1]  # what the line shows
+    assert all(log is None for i, log in enumerate(logs) if i not in (3, 7))
 
 
 def test_refresh_rate_must_be_a_positive_int() -> None:

@@ -38,14 +38,16 @@ import json
 import logging
 import math
 import os
+import time
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
 from vistrain.common.checks import check_choice, check_positive_int
 from vistrain.common.cpu import has_spare_core
-from vistrain.common.distributed import get_rank
+from vistrain.common.distributed import broadcast, get_rank, is_distributed
 from vistrain.common.typing import DictData, MetricLogs
 from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.trainer_state import TrainerState
@@ -109,12 +111,16 @@ class CheckpointCallback(Callback):
             (``True``), or block training for the whole write (``False``). ``None`` (default)
             decides at the first save: asynchronous when the writer has a spare core (see
             ``writer_has_spare_cpu``), blocking otherwise.
+        every_n_minutes: Also save after every this many minutes of wall time since the
+            previous save (or the first step), at the next step end, whatever the period
+            (Lightning's ``train_time_interval``). In a distributed run rank 0's clock
+            decides (one broadcast per step). ``None`` disables it.
         **kwargs: Passed to ``Callback``.
 
     Raises:
         TypeError: For a period or ``max_to_keep`` that is not an int.
-        ValueError: For a period or ``max_to_keep`` below 1, an empty ``save_prefix`` or a
-            ``mode`` other than ``"min"``/``"max"``.
+        ValueError: For a period or ``max_to_keep`` below 1, an empty ``save_prefix``, a
+            ``mode`` other than ``"min"``/``"max"`` or ``every_n_minutes`` not positive.
     """
 
     def __init__(
@@ -126,6 +132,7 @@ class CheckpointCallback(Callback):
         monitor: str | None = None,
         mode: str = "max",
         async_save: bool | None = None,
+        every_n_minutes: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -136,6 +143,17 @@ class CheckpointCallback(Callback):
         check_choice("mode", mode, ("min", "max"))
         if monitor is not None and not isinstance(monitor, str):
             raise TypeError(f"monitor must be a str or None, got {type(monitor).__name__}.")
+        if every_n_minutes is not None and (
+            isinstance(every_n_minutes, bool)
+            or not isinstance(every_n_minutes, (int, float))
+            or not every_n_minutes > 0
+        ):
+            raise ValueError(
+                f"every_n_minutes={every_n_minutes!r} must be a positive number of minutes "
+                "(or None)."
+            )
+        self.every_n_minutes = every_n_minutes
+        self._last_save_time: float | None = None  # monotonic time of the last save
         self.save_prefix = os.fspath(save_prefix)
         self.output_dir = os.path.join(self.save_prefix, "checkpoints")
         self.checkpoint_period = checkpoint_period
@@ -169,10 +187,32 @@ class CheckpointCallback(Callback):
         batch: DictData,
         batch_idx: int,
     ) -> MetricLogs | None:
-        """Step-based: save when ``global_step`` is a multiple of the period (collective)."""
-        if not self.epoch_based and trainer_state["global_step"] % self.checkpoint_period == 0:
+        """Save by step period, or once ``every_n_minutes`` have passed (collective).
+
+        Step based: when ``global_step`` is a multiple of the period.
+        """
+        step = trainer_state["global_step"]
+        by_step = not self.epoch_based and step % self.checkpoint_period == 0
+        if by_step or (self.every_n_minutes is not None and self._time_due()):
             self._save(trainer_state, model, epoch_finished=False, batch_idx=batch_idx)
         return None
+
+    def _time_due(self) -> bool:
+        """Whether ``every_n_minutes`` passed since the last save (rank 0's clock decides)."""
+        now = time.monotonic()
+        if self._last_save_time is None:
+            self._last_save_time = now
+        due = now - self._last_save_time >= 60.0 * float(self.every_n_minutes or 0)
+        if is_distributed():
+            due = bool(broadcast(torch.tensor([int(due)], dtype=torch.int32)).item())
+        return due
+
+    def save_now(self, trainer_state: TrainerState, model: nn.Module, epoch_finished: bool) -> None:
+        """Collective: save the state at once, whatever the period (a stop, an interrupt).
+
+        A file of the same step is replaced, so it holds the newest callback states.
+        """
+        self._save(trainer_state, model, epoch_finished=epoch_finished, batch_idx=None)
 
     def on_train_epoch_end(
         self, trainer_state: TrainerState, model: nn.Module, loss_module: LossModule
@@ -325,6 +365,7 @@ class CheckpointCallback(Callback):
             NonFiniteError: If the model's weights hold NaN or Inf; nothing is written and
                 ``last.ckpt`` / ``best.ckpt`` keep the previous finite weights.
         """
+        self._last_save_time = time.monotonic()
         step = trainer_state["global_step"]
         name = f"epoch={trainer_state['current_epoch']}-step={step}.ckpt"
         bookkeeping = (list(self._saved), self._last_step)

@@ -42,10 +42,13 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import resource
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from vistrain.common.distributed import (
@@ -109,6 +112,19 @@ def learning_rates(trainer_state: TrainerState) -> dict[str, float]:
     if len(set(rates.values())) == 1:
         return {"lr": next(iter(rates.values()))}
     return rates
+
+
+def max_memory_mb(model: nn.Module | None) -> float:
+    """Peak memory of this process in MiB (``perf/max_memory_mb``).
+
+    CUDA ``max_memory_allocated`` of the model's GPU, else the process's peak resident set
+    size (``getrusage``: KiB on Linux, bytes on macOS). Neither reading waits for the device.
+    """
+    param = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    if param is not None and param.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(param.device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def total_train_steps(trainer_state: TrainerState) -> int | None:
@@ -231,16 +247,30 @@ class LoggingCallback(Callback):
         step = trainer_state["global_step"]
         return f"Iter {step}/{'?' if steps is None else steps}", step
 
-    def _train_line(self, prefix: str, eta: str, metrics: Mapping[str, float]) -> str:
-        parts = [prefix, f"ETA: {eta}"]
+    def _window_rates(self) -> dict[str, float]:
+        """The window's speed: ``perf/step_time``, ``perf/img_per_s``, ``perf/data_time``.
+
+        Only what the window measured (no images: no ``img_per_s``); host clocks only.
+        """
+        rates: dict[str, float] = {}
         window_time = self._train_timer.elapsed() - self._window_start_time
         if window_time > 0 and self._window_batches > 0:
-            parts.append(f"{self._window_batches / window_time:.2f} it/s")
+            rates["perf/step_time"] = window_time / self._window_batches
             if self._window_images > 0:
-                images = self._window_images * get_world_size()
-                parts.append(f"{images / window_time:.1f} img/s")
+                rates["perf/img_per_s"] = self._window_images * get_world_size() / window_time
         if self._data_batches > 0:
-            parts.append(f"data: {self._data_time / self._data_batches:.3f}s")
+            rates["perf/data_time"] = self._data_time / self._data_batches
+        return rates
+
+    def _train_line(self, prefix: str, eta: str, metrics: Mapping[str, float]) -> str:
+        parts = [prefix, f"ETA: {eta}"]
+        rates = self._window_rates()
+        if "perf/step_time" in rates:
+            parts.append(f"{1.0 / rates['perf/step_time']:.2f} it/s")
+        if "perf/img_per_s" in rates:
+            parts.append(f"{rates['perf/img_per_s']:.1f} img/s")
+        if "perf/data_time" in rates:
+            parts.append(f"data: {rates['perf/data_time']:.3f}s")
         if metrics:
             parts.append(format_metrics(metrics))
         return ", ".join(parts)
@@ -326,7 +356,7 @@ class LoggingCallback(Callback):
                 self._window_images += images.shape[0]
         logs: MetricLogs | None = None
         if self._is_train_log_step(trainer_state, batch_idx):
-            logs = self._log_window(trainer_state, batch_idx)
+            logs = self._log_window(trainer_state, batch_idx, model)
         else:
             if not self._first_line_done and is_rank_zero():
                 self._log_first_batch(trainer_state, batch_idx, metrics)
@@ -338,9 +368,16 @@ class LoggingCallback(Callback):
         self._last_batch_end = time.perf_counter()
         return logs
 
-    def _log_window(self, trainer_state: TrainerState, batch_idx: int) -> MetricLogs | None:
-        """Close the window: average it (collective), print its line, return the averages."""
+    def _log_window(
+        self, trainer_state: TrainerState, batch_idx: int, model: nn.Module
+    ) -> MetricLogs | None:
+        """Close the window: average it (collective), print its line, return the averages.
+
+        Rank 0 also returns the window's ``perf/*`` scalars (its own clocks and memory, read
+        without a device sync); the engines write those keys as they are, not as ``train/``.
+        """
         averages = self._reduce_window()
+        logs: MetricLogs = dict(averages)
         if is_rank_zero():
             shown = {**learning_rates(trainer_state), **averages}
             prefix, completed = self._position(trainer_state, batch_idx)
@@ -351,8 +388,10 @@ class LoggingCallback(Callback):
                     "train", completed, eta=eta, metrics=format_metrics(shown), redraw=True
                 )
             logger.info(self._train_line(prefix, eta, shown))
+            logs.update(self._window_rates())
+            logs["perf/max_memory_mb"] = max_memory_mb(model)
         self._reset_window()
-        return dict(averages) if averages else None
+        return logs or None
 
     def _log_first_batch(
         self, trainer_state: TrainerState, batch_idx: int, metrics: Mapping[str, Any] | None

@@ -80,6 +80,9 @@ class TrainingEngine(Protocol):
         """Collective: the complete training state to save (every rank must call it)."""
         ...
 
+    def request_stop(self, reason: str) -> None:
+        """Stop at the next step boundary and save a checkpoint (every rank at the same step)."""
+
 
 class TrainerState(TypedDict):
     """State of the trainer, passed to every hook.

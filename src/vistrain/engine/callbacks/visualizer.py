@@ -12,6 +12,11 @@ collective. Steps that are not visualisation steps cost one modulo, nothing else
 are made when the first picture goes into them, so a run that draws nothing (a test has no
 training pictures) leaves no empty folder.
 
+With ``save_prefix`` set, the first ``tensorboard_images`` test pictures of every validation
+also go to an event file in ``save_prefix`` (TensorBoard's images tab, tags ``vis/val/<k>``
+with a step slider), so the same images can be compared across a run without leaving
+TensorBoard.
+
 Test pictures go to ``vis/test/step<global_step>/<image>.png``, one folder per validation,
 so the same images can be compared across a run; only the newest ``keep_test_steps``
 folders are kept (older ones are deleted when a new validation starts drawing), which
@@ -20,17 +25,21 @@ bounds the disk use of long runs.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
+import time
 from typing import Any
 
 from torch import nn
 
+from vistrain.common.checks import check_positive_int
 from vistrain.common.distributed import is_rank_zero
 from vistrain.common.typing import DictData, MetricLogs
 from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.trainer_state import TrainerState
+from vistrain.engine.event_file import ScalarEventWriter
 from vistrain.engine.loss_module import LossModule
 from vistrain.vis.base import Visualizer
 
@@ -46,12 +55,14 @@ class VisualizerCallback(Callback):
         save_to_disk: Write pictures under ``<save_prefix>/vis/{train,test}/``.
         save_prefix: Output directory of the run; required when ``save_to_disk``.
         keep_test_steps: Keep the test pictures of this many validations (the newest).
+        tensorboard_images: Also send this many test pictures per validation to TensorBoard
+            (an event file in ``save_prefix``; 0 = none, nothing without ``save_prefix``).
         **kwargs: Passed to ``Callback`` (``train_connector``, ``test_connector``).
 
     Raises:
         TypeError: If ``visualizer`` is not a ``Visualizer``.
         ValueError: If ``save_to_disk`` is set without ``save_prefix``, a needed connector
-            is missing or ``keep_test_steps`` is below 1.
+            is missing, ``keep_test_steps`` is below 1 or ``tensorboard_images`` below 0.
     """
 
     def __init__(
@@ -63,6 +74,7 @@ class VisualizerCallback(Callback):
         save_to_disk: bool = True,
         save_prefix: str | None = None,
         keep_test_steps: int = 10,
+        tensorboard_images: int = 8,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -90,6 +102,10 @@ class VisualizerCallback(Callback):
             raise TypeError(f"keep_test_steps must be an int, got {keep_test_steps!r}.")
         if keep_test_steps < 1:
             raise ValueError(f"keep_test_steps={keep_test_steps} must be >= 1.")
+        check_positive_int("tensorboard_images", tensorboard_images, {0: "none"})
+        self.tensorboard_images = tensorboard_images if save_prefix is not None else 0
+        self._events: ScalarEventWriter | None = None
+        self._tb_sent = 0  # pictures sent in the current validation
         self.visualizer = visualizer
         self.visualize_train = visualize_train
         self.show = show
@@ -119,13 +135,43 @@ class VisualizerCallback(Callback):
         for _, name in older[: max(0, len(older) - (self.keep_test_steps - 1))]:
             shutil.rmtree(os.path.join(self.test_folder, name), ignore_errors=True)
 
-    def _visualize(self, cur_iter: int, inputs: DictData, folder: str) -> None:
+    def _visualize(
+        self, cur_iter: int, inputs: DictData, folder: str, tb_step: int | None = None
+    ) -> None:
         self.visualizer.process(cur_iter, **inputs)
         if self.show:
             self.visualizer.show(cur_iter)
         if self.save_to_disk:
             self.visualizer.save_to_disk(cur_iter, folder)
+        if tb_step is not None and self._tb_sent < self.tensorboard_images:
+            self._send_to_tensorboard(tb_step)
         self.visualizer.reset()
+
+    def _send_to_tensorboard(self, step: int) -> None:
+        """Send drawn pictures (up to the validation's budget) to the images tab."""
+        pictures = self.visualizer.drawn[: self.tensorboard_images - self._tb_sent]
+        if not pictures or self.save_prefix is None:
+            return
+        encoded = []
+        for _, image in pictures:
+            buffer = io.BytesIO()
+            image.convert("RGB").save(buffer, format="PNG")
+            tag = f"vis/val/{self._tb_sent}"
+            encoded.append((tag, buffer.getvalue(), image.height, image.width))
+            self._tb_sent += 1
+        if self._events is None:
+            self._events = ScalarEventWriter(self.save_prefix)
+        self._events.add_png_images(encoded, step, time.time())
+
+    def on_test_epoch_start(self, trainer_state: TrainerState, model: nn.Module) -> None:
+        """A new validation: its own budget of TensorBoard pictures."""
+        self._tb_sent = 0
+
+    def on_fit_end(self, trainer_state: TrainerState, model: nn.Module) -> None:
+        """Close the picture event file."""
+        if self._events is not None:
+            self._events.close()
+            self._events = None
 
     def on_train_batch_end(
         self,
@@ -164,4 +210,4 @@ class VisualizerCallback(Callback):
         if folder != self._step_folder:
             self._start_test_step_folder(folder)
         inputs = self.get_test_callback_inputs(outputs, batch)
-        self._visualize(batch_idx, inputs, folder)
+        self._visualize(batch_idx, inputs, folder, tb_step=trainer_state["global_step"])
