@@ -12,13 +12,21 @@ for everything that is not their own::
                                             sampler.set_epoch, epoch-start RNG, skip on resume
     forward, loss                           (the engine's own)
     backward + optimizer step               train_step(loss, metrics, optimizers, ...)
-    after on_train_batch_end                log_train(logs); stop_requested()
+    after on_train_batch_end                log_train(logs); stop_requested() (collective)
     after a validation's on_test_epoch_end  end_validation(logs) -> val/<k>, on_validation_end
     epoch end                               finish_epoch() -> schedulers.step, on_train_epoch_end
     CheckpointCallback                      checkpoint_state() (engine.checkpoint_state())
 
 So a change of the step itself (precision, accumulation, clipping) lands in ``train_step``
 and a stop request (a signal, a time budget) in ``stop_requested``, once for both engines.
+
+Stopping early: anything may call ``request_stop(reason, exit_code, checkpoint)`` (early
+stopping, a time budget); a SIGTERM, SIGINT or SIGUSR1 becomes one while the engine has
+``vistrain.engine.stop_signal.StopSignals`` installed. At the next step boundary
+``stop_requested`` lets the ranks agree (one all-reduce when distributed, see
+``stop_request.agree_on_stop``), writes a checkpoint at that step through every
+``CheckpointCallback`` (``save_now``), flushes the scalar files and returns True; the engine
+leaves its loop as after the step limit and ``stop_report`` says where it stopped.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from torch.utils.data import DataLoader
 from vistrain.common.checks import check_list_of, check_positive_int
 from vistrain.common.typing import DictData, MetricLogs
 from vistrain.engine.callbacks.base import Callback
+from vistrain.engine.callbacks.checkpoint import CheckpointCallback
 from vistrain.engine.callbacks.logging import log_evaluation_logs
 from vistrain.engine.callbacks.trainer_state import StepMetrics, TrainerState, TrainingEngine
 from vistrain.engine.loss_module import LossModule
@@ -41,6 +50,8 @@ from vistrain.engine.optim import LRSchedulerWrapper, lr_scalars
 from vistrain.engine.resume import ResumePoint, collect_checkpoint, restore_checkpoint
 from vistrain.engine.rng import start_epoch_iterator
 from vistrain.engine.scalar_log import ScalarLogger
+from vistrain.engine.stop_request import StopReport, StopRequest, agree_on_stop
+from vistrain.engine.stop_signal import received_stop
 
 
 def num_batches(loader: Any) -> int | None:
@@ -150,6 +161,9 @@ class LoopState:
         self.pending_train_dataloader: DataLoader[DictData] | None = None
         self.scalars: ScalarLogger | None = None
         self.train_dataloader: DataLoader[DictData] | None = None
+        self.stop: StopRequest | None = None  # the stop all ranks agreed on
+        self.stop_report: StopReport | None = None
+        self._requested_stop: StopRequest | None = None  # this rank's own request
         self._num_train_batches: int | None = None
         self._test_dataloader_list = list(test_dataloaders) or None
         self._num_test_batches = [num_batches(dl) or 0 for dl in test_dataloaders] or None
@@ -285,12 +299,55 @@ class LoopState:
         self.batches_done = batches_done
         self.metrics = StepMetrics(metrics)
 
-    def stop_requested(self) -> bool:
-        """Whether training ends after the step just done (checked at every step boundary).
+    def request_stop(self, reason: str, exit_code: int = 0, checkpoint: bool = True) -> None:
+        """Ask the loop to end at the next step boundary (early stopping, a time budget, ...).
 
-        Today the step limit; a stop request (signal, time budget) joins here.
+        Any rank, any hook may call it; the first request wins. Nothing happens until the
+        next ``stop_requested``, where the ranks agree on it.
+
+        Args:
+            reason: What happened, shown to the user (``"early stopping: val/AP did not
+                improve for 5 validations"``).
+            exit_code: The command line's exit status after the stop (0: a planned end).
+            checkpoint: Write a checkpoint at the stop step, so ``--resume`` continues there.
         """
-        return self.num_steps != -1 and self.global_step >= self.num_steps
+        if self._requested_stop is None:
+            self._requested_stop = StopRequest(reason, exit_code, checkpoint)
+
+    @property
+    def ending(self) -> bool:
+        """Whether the loop ends after this step: step limit or an agreed stop (no collective)."""
+        limit_reached = self.num_steps != -1 and self.global_step >= self.num_steps
+        return self.stop is not None or limit_reached
+
+    def stop_requested(self) -> bool:
+        """The step-boundary check: whether training ends after the step just done.
+
+        Collective when distributed: every rank calls it at the same boundaries (each step,
+        and each epoch end in the native loop). A stop requested on any rank (a signal or
+        ``request_stop``) is agreed by all; the first time, the checkpoint is written at
+        this step and the scalar files flushed before it returns True. The step limit ends
+        the loop without either.
+        """
+        if self.stop is None:
+            stop = agree_on_stop(self._requested_stop or received_stop())
+            if stop is not None:
+                self._stop_here(stop)
+        return self.ending
+
+    def _stop_here(self, stop: StopRequest) -> None:
+        """Collective: record the agreed stop, save the checkpoint it asks for, flush scalars."""
+        self.stop = stop
+        path = None
+        if stop.checkpoint:
+            model = self._require_model()
+            state = self.state()
+            for callback in self.callbacks:
+                if isinstance(callback, CheckpointCallback):
+                    path = callback.save_now(state, model, epoch_finished=self.epoch_finished)
+        if self.scalars is not None:
+            self.scalars.flush()
+        self.stop_report = StopReport(stop, self.current_epoch, self.global_step, path)
 
     # ------------------------------------------------------------------ logs
     def open_scalars(self, output_dir: str, resumed: bool) -> None:

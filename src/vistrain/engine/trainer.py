@@ -16,11 +16,17 @@ at these points::
             logs = on_train_batch_end(state, model, loss_module, outputs, batch, batch_idx)
             -> logs written as train/<key>
             validate when val_check_interval divides global_step
-            stop here when the step limit is reached (or a stop was requested)
+            stop here when the step limit is reached or a stop was requested
         scheduler.step(epoch) for every scheduler
         on_train_epoch_end(state, model, loss_module)
         validate when (epoch + 1) % check_val_every_n_epoch == 0
+        stop here when a stop was requested
     on_fit_end(state, model)
+
+A stop request (SIGTERM, SIGINT, SIGUSR1 while ``fit`` runs, or ``loop.request_stop``) is
+agreed by all ranks at those two points, and a checkpoint is written there (see
+``vistrain.engine.loop_state``); ``on_fit_end`` still runs and ``loop.stop_report`` tells
+where the run stopped.
 
     validate / test:
         model.eval(); on_test_epoch_start(state, model)
@@ -61,6 +67,7 @@ from vistrain.engine.loop_state import LoopState, as_loader_list, check_loop_lim
 from vistrain.engine.loss_module import LossModule
 from vistrain.engine.optim import LRSchedulerWrapper, check_optimizers_train
 from vistrain.engine.rng import preserved_rng_state
+from vistrain.engine.stop_signal import StopSignals
 
 
 def move_to_device(data: Any, device: torch.device) -> Any:
@@ -235,7 +242,9 @@ class Trainer:
         loop.model, loop.loss_module = model, loss_module
         self._fitting = True
         self._setup()
+        signals = StopSignals()
         try:
+            signals.install()
             point = loop.resume(ckpt_path) if ckpt_path is not None else None
             loop.open_scalars(self.output_dir, resumed=point is not None)
             self._fit_loop(
@@ -249,6 +258,7 @@ class Trainer:
             for callback in self.callbacks:
                 callback.on_fit_end(state, model)
         finally:
+            signals.uninstall()
             loop.close_scalars()
             self._fitting = False
 
@@ -262,11 +272,11 @@ class Trainer:
     ) -> None:
         loop = self.loop
         epoch = start_epoch
-        while (loop.num_epochs == -1 or epoch < loop.num_epochs) and not loop.stop_requested():
+        while (loop.num_epochs == -1 or epoch < loop.num_epochs) and not loop.ending:
             loop.start_epoch(epoch, skip_batches)
             self._train_epoch(model, loss_module, skip_batches, resume_rng)
             skip_batches, resume_rng = 0, None
-            if not loop.epoch_finished:
+            if not loop.epoch_finished or loop.stop_requested():
                 break
             epoch += 1
 
