@@ -265,21 +265,25 @@ def test_two_devices_stop_together_on_a_signal_to_the_launcher(tmp_path: Path) -
 
 @needs_linux
 def test_ranks_end_when_the_launcher_is_killed(tmp_path: Path) -> None:
-    run = Run(tmp_path / "run", "--devices", "2", "--set", "num_workers=1")
+    long_run = ("--set", "num_epochs=100", "--set", "num_workers=1")
+    run = Run(tmp_path / "run", "--devices", "2", *long_run)
     run.wait_for(TRAIN_LINE, count=2)
     below = _descendants(run.proc.pid)
     assert len(below) >= 4, below  # two ranks and their loader workers
     run.proc.kill()
     run.finish()
-    assert _wait_gone(below, 20) == set()
+    assert _wait_gone(below, 20) == set()  # the run had minutes to go
 
 
 @needs_linux
-def test_loader_worker_ends_when_the_main_process_is_killed(tmp_path: Path) -> None:
-    run = Run(tmp_path / "run", "--set", "num_workers=1")
+def test_a_blocked_loader_worker_ends_when_the_main_process_is_killed(tmp_path: Path) -> None:
+    """The worker sleeps in ``__getitem__`` (a hung read): only its parent's death ends it."""
+    config = ["--config", str(Path(__file__).with_name("stalling_data_experiment.py"))]
+    run = Run(tmp_path / "run", "--set", "num_workers=1", config=config + TOY[2:])
     run.wait_for(TRAIN_LINE, count=2)
     workers = _descendants(run.proc.pid)
     assert workers, "no loader worker found"
+    time.sleep(1.0)  # 64 samples served: the worker is asleep in __getitem__ now
     run.proc.kill()
     run.finish()
-    assert _wait_gone(workers, 15) == set()
+    assert _wait_gone(workers, 15) == set()  # its read had a minute to go
