@@ -187,6 +187,10 @@ class Trainer:
         check_positive_int("every_n_epochs", every_n_epochs)
         self.check_val_every_n_epoch = every_n_epochs
 
+    def request_stop(self, reason: str, exit_code: int = 0, checkpoint: bool = True) -> None:
+        """End training at the next step boundary (see ``LoopState.request_stop``)."""
+        self.loop.request_stop(reason, exit_code, checkpoint)
+
     def checkpoint_state(self) -> dict[str, Any]:
         """Collective: the complete training state; every rank must call it.
 

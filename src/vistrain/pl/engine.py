@@ -209,6 +209,10 @@ class LightningEngine:
             return
         trainer.check_val_every_n_epoch = every_n_epochs
 
+    def request_stop(self, reason: str, exit_code: int = 0, checkpoint: bool = True) -> None:
+        """End training at the next step boundary (see ``LoopState.request_stop``)."""
+        self.loop.request_stop(reason, exit_code, checkpoint)
+
     def checkpoint_state(self) -> dict[str, Any]:
         """Collective: the complete training state in the native Trainer's format.
 
