@@ -222,6 +222,7 @@ def _launch_workers(args: argparse.Namespace, argv: Sequence[str], output_dir: s
     launch_args = [
         "--standalone",
         f"--nproc-per-node={args.devices}",
+        f"--signals-to-handle={_LAUNCHER_SIGNALS}",
         "--module",
         "vistrain",
         *rest,
@@ -229,7 +230,6 @@ def _launch_workers(args: argparse.Namespace, argv: Sequence[str], output_dir: s
         output_dir,
     ]
     os.environ[HELD_LOCK_ENV] = "1"  # the workers run under this process's lock
-    os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", _LAUNCHER_SIGNALS)
     _launcher_env(args.devices)
     try:
         torchrun_main(launch_args)

@@ -254,12 +254,22 @@ def test_second_ctrl_c_abandons_the_write_at_once_without_traceback(tmp_path: Pa
     assert [p for p in folder.iterdir() if not p.name.startswith(".")] == []
 
 
-def test_two_devices_stop_together_on_a_signal_to_the_launcher(tmp_path: Path) -> None:
-    run = Run(tmp_path / "run", "--devices", "2")
+@pytest.mark.parametrize(
+    ("engine", "sig", "code"),
+    [
+        ("native", signal.SIGTERM, 143),
+        ("native", signal.SIGUSR1, 138),
+        ("lightning", signal.SIGINT, 130),
+    ],
+)
+def test_two_devices_stop_together_on_a_signal_to_the_launcher(
+    tmp_path: Path, engine: str, sig: int, code: int
+) -> None:
+    run = Run(tmp_path / "run", "--devices", "2", "--engine", engine)
     run.wait_for(TRAIN_LINE, count=3)
-    run.proc.send_signal(signal.SIGTERM)
-    assert run.finish() == 143, run.output[-3000:]
-    _check_stopped(run, "SIGTERM")
+    run.proc.send_signal(sig)
+    assert run.finish() == code, run.output[-3000:]
+    _check_stopped(run, signal.Signals(sig).name)
     assert "--devices 2" in _stop_line(run).string
 
 
