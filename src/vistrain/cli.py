@@ -9,6 +9,11 @@ user fixes without reading code: an output or checkpoint folder that cannot be w
 config whose ``build`` fails, a checkpoint that cannot continue the run; the line also goes
 into the run's ``log.txt`` when there is one. Ctrl-C before training exits with 130 and one
 line; output cut off by a closed pipe (``| head``) ends the command quietly with 141.
+
+``fit`` stopped by SIGTERM, SIGINT or SIGUSR1 (``vistrain.engine.stop_signal``) writes a
+checkpoint, prints one line (what happened, the checkpoint, the command that resumes) and
+exits with 128 + the signal number; with ``--devices N`` the launcher passes the signal to
+every rank and exits the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import datetime
 import glob
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -211,8 +217,30 @@ def _launcher_env(nproc: int) -> None:
         os.environ["OMP_NUM_THREADS"] = str(max(1, usable_cores() // nproc))
 
 
+_LAUNCHER_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+"""Signals the launcher passes on to every rank (torch's default list, plus SIGUSR1)."""
+
+
+def _worker_stop_code(err: Exception) -> int | None:
+    """The exit status every failed rank shares when all of them stopped on a signal."""
+    failures = getattr(err, "failures", {}).values()
+    codes = {getattr(failure, "exitcode", None) for failure in failures}
+    if len(codes) == 1:
+        code = codes.pop()
+        if isinstance(code, int) and 128 < code < 128 + 65:
+            return code
+    return None
+
+
 def _launch_workers(args: argparse.Namespace, argv: Sequence[str], output_dir: str) -> int:
-    """Start ``--devices`` processes through PyTorch's launcher (torch.distributed.run)."""
+    """Start ``--devices`` processes through PyTorch's launcher (torch.distributed.run).
+
+    A stop signal to this process reaches every rank (torch's launcher sends it on and waits
+    for them); the ranks stop together, rank 0 prints the stop line, and this process exits
+    with 128 + the signal number. The ranks die with this process, even when it is killed
+    (``vistrain.common.parent_death``).
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun_main
 
     rest: list[str] = []
@@ -232,6 +260,7 @@ def _launch_workers(args: argparse.Namespace, argv: Sequence[str], output_dir: s
     launch_args = [
         "--standalone",
         f"--nproc-per-node={args.devices}",
+        f"--signals-to-handle={_LAUNCHER_SIGNALS}",
         "--module",
         "vistrain",
         *rest,
@@ -242,10 +271,49 @@ def _launch_workers(args: argparse.Namespace, argv: Sequence[str], output_dir: s
     _launcher_env(args.devices)
     try:
         torchrun_main(launch_args)
+    except SignalException as err:  # the ranks got the signal too and have stopped
+        return 128 + int(err.sigval)
     except Exception as err:  # the launcher raises ChildFailedError with every rank's error
+        code = _worker_stop_code(err)
+        if code is not None:  # the ranks were signalled directly and stopped (rank 0 said so)
+            return code
         print(f"vistrain: a worker process failed: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _resume_command(args: argparse.Namespace, output_dir: str) -> str:
+    """The command line that continues a stopped run from its folder's ``last.ckpt``."""
+    parts = ["vistrain", "fit", "--config", args.config]
+    for item in args.overrides:
+        parts += ["--set", item]
+    if args.engine != "native":
+        parts += ["--engine", args.engine]
+    devices = max(args.devices, int(os.environ.get("WORLD_SIZE", "1")))
+    if devices > 1:
+        parts += ["--devices", str(devices)]
+    parts += ["--output-dir", output_dir, "--resume"]
+    return shlex.join(parts)
+
+
+def _report_stop(stopped: Any, args: argparse.Namespace, output_dir: str) -> int:
+    """Log the stop line on rank 0 (console and ``log.txt``); return the exit status."""
+    request = stopped.request
+    if int(os.environ.get("RANK", "0")) == 0:
+        saved = (
+            f"checkpoint {stopped.checkpoint_path}"
+            if stopped.checkpoint_path is not None
+            else "no checkpoint written"
+        )
+        logger.warning(
+            "Stopped by %s at epoch %d, step %d; %s; resume with: %s",
+            request.reason,
+            stopped.epoch,
+            stopped.global_step,
+            saved,
+            _resume_command(args, output_dir),
+        )
+    return int(request.exit_code)
 
 
 def _fit(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -289,7 +357,9 @@ def _fit(args: argparse.Namespace, argv: Sequence[str]) -> int:
             from vistrain.runner import ExperimentBuildError, run_fit
 
             try:
-                run_fit(module, params, output_dir, ckpt_path=ckpt_path, engine=args.engine)
+                stopped = run_fit(
+                    module, params, output_dir, ckpt_path=ckpt_path, engine=args.engine
+                )
             except (
                 CheckpointError,
                 ExperimentBuildError,
@@ -305,6 +375,8 @@ def _fit(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 raise
             except OSError as err:
                 raise UsageError(_os_error_line(err), log_dir=output_dir) from None
+            if stopped is not None:
+                return _report_stop(stopped, args, output_dir)
     except (RunFolderError, NotWritableError) as err:
         raise UsageError(str(err)) from None
     return 0

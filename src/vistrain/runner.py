@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import time
 from types import ModuleType
 from typing import Any
@@ -23,11 +24,13 @@ import torch
 
 from vistrain.common.distributed import destroy_process_group, get_rank, init_process_group
 from vistrain.common.log_setup import setup_logger
+from vistrain.common.parent_death import die_with_parent
 from vistrain.common.writable import check_writable_folder
 from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.checkpoint import CheckpointCallback
 from vistrain.engine.checkpoint_io import CheckpointError, check_model_state, load_checkpoint
 from vistrain.engine.nonfinite_guard import NonFiniteError
+from vistrain.engine.stop_request import StopReport
 from vistrain.engine.trainer import Trainer
 from vistrain.model.adapter import find_ema_adapters
 from vistrain.run_info import RunInfoCallback, checkpoint_experiment, experiment_name
@@ -43,6 +46,9 @@ from vistrain.run_summary import log_run_summary
 from vistrain.zoo.base import Experiment
 
 logger = logging.getLogger("vistrain")
+
+LAUNCH_PARENT = os.getppid()
+"""The process that started this one, noted at import (before it could have died)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -155,21 +161,26 @@ def foreign_checkpoint_error(
     )
 
 
-def _fit_with(engine: str, experiment: Experiment, output_dir: str, ckpt_path: str | None) -> None:
+def _fit_with(
+    engine: str, experiment: Experiment, output_dir: str, ckpt_path: str | None
+) -> StopReport | None:
+    """Train with the chosen engine; return where it stopped early, if it did."""
     if engine == "lightning":
         from vistrain.pl.quiet import quiet_lightning
         from vistrain.pl.runner import fit_with_lightning
 
         with quiet_lightning():
-            fit_with_lightning(experiment, output_dir, ckpt_path)
-    else:
-        _trainer(experiment, output_dir).fit(
-            experiment.model,
-            experiment.optimizers,
-            experiment.lr_schedulers,
-            experiment.loss_module,
-            ckpt_path=ckpt_path,
-        )
+            module = fit_with_lightning(experiment, output_dir, ckpt_path)
+        return module.engine.loop.stop_report
+    trainer = _trainer(experiment, output_dir)
+    trainer.fit(
+        experiment.model,
+        experiment.optimizers,
+        experiment.lr_schedulers,
+        experiment.loss_module,
+        ckpt_path=ckpt_path,
+    )
+    return trainer.loop.stop_report
 
 
 def _plan_resume(module: ModuleType, params: Any, ckpt_path: str) -> bool | None:
@@ -199,7 +210,7 @@ def run_fit(
     output_dir: str,
     ckpt_path: str | None = None,
     engine: str = "native",
-) -> None:
+) -> StopReport | None:
     """Train the experiment of ``module`` with ``params``, writing into ``output_dir``.
 
     Writes ``params.json``; a resume first compares ``params`` with the checkpoint's run
@@ -212,7 +223,15 @@ def run_fit(
         ExperimentBuildError: If the experiment's ``build`` fails.
         NotWritableError: If a checkpoint folder cannot take files (checked before training).
         CheckpointError: If ``ckpt_path`` cannot continue this run.
+
+    Started by a launcher (``torchrun``), the process ends when the launcher does, however
+    the launcher ends (``vistrain.common.parent_death``).
+
+    Returns:
+        Where the run stopped when a stop was requested (a signal, early stopping), else None.
     """
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        die_with_parent(signal.SIGKILL, parent=LAUNCH_PARENT)
     created_group = init_process_group()
     finished = False
     started = time.perf_counter()
@@ -225,7 +244,7 @@ def run_fit(
             replan = _plan_resume(module, params, ckpt_path)
             if replan is None:
                 finished = True
-                return
+                return None
         if get_rank() == 0:
             write_params_json(output_dir, experiment_name(module), params)
         experiment = _build(module, params, output_dir)
@@ -236,7 +255,7 @@ def run_fit(
         if get_rank() == 0:
             check_checkpoint_folders(experiment.callbacks)
         try:
-            _fit_with(engine, experiment, output_dir, ckpt_path)
+            stopped = _fit_with(engine, experiment, output_dir, ckpt_path)
         except CheckpointError as err:
             if ckpt_path is None:
                 raise
@@ -246,7 +265,9 @@ def run_fit(
             raise
         del experiment
         finished = True
-        log_run_summary(module, params, output_dir, time.perf_counter() - started)
+        if stopped is None or stopped.request.exit_code == 0:
+            log_run_summary(module, params, output_dir, time.perf_counter() - started)
+        return stopped
     finally:
         if created_group:
             destroy_process_group(wait_for_peers=finished)

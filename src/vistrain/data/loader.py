@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from vistrain.common import distributed as vdist
+from vistrain.common.parent_death import die_with_parent
 from vistrain.common.typing import DictData
 from vistrain.data.const import CommonKeys
 from vistrain.data.samplers import ShardSampler
@@ -82,6 +84,19 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+
+
+def init_worker(worker_id: int) -> None:
+    """``worker_init_fn`` of the loaders built here: seed the worker and tie it to its parent.
+
+    Seeds as :func:`seed_worker`. The worker ends as soon as the process that started it
+    ends, however it ends (a killed main process otherwise leaves the worker blocked for ever
+    on a full pipe), and it ignores SIGINT: Ctrl-C reaches every process of the terminal's
+    group, and the main process decides how to stop (``vistrain.engine.stop_signal``).
+    """
+    seed_worker(worker_id)
+    die_with_parent(signal.SIGKILL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _resolve_distributed(distributed: bool | None) -> tuple[int, int]:
@@ -160,7 +175,7 @@ def build_train_dataloader(
         collate_fn=collate_fn,
         pin_memory=resolve_pin_memory(pin_memory),
         drop_last=drop_last,
-        worker_init_fn=seed_worker,
+        worker_init_fn=init_worker,
         generator=generator,
         persistent_workers=persistent_workers and num_workers > 0,
     )
@@ -205,7 +220,7 @@ def build_test_dataloader(
         collate_fn=collate_fn,
         pin_memory=resolve_pin_memory(pin_memory),
         drop_last=False,
-        worker_init_fn=seed_worker,
+        worker_init_fn=init_worker,
     )
 
 

@@ -14,9 +14,9 @@ for everything that is not their own::
     backward + optimizer step               train_step(loss, metrics, optimizers, ...) -> the
                                             losses go to the non-finite guard (no sync)
     after on_train_batch_end                log_train(logs) (log steps: guard.check());
-                                            stop_requested()
-    a callback or the time budget           request_stop(reason) -> stop at the next boundary
-    after the loop, if a stop was requested save_stop_checkpoint()
+                                            stop_requested() (collective)
+    a signal, a callback, the time budget   request_stop(reason) -> agreed at the next boundary,
+                                            which saves a checkpoint and flushes the scalars
     after a validation's on_test_epoch_end  end_validation(logs) -> val/<k>, on_validation_end
     epoch end                               finish_epoch() -> schedulers.step, on_train_epoch_end
     CheckpointCallback                      checkpoint_state() (engine.checkpoint_state()),
@@ -24,11 +24,18 @@ for everything that is not their own::
 
 So a change of the step itself (precision, accumulation, clipping) lands in ``train_step``
 and a stop request (a signal, a time budget) in ``stop_requested``, once for both engines.
+
+Stopping early: anything may call ``request_stop(reason, exit_code, checkpoint)`` (early
+stopping, a time budget); a SIGTERM, SIGINT or SIGUSR1 becomes one while the engine has
+``vistrain.engine.stop_signal.StopSignals`` installed. At the next step boundary
+``stop_requested`` lets the ranks agree (one all-reduce when distributed, see
+``stop_request.agree_on_stop``), writes a checkpoint at that step through every
+``CheckpointCallback`` (``save_now``), flushes the scalar files and returns True; the engine
+leaves its loop as after the step limit and ``stop_report`` says where it stopped.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -49,12 +56,9 @@ from vistrain.engine.optim import LRSchedulerWrapper, lr_scalars
 from vistrain.engine.resume import ResumePoint, collect_checkpoint, restore_checkpoint
 from vistrain.engine.rng import start_epoch_iterator
 from vistrain.engine.scalar_log import ScalarLogger
+from vistrain.engine.stop_request import StopReport, StopRequest, agree_on_stop
+from vistrain.engine.stop_signal import received_stop
 from vistrain.engine.time_budget import TimeBudget
-
-
-def log_stop(reason: str, epoch: int, step: int) -> None:
-    """One line saying why and where training stops early."""
-    logging.getLogger("vistrain").info("Stopping at epoch %d, step %d: %s.", epoch, step, reason)
 
 
 def num_batches(loader: Any) -> int | None:
@@ -191,7 +195,6 @@ class LoopState:
         self.model: nn.Module | None = None
         self.guard = NonFiniteGuard()  # checked on log steps and before every checkpoint
         self.time_budget = TimeBudget(max_time)
-        self.stop_reason: str | None = None
 
         self.current_epoch = 0
         self.global_step = 0
@@ -203,6 +206,9 @@ class LoopState:
         self.pending_train_dataloader: DataLoader[DictData] | None = None
         self.scalars: ScalarLogger | None = None
         self.train_dataloader: DataLoader[DictData] | None = None
+        self.stop: StopRequest | None = None  # the stop all ranks agreed on
+        self.stop_report: StopReport | None = None
+        self._requested_stop: StopRequest | None = None  # this rank's own request
         self._num_train_batches: int | None = None
         self._test_dataloader_list = list(test_dataloaders) or None
         self._num_test_batches = [num_batches(dl) or 0 for dl in test_dataloaders] or None
@@ -341,52 +347,69 @@ class LoopState:
         self.metrics = StepMetrics(metrics)
         self.guard.observe(total_loss, metrics, step, self.current_epoch)
 
-    def request_stop(self, reason: str) -> None:
-        """Stop the loop at the next step boundary, with a checkpoint (the first reason wins).
+    def request_stop(self, reason: str, exit_code: int = 0, checkpoint: bool = True) -> None:
+        """Ask the loop to end at the next step boundary (early stopping, a time budget, ...).
 
-        For early stopping and the time budget. Every rank must ask at the same step (callers
-        decide collectively) so all ranks leave the loop together. The engine then calls
-        ``save_stop_checkpoint``.
+        Any rank, any hook may call it; the first request wins. Nothing happens until the
+        next ``stop_requested``, where the ranks agree on it.
+
+        Args:
+            reason: What happened, shown to the user (``"early stopping: val/AP did not
+                improve for 5 validations"``).
+            exit_code: The command line's exit status after the stop (0: a planned end).
+            checkpoint: Write a checkpoint at the stop step, so ``--resume`` continues there.
         """
-        if self.stop_reason is None:
-            self.stop_reason = reason
-            log_stop(reason, self.current_epoch, self.global_step)
+        if self._requested_stop is None:
+            self._requested_stop = StopRequest(reason, exit_code, checkpoint)
+
+    @property
+    def ending(self) -> bool:
+        """Whether the loop ends after this step: step limit or an agreed stop (no collective)."""
+        limit_reached = self.num_steps != -1 and self.global_step >= self.num_steps
+        return self.stop is not None or limit_reached
 
     def stop_requested(self) -> bool:
-        """Whether training ends after the step just done (checked at every step boundary).
+        """The step-boundary check: whether training ends after the step just done.
 
-        The step limit, a ``request_stop`` or a spent time budget (checked on every step
-        alone, on log steps and epoch ends when distributed: see ``time_budget``).
+        Collective when distributed: every rank calls it at the same boundaries (each step,
+        and each epoch end in the native loop). A stop requested on any rank (a signal or
+        ``request_stop``) is agreed by all; the first time, the checkpoint is written at
+        this step and the scalar files flushed before it returns True. The step limit ends
+        the loop without either.
         """
-        if self.stop_reason is not None:
-            return True
-        if self.num_steps != -1 and self.global_step >= self.num_steps:
-            return True
+        if self.stop is None:
+            self._check_time_budget()
+            stop = agree_on_stop(self._requested_stop or received_stop())
+            if stop is not None:
+                self._stop_here(stop)
+        return self.ending
+
+    def _stop_here(self, stop: StopRequest) -> None:
+        """Collective: record the agreed stop, save the checkpoint it asks for, flush scalars."""
+        self.stop = stop
+        path = None
+        if stop.checkpoint:
+            model = self._require_model()
+            state = self.state()
+            for callback in self.callbacks:
+                if isinstance(callback, CheckpointCallback):
+                    path = callback.save_now(state, model, epoch_finished=self.epoch_finished)
+        if self.scalars is not None:
+            self.scalars.flush()
+        self.stop_report = StopReport(stop, self.current_epoch, self.global_step, path)
+
+    def _check_time_budget(self) -> None:
+        """Request a stop when ``max_time`` is spent.
+
+        Collective on log steps and epoch ends when distributed: rank 0's clock decides
+        (see ``vistrain.engine.time_budget``).
+        """
         budget = self.time_budget
-        if budget.max_seconds is not None:
-            sync = self.epoch_finished or self.global_step % self.log_every_n_steps == 0
-            if budget.exhausted(sync):
-                self.request_stop(f"max_time={budget.max_seconds:g}s spent")
-                return True
-        return False
-
-    def save_stop_checkpoint(self) -> None:
-        """Collective: after a requested stop, every ``CheckpointCallback`` saves the state now.
-
-        The file holds the state after the stopping validation (early-stopping counters, the
-        time spent), so a resume continues from exactly there.
-        """
-        if self.stop_reason is None:
+        if budget.max_seconds is None or self._requested_stop is not None:
             return
-        model = self._require_model()
-        state = self.state()
-        savers = [cb for cb in self.callbacks if isinstance(cb, CheckpointCallback)]
-        for callback in savers:
-            callback.save_now(state, model, epoch_finished=self.epoch_finished)
-        if not savers:
-            logging.getLogger("vistrain").warning(
-                "Training stopped early without a CheckpointCallback: no checkpoint was saved."
-            )
+        sync = self.epoch_finished or self.global_step % self.log_every_n_steps == 0
+        if budget.exhausted(sync):
+            self.request_stop(f"max_time={budget.max_seconds:g}s spent")
 
     # ------------------------------------------------------------------ logs
     def open_scalars(self, output_dir: str, resumed: bool) -> None:

@@ -16,13 +16,19 @@ at these points::
             logs = on_train_batch_end(state, model, loss_module, outputs, batch, batch_idx)
             -> logs written as train/<key>
             validate when val_check_interval divides global_step
-            stop here when the step limit is reached, a stop was requested (request_stop:
-            early stopping) or max_time is spent; after a requested stop every
-            CheckpointCallback saves once more
+            stop here when the step limit is reached or a stop was requested (a signal,
+            request_stop: early stopping, or max_time spent); an agreed stop saves a
+            checkpoint at this step first
         scheduler.step(epoch) for every scheduler
         on_train_epoch_end(state, model, loss_module)
         validate when (epoch + 1) % check_val_every_n_epoch == 0
+        stop here when a stop was requested
     on_fit_end(state, model)
+
+A stop request (SIGTERM, SIGINT, SIGUSR1 while ``fit`` runs, or ``loop.request_stop``) is
+agreed by all ranks at those two points, and a checkpoint is written there (see
+``vistrain.engine.loop_state``); ``on_fit_end`` still runs and ``loop.stop_report`` tells
+where the run stopped.
 
     validate / test:
         model.eval(); on_test_epoch_start(state, model)
@@ -76,6 +82,7 @@ from vistrain.engine.loss_module import LossModule
 from vistrain.engine.optim import LRSchedulerWrapper, check_optimizers_train
 from vistrain.engine.rng import preserved_rng_state
 from vistrain.engine.scalar_writers import check_logger_names
+from vistrain.engine.stop_signal import StopSignals
 from vistrain.engine.time_budget import parse_max_time
 
 
@@ -207,6 +214,10 @@ class Trainer:
         check_positive_int("every_n_epochs", every_n_epochs)
         self.check_val_every_n_epoch = every_n_epochs
 
+    def request_stop(self, reason: str, exit_code: int = 0, checkpoint: bool = True) -> None:
+        """End training at the next step boundary (see ``LoopState.request_stop``)."""
+        self.loop.request_stop(reason, exit_code, checkpoint)
+
     def checkpoint_state(self) -> dict[str, Any]:
         """Collective: the complete training state; every rank must call it.
 
@@ -216,14 +227,6 @@ class Trainer:
             raise RuntimeError("checkpoint_state() is only available while fit() runs.")
         return self.loop.checkpoint_state()
 
-    def request_stop(self, reason: str) -> None:
-        """Stop training at the next step boundary and save a checkpoint (see ``LoopState``).
-
-        Every rank must ask at the same step (early stopping decides on rank 0's values).
-        """
-        self.loop.request_stop(reason)
-
-    # ----------------------------------------------------------------- fit
     def _setup(self) -> None:
         if not self._setup_done:
             for callback in self.callbacks:
@@ -271,7 +274,9 @@ class Trainer:
         loop.model, loop.loss_module = model, loss_module
         self._fitting = True
         self._setup()
+        signals = StopSignals()
         try:
+            signals.install()
             point = loop.resume(ckpt_path) if ckpt_path is not None else None
             loop.open_scalars(self.output_dir, resumed=point is not None)
             self._fit_loop(
@@ -281,11 +286,11 @@ class Trainer:
                 skip_batches=0 if point is None else point.skip_batches,
                 resume_rng=None if point is None else point.resume_rng,
             )
-            loop.save_stop_checkpoint()
             state = loop.state()
             for callback in self.callbacks:
                 callback.on_fit_end(state, model)
         finally:
+            signals.uninstall()
             loop.close_scalars()
             self._fitting = False
 
@@ -299,11 +304,11 @@ class Trainer:
     ) -> None:
         loop = self.loop
         epoch = start_epoch
-        while (loop.num_epochs == -1 or epoch < loop.num_epochs) and not loop.stop_requested():
+        while (loop.num_epochs == -1 or epoch < loop.num_epochs) and not loop.ending:
             loop.start_epoch(epoch, skip_batches)
             self._train_epoch(model, loss_module, skip_batches, resume_rng)
             skip_batches, resume_rng = 0, None
-            if not loop.epoch_finished:
+            if not loop.epoch_finished or loop.stop_requested():
                 break
             epoch += 1
 

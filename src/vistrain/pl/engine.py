@@ -17,7 +17,9 @@ hooks onto the native loop::
                                             step every optimizer, global_step += 1,
                                             schedulers.step_on_batch
     on_train_batch_end (callbacks)          on_train_batch_end -> logs
-    on_train_batch_end (module)             logs -> train/<k>; after the epoch's last batch
+    on_train_batch_end (module)             logs -> train/<k>; stop_requested() (a stop:
+                                            checkpoint, trainer.should_stop, no validation);
+                                            after the epoch's last batch
                                             (epoch-based validation): schedulers.step(epoch),
                                             on_train_epoch_end -- so before Lightning's
                                             validation, as in the native loop
@@ -27,6 +29,10 @@ hooks onto the native loop::
     on_train_epoch_end                      the epoch end, if not done above (step-based
                                             validation, loaders without a length)
     on_fit_end                              on_fit_end
+
+Signals: SIGTERM, SIGINT and SIGUSR1 request a stop as in the native engine
+(``vistrain.engine.stop_signal``). Lightning installs its own SIGTERM handler when the fit
+starts (it broadcasts from inside the handler); ours is put back at ``on_train_start``.
 
 ``global_step`` is the number of training steps, as in the native Trainer; Lightning's own
 ``trainer.global_step`` counts ``optimizer.step()`` calls and is that times the number of
@@ -52,6 +58,7 @@ from vistrain.engine.loop_state import LoopState, check_trains_some_steps, num_b
 from vistrain.engine.loss_module import LossModule
 from vistrain.engine.optim import LRSchedulerWrapper
 from vistrain.engine.rng import capture_rng_state, restore_rng_state
+from vistrain.engine.stop_signal import StopSignals
 from vistrain.pl.loaders import EpochLoader, LazyLoader
 
 if TYPE_CHECKING:
@@ -133,7 +140,7 @@ class LightningEngine:
         self._batch_logs: MetricLogs = {}
         self._eval_logs: MetricLogs = {}
         self._warned_step_val = False
-        self._stop_saved = False
+        self._signals = StopSignals()
 
     # ------------------------------------------------------------------ registration
     def attach(self, trainer: pl.Trainer) -> None:
@@ -208,20 +215,9 @@ class LightningEngine:
             return
         trainer.check_val_every_n_epoch = every_n_epochs
 
-    def request_stop(self, reason: str) -> None:
-        """Stop after this step or validation: Lightning's ``should_stop``, then a checkpoint.
-
-        The checkpoint is saved by ``end_validation_epoch`` / ``after_train_batch`` once the
-        hook that asked has returned (every rank asks at the same step).
-        """
-        self.loop.request_stop(reason)
-        self._trainer().should_stop = True
-
-    def _save_if_stopping(self) -> None:
-        """Once, after a requested stop: every CheckpointCallback saves the state now."""
-        if self.loop.stop_reason is not None and not self._stop_saved:
-            self._stop_saved = True
-            self.loop.save_stop_checkpoint()
+    def request_stop(self, reason: str, exit_code: int = 0, checkpoint: bool = True) -> None:
+        """End training at the next step boundary (see ``LoopState.request_stop``)."""
+        self.loop.request_stop(reason, exit_code, checkpoint)
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Collective: the complete training state in the native Trainer's format.
@@ -327,15 +323,16 @@ class LightningEngine:
         """
         logs, self._batch_logs = self._batch_logs, {}
         self.loop.log_train(logs)
-        if self.loop.stop_requested() and self.loop.stop_reason is not None:
-            self._trainer().should_stop = True  # a request or the spent time budget
-        self._save_if_stopping()
         trainer = self._trainer()
+        if self.loop.stop_requested() and self.loop.stop is not None:
+            # Lightning validates when should_stop is set; the native loop does not.
+            trainer.should_stop = True
+            trainer.limit_val_batches = 0
         if trainer.check_val_every_n_epoch is not None and self._epoch_complete():
             self.finish_epoch()
 
     def _epoch_complete(self) -> bool:
-        if self.loop.stop_requested():
+        if self.loop.ending:
             return False  # the native loop stops without an epoch end
         if self._exhausted:
             return True
@@ -367,7 +364,8 @@ class LightningEngine:
         logs, self._eval_logs = self._eval_logs, {}
         self._sync_epoch()
         self.loop.end_validation(logs)
-        self._save_if_stopping()
+        if self.loop.stop_requested() and self.loop.stop is not None:
+            self._trainer().should_stop = True  # e.g. early stopping: leave after this validation
 
     def end_validation(self) -> None:
         """Restore the RNG states saved by ``start_validation``."""
@@ -388,12 +386,18 @@ class LightningEngine:
             ValueError: If the training data yields no batch (``check_trains_some_steps``).
         """
         check_trains_some_steps(self.loop.train_dataloader)
+        self._signals.install()
         if ckpt_path is not None:
             self.resume(ckpt_path)
         self.loop.open_scalars(output_dir, resumed=ckpt_path is not None)
 
+    def start_training(self) -> None:
+        """At ``on_train_start``: put the stop-signal handlers back over Lightning's."""
+        self._signals.install()
+
     def close(self) -> None:
-        """Close the scalar writers (idempotent)."""
+        """Restore the signal handlers and close the scalar writers (idempotent)."""
+        self._signals.uninstall()
         self.loop.close_scalars()
 
     def resume(self, ckpt_path: str) -> None:

@@ -185,6 +185,10 @@ class TrainingModule(pl.LightningModule):
         """Resume from ``resume_from`` (our checkpoint format) and open the scalar writers."""
         self.engine.start_fit(self._root(), self.resume_from)
 
+    def on_train_start(self) -> None:
+        """Take the stop signals back from Lightning's handler (see ``LightningEngine``)."""
+        self.engine.start_training()
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Connector -> model -> loss; backward and step every optimizer; return the loss.
 

@@ -207,13 +207,6 @@ class CheckpointCallback(Callback):
             due = bool(broadcast(torch.tensor([int(due)], dtype=torch.int32)).item())
         return due
 
-    def save_now(self, trainer_state: TrainerState, model: nn.Module, epoch_finished: bool) -> None:
-        """Collective: save the state at once, whatever the period (a stop, an interrupt).
-
-        A file of the same step is replaced, so it holds the newest callback states.
-        """
-        self._save(trainer_state, model, epoch_finished=epoch_finished, batch_idx=None)
-
     def on_train_epoch_end(
         self, trainer_state: TrainerState, model: nn.Module, loss_module: LossModule
     ) -> None:
@@ -231,6 +224,32 @@ class CheckpointCallback(Callback):
         if self._writer is not None:
             writer, self._writer = self._writer, None
             writer.close()
+
+    def save_now(
+        self, trainer_state: TrainerState, model: nn.Module, epoch_finished: bool = False
+    ) -> str:
+        """Collective: save the training state at this step now and wait until it is durable.
+
+        The loop calls it when a stop is agreed (``LoopState.stop_requested``), so a resume
+        continues at exactly this step. A file already saved at this step is written again,
+        so it holds the callbacks' newest states (an epoch-end file is saved before that
+        epoch's validation; early stopping counts after it). The file joins the retention
+        list and becomes ``last.ckpt`` like any other.
+
+        Args:
+            trainer_state: The state at the stop.
+            model: The model.
+            epoch_finished: Whether the epoch of ``trainer_state`` has ended (only used when
+                the state has no engine to ask).
+
+        Returns:
+            The path of the checkpoint (the same on every rank; rank 0 wrote it).
+        """
+        name = f"epoch={trainer_state['current_epoch']}-step={trainer_state['global_step']}.ckpt"
+        self._save(trainer_state, model, epoch_finished=epoch_finished, batch_idx=None)
+        if self._writer is not None:
+            self._writer.wait()
+        return os.path.join(self.output_dir, name)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

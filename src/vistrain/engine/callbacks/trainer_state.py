@@ -80,8 +80,12 @@ class TrainingEngine(Protocol):
         """Collective: the complete training state to save (every rank must call it)."""
         ...
 
-    def request_stop(self, reason: str) -> None:
-        """Stop at the next step boundary and save a checkpoint (every rank at the same step)."""
+    def request_stop(self, reason: str, exit_code: int = 0, checkpoint: bool = True) -> None:
+        """End training at the next step boundary, where all ranks agree.
+
+        A checkpoint of that step is saved when ``checkpoint``; ``exit_code`` is the command
+        line's exit status.
+        """
 
 
 class TrainerState(TypedDict):
