@@ -102,8 +102,9 @@ def _fit(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
 
 
 def _scalars(out: Path) -> dict[tuple[str, int], float]:
+    """Logged values by (tag, step), without wall-clock measurements (``perf/``)."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {(r["tag"], r["step"]): r["value"] for r in records}
+    return {(r["tag"], r["step"]): r["value"] for r in records if not r["tag"].startswith("perf/")}
 
 
 def _stop_line(run: Run) -> re.Match[str]:
