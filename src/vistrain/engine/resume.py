@@ -51,6 +51,7 @@ def collect_checkpoint(
     epoch_finished: bool,
     batches_done: int | None = None,
     epoch_start_rng: dict[str, Any] | None = None,
+    step_state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Collective: the complete training state; every rank must call it.
 
@@ -68,6 +69,8 @@ def collect_checkpoint(
         batches_done: Batches of the epoch done; None reads ``trainer_state["batches_done"]``
             (or the epoch's length once it finished).
         epoch_start_rng: This rank's RNG states at the epoch's start, for a mid-epoch resume.
+        step_state: The optimizer step's own state (``LoopState``: the fp16 loss scaler, the
+            skipped-step count, an open accumulation window's gradients), stored as ``step``.
     """
     for callback in callbacks:
         callback.on_save_checkpoint(trainer_state, model)
@@ -97,6 +100,7 @@ def collect_checkpoint(
         "sampler": {"epoch_start_rng": all_gather_object(epoch_start_rng)},
         "world_size": get_world_size(),
         "val_logs": dict(trainer_state.get("val_logs") or {}),
+        "step": dict(step_state or {}),
     }
 
 
@@ -111,6 +115,8 @@ class ResumePoint:
         val_logs: The latest validation logs at the checkpoint.
         resume_rng: For a mid-epoch resume, (this rank's RNG at the epoch's start, at the
             checkpoint), for ``start_epoch_iterator``; None otherwise.
+        step_state: The checkpoint's ``step`` entry (loss scaler, skipped steps, an open
+            window's gradients); empty for checkpoints written before it existed.
     """
 
     start_epoch: int
@@ -118,6 +124,7 @@ class ResumePoint:
     global_step: int
     val_logs: dict[str, float] = field(default_factory=dict)
     resume_rng: tuple[dict[str, Any], dict[str, Any]] | None = None
+    step_state: dict[str, Any] = field(default_factory=dict)
 
 
 def restore_checkpoint(
@@ -188,6 +195,7 @@ def restore_checkpoint(
         skip_batches=0,
         global_step=int(ckpt["global_step"]),
         val_logs=dict(ckpt.get("val_logs", {})),
+        step_state=dict(ckpt.get("step") or {}),
     )
     if ckpt.get("epoch_finished", True):
         if rank_rng is not None:

@@ -166,7 +166,11 @@ class CheckpointCallback(Callback):
         batch_idx: int,
     ) -> MetricLogs | None:
         """Step-based: save when ``global_step`` is a multiple of the period (collective)."""
-        if not self.epoch_based and trainer_state["global_step"] % self.checkpoint_period == 0:
+        if (
+            not self.epoch_based
+            and trainer_state.get("step_end", True)  # not again on a window's micro-batches
+            and trainer_state["global_step"] % self.checkpoint_period == 0
+        ):
             self._save(trainer_state, model, epoch_finished=False, batch_idx=batch_idx)
         return None
 
