@@ -378,8 +378,7 @@ class LoopState:
             hooked = [
                 callback
                 for callback in self.callbacks
-                if type(callback).on_before_optimizer_step
-                is not Callback.on_before_optimizer_step
+                if type(callback).on_before_optimizer_step is not Callback.on_before_optimizer_step
             ]
             self._hook_callbacks, self._callback_count = hooked, len(self.callbacks)
         if not hooked:
