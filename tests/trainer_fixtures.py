@@ -156,7 +156,7 @@ STEP_OPTIONS = (
     "gradient_clip_val",
     "gradient_clip_algorithm",
 )
-"""Loop arguments of the step: the native ``Trainer``'s, the ``TrainingModule``'s under Lightning."""
+"""Step arguments: the native ``Trainer``'s, the ``TrainingModule``'s under Lightning."""
 
 ENGINES = ("native", "lightning")
 """The two engines a callback test can run under (``run_toy``'s ``engine``)."""

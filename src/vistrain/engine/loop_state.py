@@ -44,11 +44,11 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from vistrain.common.checks import check_list_of, check_positive_int
+from vistrain.common.distributed import all_gather_object, get_rank
 from vistrain.common.typing import DictData, MetricLogs
 from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.logging import log_evaluation_logs
 from vistrain.engine.callbacks.trainer_state import StepMetrics, TrainerState, TrainingEngine
-from vistrain.common.distributed import all_gather_object, get_rank
 from vistrain.engine.loss_module import LossModule
 from vistrain.engine.optim import LRSchedulerWrapper, lr_scalars
 from vistrain.engine.optimizer_step import (

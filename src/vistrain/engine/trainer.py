@@ -70,7 +70,6 @@ from vistrain.engine.optim import LRSchedulerWrapper, check_optimizers_train
 from vistrain.engine.optimizer_step import check_step_options
 from vistrain.engine.rng import preserved_rng_state
 
-
 _NO_CONTEXT = contextlib.nullcontext()
 
 
