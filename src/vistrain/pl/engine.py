@@ -301,7 +301,22 @@ class LightningEngine:
         """
         self.last_outputs = outputs
         done = self.batch_offset() + batch_idx + 1
-        self.loop.train_step(total_loss, metrics, optimizers, done, backward)
+        if self.loop.train_step(total_loss, metrics, optimizers, done, backward):
+            if self.loop.step_skipped:
+                self._count_skipped_step()
+
+    def _count_skipped_step(self) -> None:
+        """Count a step the fp16 scaler skipped as Lightning's optimizer steps.
+
+        Lightning's ``global_step`` (and so ``max_steps``) counts ``optimizer.step()`` calls,
+        which the scaler does not make for a skipped step; the shared loop counts it, so the
+        progress tracker ``_set_lightning_position`` also sets is advanced by hand.
+        """
+        epoch_loop = self._trainer().fit_loop.epoch_loop
+        progress = epoch_loop.manual_optimization.optim_step_progress
+        for _ in self.optimizers:
+            progress.increment_ready()
+            progress.increment_completed()
 
     def enter_no_sync(self, wrapped_model: Any, batch_idx: int) -> None:
         """Enter DDP's ``no_sync`` when batch ``batch_idx`` does not end a window."""
@@ -337,10 +352,6 @@ class LightningEngine:
         logs, self._batch_logs = self._batch_logs, {}
         self.loop.log_train(logs)
         trainer = self._trainer()
-        if self.loop.step_end and self.loop.stop_requested():
-            # Lightning's max_steps counts optimizer.step() calls; a step skipped by the fp16
-            # scaler is not one, so the loop's own count decides.
-            trainer.should_stop = True
         if trainer.check_val_every_n_epoch is not None and self._epoch_complete():
             self.finish_epoch()
 
