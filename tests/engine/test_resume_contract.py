@@ -193,7 +193,7 @@ def test_mixed_precision_mid_epoch_resume_is_bit_identical(tmp_path, precision: 
     assert _logs(str(tmp_path / "straight")) == _logs(part)
 
 
-class _Stop(Exception):
+class _StopError(Exception):
     """Ends a run the way a crash or a kill does: no epoch end, no fit end."""
 
 
@@ -211,7 +211,7 @@ class StopInsideWindow(Callback):
 
     def on_train_batch_start(self, trainer_state, model, loss_module, batch, batch_idx) -> None:
         if self.saved:
-            raise _Stop
+            raise _StopError
 
     def on_train_batch_end(self, trainer_state, model, loss_module, outputs, batch, batch_idx):
         if (trainer_state["current_epoch"], batch_idx) == (self.epoch, self.batch_idx):
@@ -227,7 +227,7 @@ def test_stop_inside_an_accumulation_window_resumes_bit_identical(tmp_path, prec
     part = str(tmp_path / "part")
     ckpt = os.path.join(part, "inside-window.ckpt")
     # 5 batches per epoch: windows [0, 1], [2, 3], [4]; batch 2 of epoch 1 opens a window.
-    with pytest.raises(_Stop):
+    with pytest.raises(_StopError):
         _run(part, 0, False, extra_callbacks=[StopInsideWindow(ckpt, 1, 2)], **options)
     saved = torch.load(ckpt, weights_only=False)
     assert saved["step"]["accumulated_batches"] == 1 and saved["global_step"] == 4

@@ -301,9 +301,9 @@ class LightningEngine:
         """
         self.last_outputs = outputs
         done = self.batch_offset() + batch_idx + 1
-        if self.loop.train_step(total_loss, metrics, optimizers, done, backward):
-            if self.loop.step_skipped:
-                self._count_skipped_step()
+        stepped = self.loop.train_step(total_loss, metrics, optimizers, done, backward)
+        if stepped and self.loop.step_skipped:
+            self._count_skipped_step()
 
     def _count_skipped_step(self) -> None:
         """Count a step the fp16 scaler skipped as Lightning's optimizer steps.
