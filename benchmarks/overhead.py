@@ -11,9 +11,10 @@ reaches the terminal.
 
 Step options get their own rows (the core, without the two callbacks), each against a
 hand-written loop doing the same: ``bf16-mixed`` (autocast on the CPU) and
-``accumulate_grad_batches=4`` (steps counted as optimizer steps, four batches each). ``--baseline-src DIR`` also measures the default rows
-with another checkout's sources (e.g. ``/work/main/src``) in a subprocess of each round, so
-a change of the default step path is compared in the same run.
+``accumulate_grad_batches=4`` (steps counted as optimizer steps, four batches each).
+``--baseline-src DIR`` also measures the default rows with another checkout's sources (e.g.
+``/work/main/src``) in a subprocess of each round, so a change of the default step path is
+compared in the same run.
 
     python benchmarks/overhead.py [--steps 2000] [--rounds 5] [--log FILE]
                                   [--baseline-src DIR]
