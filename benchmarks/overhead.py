@@ -9,15 +9,27 @@ overhead against the loop of the same round is printed. The engines' own output 
 log lines, Lightning's bar) goes to a log file, as in a batch job, so only the summary
 reaches the terminal.
 
+Step options get their own rows (the core, without the two callbacks), each against a
+hand-written loop doing the same: ``bf16-mixed`` (autocast on the CPU) and
+``accumulate_grad_batches=4`` (steps counted as optimizer steps, four batches each).
+``--baseline-src DIR`` also measures the default rows with another checkout's sources (e.g.
+``/work/main/src``) in a subprocess of each round, so a change of the default step path is
+compared in the same run.
+
     python benchmarks/overhead.py [--steps 2000] [--rounds 5] [--log FILE]
+                                  [--baseline-src DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import logging
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -77,20 +89,33 @@ class StepClock:
         return (self.end - self.start) / (self.steps - WARMUP) * 1e6
 
 
-def hand_loop(steps: int) -> float:
+def hand_loop(steps: int, precision: str = "32", accumulate: int = 1) -> float:
+    """The reference: ``steps`` optimizer steps of a plain loop (autocast, divide, step)."""
     torch.manual_seed(0)
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     data = loader(make_batches())
     clock = StepClock(steps)
+    autocast = precision == "bf16-mixed"  # no context at all otherwise: the old reference
     done = 0
+    micro = 0
     while done < steps:
         for batch in data:
-            out = model(batch["x"])
-            loss = nn.functional.cross_entropy(out, batch["y"])
-            opt.zero_grad(set_to_none=True)
+            if autocast:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = model(batch["x"])
+                    loss = nn.functional.cross_entropy(out, batch["y"])
+            else:
+                out = model(batch["x"])
+                loss = nn.functional.cross_entropy(out, batch["y"])
+            if accumulate > 1:
+                loss = loss / accumulate
             loss.backward()
+            micro += 1
+            if micro % accumulate:
+                continue
             opt.step()
+            opt.zero_grad(set_to_none=True)
             done += 1
             clock.tick(done)
             if done == steps:
@@ -104,10 +129,16 @@ class _ClockCallback(Callback):
         self.clock = clock
 
     def on_train_batch_end(self, trainer_state, model, loss_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
-        self.clock.tick(trainer_state["global_step"])
+        if trainer_state.get("step_end", True):  # once per optimizer step
+            self.clock.tick(trainer_state["global_step"])
 
 
-def vistrain_loop(steps: int, with_callbacks: bool = True) -> float:
+def vistrain_loop(steps: int, with_callbacks: bool = True, **step_options: Any) -> float:
+    """``steps`` optimizer steps of the Trainer.
+
+    ``step_options`` are passed only when given, so this also runs on sources without them
+    (``--baseline-src``).
+    """
     torch.manual_seed(0)
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -136,6 +167,7 @@ def vistrain_loop(steps: int, with_callbacks: bool = True) -> float:
             num_epochs=-1,
             num_steps=steps,
             log_every_n_steps=50,
+            **step_options,
         )
         trainer.fit(model, [opt], None, loss)
     return clock.per_step_us()
@@ -181,6 +213,71 @@ def lightning_loop(steps: int, defaults: bool) -> float:
     return clock.per_step_us()
 
 
+DEFAULT_ROWS = ("vistrain", "vistrain core only")
+
+
+def engines_to_run(
+    baseline_only: bool,
+) -> dict[str, tuple[Callable[[int], float], Callable[[int], float]]]:
+    """Row name -> (engine run, the hand-written loop it is compared with)."""
+    rows: dict[str, tuple[Callable[[int], float], Callable[[int], float]]] = {
+        "vistrain": (vistrain_loop, hand_loop),
+        "vistrain core only": (lambda s: vistrain_loop(s, with_callbacks=False), hand_loop),
+    }
+    if baseline_only:
+        return rows
+    # The option rows run the core (no Logging/Checkpoint callbacks): they price the option's
+    # own step path, against "vistrain core only" as the fp32 reference.
+    rows["core bf16-mixed"] = (
+        lambda s: vistrain_loop(s, with_callbacks=False, precision="bf16-mixed"),
+        lambda s: hand_loop(s, precision="bf16-mixed"),
+    )
+    rows["core accumulate 4"] = (
+        lambda s: vistrain_loop(s, with_callbacks=False, accumulate_grad_batches=4),
+        lambda s: hand_loop(s, accumulate=4),
+    )
+    try:
+        import lightning  # noqa: F401
+
+        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+        rows["lightning (all off)"] = (lambda s: lightning_loop(s, defaults=False), hand_loop)
+        rows["lightning (defaults)"] = (lambda s: lightning_loop(s, defaults=True), hand_loop)
+    except ImportError:
+        print("lightning not installed: comparing with the hand-written loop only")
+    return rows
+
+
+def measure_round(
+    rows: dict[str, tuple[Callable[[int], float], Callable[[int], float]]], steps: int
+) -> dict[str, tuple[float, float]]:
+    """One round: row name -> (engine us/step, its hand-written loop's us/step, run just before)."""
+    result = {}
+    for name, (run, reference) in rows.items():
+        base = reference(steps)
+        result[name] = (run(steps), base)
+    return result
+
+
+def baseline_round(src: str, steps: int, log: str) -> dict[str, tuple[float, float]]:
+    """One round of the default rows with the sources in ``src`` (a subprocess)."""
+    env = {**os.environ, "PYTHONPATH": src}
+    command = [sys.executable, os.path.abspath(__file__), "--steps", str(steps)]
+    command += ["--rounds", "1", "--json-round", "--log", log]
+    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+    return {name: (a, b) for name, (a, b) in json.loads(out.splitlines()[-1]).items()}
+
+
+def ratio(pairs: list[tuple[float, float]]) -> tuple[float, float]:
+    """Median overhead (us/step) and median ratio engine / hand-written loop of the rounds."""
+    overhead = statistics.median(run - base for run, base in pairs)
+    return overhead, statistics.median(run / base for run, base in pairs)
+
+
+def _row(name: str, pairs: list[tuple[float, float]]) -> str:
+    overhead, times = ratio(pairs)
+    return f"{name:>28}: +{overhead:7.1f} us/step overhead, ratio {times:.3f}x its hand loop"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=2000)
@@ -190,44 +287,40 @@ def main() -> None:
         default=os.path.join(tempfile.gettempdir(), "vistrain_overhead.log"),
         help="file that receives the engines' output",
     )
+    parser.add_argument(
+        "--baseline-src", help="also measure the default rows with these sources (a src/ dir)"
+    )
+    parser.add_argument("--json-round", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    import logging
-
     logging.getLogger("vistrain").setLevel(logging.WARNING)
-    engines: dict[str, Callable[[int], float]] = {
-        "vistrain": vistrain_loop,
-        "vistrain core only": lambda s: vistrain_loop(s, with_callbacks=False),
-    }
-    try:
-        import lightning  # noqa: F401
-
-        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-        engines["lightning (all off)"] = lambda s: lightning_loop(s, defaults=False)
-        engines["lightning (defaults)"] = lambda s: lightning_loop(s, defaults=True)
-    except ImportError:
-        print("lightning not installed: comparing with the hand-written loop only")
-    overheads: dict[str, list[float]] = {name: [] for name in engines}
-    bases: list[float] = []
+    rows = engines_to_run(baseline_only=args.json_round)
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in rows}
+    baseline: dict[str, list[tuple[float, float]]] = {name: [] for name in DEFAULT_ROWS}
     with (
-        open(args.log, "w", encoding="utf-8") as sink,
+        open(args.log, "a" if args.json_round else "w", encoding="utf-8") as sink,
         contextlib.redirect_stdout(sink),
         contextlib.redirect_stderr(sink),
     ):
         for _ in range(args.rounds):
-            for name, run in engines.items():
-                base = hand_loop(args.steps)
-                bases.append(base)
-                overheads[name].append(run(args.steps) - base)
+            if args.baseline_src:
+                for name, pair in baseline_round(args.baseline_src, args.steps, args.log).items():
+                    baseline[name].append(pair)
+            for name, pair in measure_round(rows, args.steps).items():
+                results[name].append(pair)
+    if args.json_round:
+        print(json.dumps({name: pairs[0] for name, pairs in results.items()}))
+        return
     print(f"engine output: {args.log}")
-    base_med = statistics.median(bases)
-    print(f"hand-written loop: {base_med:.1f} us/step (median of {len(bases)})")
-    for name, values in overheads.items():
-        med = statistics.median(values)
-        print(
-            f"{name:>22}: +{med:7.1f} us/step overhead, "
-            f"ratio {(base_med + med) / base_med:.3f}x the hand-written loop"
-        )
+    bases = [base for pairs in results.values() for _, base in pairs if pairs]
+    print(
+        f"hand-written loop: {statistics.median(bases):.1f} us/step (median, fp32, no accumulation)"
+    )
+    for name, pairs in results.items():
+        print(_row(name, pairs))
+    if args.baseline_src:
+        for name, pairs in baseline.items():
+            print(_row(f"{name} @ baseline", pairs))
 
 
 if __name__ == "__main__":

@@ -150,6 +150,14 @@ class RecordingCallback(Callback):
         return [c[0] for c in self.calls]
 
 
+STEP_OPTIONS = (
+    "precision",
+    "accumulate_grad_batches",
+    "gradient_clip_val",
+    "gradient_clip_algorithm",
+)
+"""Step arguments: the native ``Trainer``'s, the ``TrainingModule``'s under Lightning."""
+
 ENGINES = ("native", "lightning")
 """The two engines a callback test can run under (``run_toy``'s ``engine``)."""
 
@@ -170,7 +178,8 @@ def run_toy(
 
     ``engine`` is ``"native"`` (``Trainer``) or ``"lightning"`` (``TrainingModule`` under
     ``lightning.pytorch.Trainer``); ``loop`` holds the loop arguments both take
-    (``num_steps``, ``check_val_every_n_epoch``, ``val_check_interval``, ...). Validation runs
+    (``num_steps``, ``check_val_every_n_epoch``, ``val_check_interval``, the
+    ``STEP_OPTIONS``, ...). Validation runs
     on 8 unshuffled samples; scalars go to ``output_dir``.
     """
     from vistrain.engine.trainer import Trainer
@@ -195,6 +204,7 @@ def run_toy(
     from vistrain.pl import CallbackWrapper, TrainingModule
     from vistrain.pl.runner import build_lightning_trainer
 
+    step_options = {key: loop.pop(key) for key in STEP_OPTIONS if key in loop}
     module = TrainingModule(
         model,
         toy_loss_module(),
@@ -210,10 +220,12 @@ def run_toy(
         resume_from=ckpt_path,
         max_time=loop.pop("max_time", None),
         loggers=loop.pop("loggers", None),
+        **step_options,
     )
     pl_trainer = build_lightning_trainer(
         output_dir,
         num_epochs=num_epochs,
+        accumulate_grad_batches=step_options.get("accumulate_grad_batches", 1),
         callbacks=[CallbackWrapper(callback) for callback in callbacks],
         **loop,
     )

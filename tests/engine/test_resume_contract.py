@@ -16,7 +16,7 @@ from vistrain.engine.callbacks import Callback
 from vistrain.engine.callbacks.checkpoint import CheckpointCallback
 from vistrain.engine.callbacks.ema import EMACallback
 from vistrain.engine.callbacks.logging import LoggingCallback
-from vistrain.engine.checkpoint_io import CheckpointError
+from vistrain.engine.checkpoint_io import CheckpointError, save_checkpoint
 from vistrain.engine.optim import LRSchedulerConfig, LRSchedulerWrapper
 from vistrain.engine.trainer import Trainer
 from vistrain.model.adapter import ModelExpEMAAdapter
@@ -61,7 +61,9 @@ def _run(
     num_steps: int = -1,
     ckpt_path: str | None = None,
     step_period: int | None = None,
-) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    extra_callbacks: list[Callback] | None = None,
+    **step_options: Any,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, Trainer]:
     torch.manual_seed(1234)
     model = ModelExpEMAAdapter(ToyModel(dropout=0.3), decay=0.9, warmup_steps=3)
     opt = torch.optim.SGD(model.model.parameters(), lr=0.05, momentum=0.9)
@@ -82,6 +84,7 @@ def _run(
         )
     )
     callbacks = [EMACallback(), LoggingCallback(refresh_rate=3), ValScore(), ckpt_cb]
+    callbacks += extra_callbacks or []
     train_conn, test_conn = toy_connectors()
     trainer = Trainer(
         "cpu",
@@ -93,9 +96,11 @@ def _run(
         callbacks,
         num_epochs=num_epochs,
         num_steps=num_steps,
+        log_every_n_steps=2,
+        **step_options,
     )
     trainer.fit(model, [opt], [sched], toy_loss_module(), ckpt_path=ckpt_path)
-    return model, opt
+    return model, opt, trainer
 
 
 def _flat(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -121,6 +126,8 @@ def _assert_identical(a: tuple[Any, Any], b: tuple[Any, Any]) -> None:
     for idx, st in opt_a["state"].items():
         assert torch.equal(st["momentum_buffer"], opt_b["state"][idx]["momentum_buffer"])
     assert opt_a["param_groups"][0]["lr"] == opt_b["param_groups"][0]["lr"]
+    step_a, step_b = a[2].loop.stepper, b[2].loop.stepper
+    assert step_a.state_dict() == step_b.state_dict()
 
 
 @pytest.mark.parametrize(("num_workers", "generator"), CASES)
@@ -173,3 +180,61 @@ def test_resume_from_unfitting_checkpoint_changes_nothing(tmp_path) -> None:
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
     with pytest.raises(FileNotFoundError):
         trainer.fit(other, [opt], None, toy_loss_module(), ckpt_path=str(tmp_path / "missing.ckpt"))
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_mid_epoch_resume_is_bit_identical(tmp_path, precision: str) -> None:
+    straight = _run(str(tmp_path / "straight"), 0, False, step_period=7, precision=precision)
+    part = str(tmp_path / "part")
+    _run(part, 0, False, num_steps=7, step_period=7, precision=precision)
+    ckpt = os.path.join(part, "checkpoints", "epoch=1-step=7.ckpt")
+    saved = torch.load(ckpt, weights_only=False)["step"]
+    if precision == "16-mixed":
+        assert saved["scaler"]["scale"] < 2.0**16 and saved["skipped_steps"] >= 1
+    resumed = _run(part, 0, False, ckpt_path=ckpt, step_period=7, precision=precision)
+    _assert_identical(straight, resumed)
+    assert _logs(str(tmp_path / "straight")) == _logs(part)
+
+
+class _StopError(Exception):
+    """Ends a run the way a crash or a kill does: no epoch end, no fit end."""
+
+
+class StopInsideWindow(Callback):
+    """Saves the training state after batch ``batch_idx`` of ``epoch``, then ends the run.
+
+    The save is in ``on_train_batch_end`` (where step checkpoints are taken); the run ends at
+    the next batch's start, after that batch's logs were written.
+    """
+
+    def __init__(self, path: str, epoch: int, batch_idx: int) -> None:
+        super().__init__()
+        self.path, self.epoch, self.batch_idx = path, epoch, batch_idx
+        self.saved = False
+
+    def on_train_batch_start(self, trainer_state, model, loss_module, batch, batch_idx) -> None:
+        if self.saved:
+            raise _StopError
+
+    def on_train_batch_end(self, trainer_state, model, loss_module, outputs, batch, batch_idx):
+        if (trainer_state["current_epoch"], batch_idx) == (self.epoch, self.batch_idx):
+            assert not trainer_state["step_end"]  # inside a window
+            save_checkpoint(trainer_state["train_module"].checkpoint_state(), self.path)
+            self.saved = True
+
+
+@pytest.mark.parametrize("precision", ["32", "16-mixed"])
+def test_stop_inside_an_accumulation_window_resumes_bit_identical(tmp_path, precision) -> None:
+    options = {"accumulate_grad_batches": 2, "gradient_clip_val": 0.5, "precision": precision}
+    straight = _run(str(tmp_path / "straight"), 0, False, **options)
+    part = str(tmp_path / "part")
+    ckpt = os.path.join(part, "inside-window.ckpt")
+    # 5 batches per epoch: windows [0, 1], [2, 3], [4]; batch 2 of epoch 1 opens a window.
+    with pytest.raises(_StopError):
+        _run(part, 0, False, extra_callbacks=[StopInsideWindow(ckpt, 1, 2)], **options)
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["step"]["accumulated_batches"] == 1 and saved["global_step"] == 4
+    assert any(g is not None for g in saved["step"]["accumulated_grads"][0])
+    resumed = _run(part, 0, False, ckpt_path=ckpt, **options)
+    _assert_identical(straight, resumed)
+    assert _logs(str(tmp_path / "straight")) == _logs(part)

@@ -32,6 +32,18 @@ stopping, a time budget); a SIGTERM, SIGINT or SIGUSR1 becomes one while the eng
 ``stop_request.agree_on_stop``), writes a checkpoint at that step through every
 ``CheckpointCallback`` (``save_now``), flushes the scalar files and returns True; the engine
 leaves its loop as after the step limit and ``stop_report`` says where it stopped.
+
+Micro-batches and steps. With ``accumulate_grad_batches = k`` every batch is a micro-batch:
+its forward and loss run under ``autocast()``, ``train_step`` back-propagates ``loss / k``
+and, when the batch ends a window (every k-th batch of an epoch, and the epoch's last
+batch, so a last partial window steps too), unscales, runs ``on_before_optimizer_step``,
+clips and steps; only then does ``global_step`` advance. The batch hooks run for every
+micro-batch; the state of ``on_train_batch_end`` says ``step_end`` (this batch ended a
+window, ``global_step`` just advanced) and ``step_skipped`` (fp16 found inf/nan gradients:
+the weights did not change). Step-based work -- logs, validation, step checkpoints, the
+schedulers' ``step_on_batch``, the EMA -- happens on ``step_end`` batches only, and the
+schedulers and the EMA not on skipped ones. A skipped step still counts in ``global_step``
+(as in Lightning and Hugging Face), so step limits and intervals do not depend on overflows.
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from vistrain.common.checks import check_list_of, check_positive_int
+from vistrain.common.distributed import all_gather_object, get_rank
 from vistrain.common.typing import DictData, MetricLogs
 from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.checkpoint import CheckpointCallback
@@ -53,6 +66,11 @@ from vistrain.engine.callbacks.trainer_state import StepMetrics, TrainerState, T
 from vistrain.engine.loss_module import LossModule
 from vistrain.engine.nonfinite_guard import NonFiniteGuard
 from vistrain.engine.optim import LRSchedulerWrapper, lr_scalars
+from vistrain.engine.optimizer_step import (
+    OptimizerStepper,
+    accumulated_grads,
+    restore_accumulated_grads,
+)
 from vistrain.engine.resume import ResumePoint, collect_checkpoint, restore_checkpoint
 from vistrain.engine.rng import start_epoch_iterator
 from vistrain.engine.scalar_log import ScalarLogger
@@ -156,11 +174,18 @@ class LoopState:
         loss_module: The training loss module.
         num_epochs: Epoch limit (-1 = none).
         num_steps: Training-step limit (-1 = none).
-        log_every_n_steps: Write the learning rates every n steps.
+        log_every_n_steps: Write the learning rates (and ``grad_norm``) every n steps.
         tensorboard: Also write TensorBoard event files next to ``metrics.jsonl``.
         max_time: Training-time budget in seconds (None = none), see ``time_budget``.
         loggers: Scalar writers by name (``vistrain.engine.scalar_writers``); None: the
             default (``metrics.jsonl``, plus TensorBoard when ``tensorboard``).
+        precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (see ``OptimizerStepper``).
+        accumulate_grad_batches: Micro-batches per optimizer step.
+        gradient_clip_val: Clip threshold (None: no clipping).
+        gradient_clip_algorithm: ``"norm"`` or ``"value"``.
+
+    Raises:
+        ValueError: For a step option out of range (``check_step_options``).
     """
 
     def __init__(
@@ -179,7 +204,23 @@ class LoopState:
         tensorboard: bool,
         max_time: float | None = None,
         loggers: Sequence[str] | None = None,
+        precision: str = "32",
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
     ) -> None:
+        self._step_options = (
+            precision,
+            accumulate_grad_batches,
+            gradient_clip_val,
+            gradient_clip_algorithm,
+        )
+        self.stepper = OptimizerStepper(torch.device("cpu"), *self._step_options)
+        self.accumulated = 0  # micro-batches back-propagated in the open window
+        self.step_end = True  # the latest batch ended a window (global_step advanced)
+        self.step_skipped = False  # ... and fp16 loss scaling skipped that step
+        self._hook_callbacks: list[Callback] | None = None
+        self._callback_count = 0
         self.engine = engine
         self.engine_name = engine_name
         self.callbacks = callbacks
@@ -250,6 +291,8 @@ class LoopState:
             state["lr_schedulers"] = self.lr_schedulers
         if metrics and self.metrics is not None:
             state["metrics"] = self.metrics
+            state["step_end"] = self.step_end
+            state["step_skipped"] = self.step_skipped
         return state
 
     # ------------------------------------------------------------------ epochs and data
@@ -293,7 +336,13 @@ class LoopState:
         return iterator
 
     def finish_epoch(self) -> None:
-        """The epoch end: ``schedulers.step(epoch)``, then every ``on_train_epoch_end``."""
+        """The epoch end: ``schedulers.step(epoch)``, then every ``on_train_epoch_end``.
+
+        A window still open (a loader without a length, whose last batch was not known as
+        such) steps first, so every epoch ends on an optimizer step.
+        """
+        if self.accumulated:
+            self._step_window(self.optimizers)
         for scheduler in self.lr_schedulers:
             scheduler.step(self.current_epoch)
         self.epoch_finished = True
@@ -307,6 +356,24 @@ class LoopState:
             callback.on_train_epoch_end(state, model, loss_module)
 
     # ------------------------------------------------------------------ the step
+    def use_device(self, device: torch.device) -> None:
+        """Train on ``device``: autocast and the fp16 scaler follow its type (before resume)."""
+        if device.type != self.stepper.device_type:
+            self.stepper = OptimizerStepper(device, *self._step_options)
+
+    def ends_window(self, batches_done: int) -> bool:
+        """Whether the batch that makes ``batches_done`` batches of the epoch ends a window.
+
+        Engines ask before the forward, to skip DDP's gradient all-reduce (``no_sync``) on
+        micro-batches that do not step.
+        """
+        accumulate = self.stepper.accumulate_grad_batches
+        return (
+            accumulate == 1
+            or batches_done % accumulate == 0
+            or batches_done == self._num_train_batches
+        )
+
     def train_step(
         self,
         total_loss: torch.Tensor,
@@ -314,38 +381,82 @@ class LoopState:
         optimizers: Sequence[Any],
         batches_done: int,
         backward: Callable[[torch.Tensor], None] | None = None,
-    ) -> None:
-        """Backward and one optimizer step of every optimizer; count the step.
+    ) -> bool:
+        """Backward of one micro-batch; at a window's end one step of every optimizer.
 
-        The one place where a training step's gradients and optimizer steps happen for both
-        engines (precision scaling, gradient accumulation and clipping belong here). Counts
-        ``global_step`` once however many optimizers there are, advances the step-based
-        schedules and keeps ``metrics`` for ``on_train_batch_end``. The step's losses go to
-        the non-finite guard (device flags, no sync); a gradient norm computed here goes to
-        ``self.guard.observe_grad_norm(norm, step)``.
+        The one place where gradients and optimizer steps happen for both engines (see the
+        module docstring for micro-batches and steps). At a window's end: unscale, the
+        callbacks' ``on_before_optimizer_step``, clip, step, zero, ``global_step += 1`` (once
+        however many optimizers) and, unless fp16 skipped the step, the schedulers'
+        ``step_on_batch``. Keeps ``metrics`` for ``on_train_batch_end``. The micro-batch's
+        losses go to the non-finite guard (device flags, no sync), and so does a gradient
+        norm computed here.
 
         Args:
-            total_loss: The scalar loss of the step.
+            total_loss: The micro-batch's scalar loss (computed under ``stepper.autocast()``).
             metrics: The loss module's metrics (tensors; read lazily as floats).
             optimizers: The optimizers to step (Lightning passes its wrappers of them).
-            batches_done: Batches of the epoch done once this step is.
+            batches_done: Batches of the epoch done once this one is.
             backward: How to backpropagate (Lightning: ``manual_backward``); None calls
-                ``total_loss.backward()``.
+                ``Tensor.backward``.
+
+        Returns:
+            Whether this batch ended a window (an optimizer step was taken or skipped).
         """
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        if backward is None:
-            total_loss.backward()
-        else:
-            backward(total_loss)
-        for optimizer in optimizers:
-            optimizer.step()
-        self.global_step = step = self.global_step + 1
-        for scheduler in self.lr_schedulers:
-            scheduler.step_on_batch(step)
+        if not self.accumulated:
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+        self.stepper.backward(total_loss, backward)
         self.batches_done = batches_done
         self.metrics = StepMetrics(metrics)
-        self.guard.observe(total_loss, metrics, step, self.current_epoch)
+        self.guard.observe(total_loss, metrics, self.global_step + 1, self.current_epoch)
+        if not self.ends_window(batches_done):
+            self.accumulated += 1
+            self.step_end = False
+            return False
+        self._step_window(optimizers)
+        return True
+
+    def _step_window(self, optimizers: Sequence[Any]) -> None:
+        """Step every optimizer on the window's gradients; count the step."""
+        step = self.global_step + 1
+        want_norm = self.scalars is not None and (step % self.log_every_n_steps == 0 or step == 1)
+        hook = self._before_step_hook(optimizers)
+        stepped = self.stepper.step(optimizers, before_step=hook, want_norm=want_norm)
+        if self.stepper.grad_norm is not None:
+            self.guard.observe_grad_norm(self.stepper.grad_norm, step)
+        self.accumulated = 0
+        self.global_step = step
+        self.step_end, self.step_skipped = True, not stepped
+        if stepped:
+            for scheduler in self.lr_schedulers:
+                scheduler.step_on_batch(step)
+
+    def _before_step_hook(self, optimizers: Sequence[Any]) -> Callable[[Any], None] | None:
+        """The ``on_before_optimizer_step`` calls for ``stepper.step`` (None: no callback has one).
+
+        Callbacks see the run's own optimizer objects, also when Lightning steps wrappers.
+        """
+        hooked = self._hook_callbacks
+        if hooked is None or len(self.callbacks) != self._callback_count:
+            hooked = [
+                callback
+                for callback in self.callbacks
+                if type(callback).on_before_optimizer_step is not Callback.on_before_optimizer_step
+            ]
+            self._hook_callbacks, self._callback_count = hooked, len(self.callbacks)
+        if not hooked:
+            return None
+        own = {id(wrapper): plain for wrapper, plain in zip(optimizers, self.optimizers)}
+        model = self._require_model()
+        state = self.state()
+
+        def before_step(optimizer: Any) -> None:
+            plain = own.get(id(optimizer), optimizer)
+            for callback in hooked:
+                callback.on_before_optimizer_step(state, model, plain)
+
+        return before_step
 
     def request_stop(self, reason: str, exit_code: int = 0, checkpoint: bool = True) -> None:
         """Ask the loop to end at the next step boundary (early stopping, a time budget, ...).
@@ -436,11 +547,13 @@ class LoopState:
     def log_train(self, logs: MetricLogs | None) -> None:
         """Write the callbacks' ``on_train_batch_end`` logs as ``train/<k>`` (``perf/<k>`` as is).
 
-        On log steps (every ``log_every_n_steps`` and the first) the learning rates and the
-        epoch are written too.
+        On log steps (the batch that makes every ``log_every_n_steps``-th step, and the
+        first) the learning rates, the epoch, ``train/grad_norm`` (computed on these steps
+        only, so other steps need no host sync) and, under fp16, ``train/skipped_steps`` are
+        written too.
         """
         step = self.global_step
-        log_step = step % self.log_every_n_steps == 0 or step == 1
+        log_step = self.step_end and (step % self.log_every_n_steps == 0 or step == 1)
         if log_step:
             self.guard.check()
         if self.scalars is None or not (logs or log_step):
@@ -452,6 +565,11 @@ class LoopState:
         if log_step:
             scalars.update(lr_scalars(self.optimizers))
             scalars["epoch"] = self.current_epoch
+            stepper = self.stepper
+            if stepper.grad_norm is not None:
+                scalars["train/grad_norm"] = stepper.grad_norm
+            if stepper.scaler.is_enabled():
+                scalars["train/skipped_steps"] = stepper.skipped_steps
         self.scalars.log(scalars, step, self.current_epoch)
 
     def end_validation(self, logs: MetricLogs) -> None:
@@ -503,7 +621,21 @@ class LoopState:
             batches_done=self.batches_done,
             epoch_start_rng=self.epoch_start_rng,
             train_time_s=self.time_budget.spent(),
+            step_state=self._step_state(),
         )
+
+    def _step_state(self) -> dict[str, Any]:
+        """Collective: scaler, skipped steps and, inside a window, every rank's gradients.
+
+        A checkpoint taken inside an accumulation window (a stop request between two steps)
+        holds the gradients accumulated so far, so the resumed run continues the window
+        bit for bit. Every rank is at the same batch, so all of them gather or none does.
+        """
+        state = self.stepper.state_dict()
+        state["accumulated_batches"] = self.accumulated
+        if self.accumulated:
+            state["accumulated_grads"] = all_gather_object(accumulated_grads(self.optimizers))
+        return state
 
     def resume(self, ckpt_path: str) -> ResumePoint:
         """Restore everything from ``ckpt_path``; return where the loop starts.
@@ -525,7 +657,17 @@ class LoopState:
         self.val_logs = point.val_logs
         self.time_budget.start(point.train_time_s)
         self.current_epoch = point.start_epoch
+        self._restore_step_state(point.step_state)
         return point
+
+    def _restore_step_state(self, state: dict[str, Any]) -> None:
+        """Scaler, skipped steps and an open window's gradients from a checkpoint."""
+        self.stepper.load_state_dict(state)
+        self.accumulated = int(state.get("accumulated_batches", 0))
+        grads = state.get("accumulated_grads")
+        if self.accumulated and grads:
+            rank = get_rank()
+            restore_accumulated_grads(self.optimizers, grads[min(rank, len(grads) - 1)])
 
     def _require_model(self) -> nn.Module:
         if self.model is None:

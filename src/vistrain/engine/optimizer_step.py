@@ -19,7 +19,7 @@ number of micro-batches, backward, (unscale,) clip the total norm or the values,
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ CLIP_ALGORITHMS = ("norm", "value")
 """Accepted values of ``gradient_clip_algorithm``."""
 
 _AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+_NO_AUTOCAST = contextlib.nullcontext()
 
 
 def check_step_options(
@@ -86,6 +87,45 @@ def _trained_params(optimizers: Sequence[Optimizer]) -> list[Tensor]:
     return params
 
 
+def _all_params(optimizers: Sequence[Optimizer]) -> list[Tensor]:
+    """Every parameter of ``optimizers``, in optimizer and group order, each once."""
+    seen: set[int] = set()
+    params: list[Tensor] = []
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    params.append(param)
+    return params
+
+
+def accumulated_grads(optimizers: Sequence[Optimizer]) -> list[Tensor | None]:
+    """CPU copies of the gradients accumulated so far (a checkpoint inside a window)."""
+    return [
+        None if param.grad is None else param.grad.detach().to("cpu", copy=True)
+        for param in _all_params(optimizers)
+    ]
+
+
+def restore_accumulated_grads(
+    optimizers: Sequence[Optimizer], grads: Sequence[Tensor | None]
+) -> None:
+    """Put gradients saved by :func:`accumulated_grads` back on the parameters.
+
+    Raises:
+        ValueError: If the number of parameters differs from the saved one.
+    """
+    params = _all_params(optimizers)
+    if len(params) != len(grads):
+        raise ValueError(
+            f"The checkpoint holds accumulated gradients of {len(grads)} parameters but the "
+            f"optimizers hold {len(params)}; resume with the same model and optimizers."
+        )
+    for param, grad in zip(params, grads):
+        param.grad = None if grad is None else grad.to(param.device, param.dtype)
+
+
 class OptimizerStepper:
     """Autocast, loss scaling, gradient accumulation and clipping for one training run.
 
@@ -126,18 +166,19 @@ class OptimizerStepper:
         self.gradient_clip_val = None if gradient_clip_val is None else float(gradient_clip_val)
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "16-mixed")
+        self._scaling = self.scaler.is_enabled()
         self.skipped_steps = 0
         self.grad_norm: Tensor | None = None
 
-    @contextlib.contextmanager
-    def autocast(self) -> Iterator[None]:
-        """Run the forward and the loss under autocast for the run's precision."""
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """A context that runs the forward and the loss under autocast for the precision.
+
+        ``"32"`` gets a shared no-op context (no per-step generator frame on the default path).
+        """
         dtype = _AUTOCAST_DTYPES.get(self.precision)
         if dtype is None:
-            yield
-            return
-        with torch.autocast(self.device_type, dtype=dtype):
-            yield
+            return _NO_AUTOCAST
+        return torch.autocast(self.device_type, dtype=dtype)
 
     def window_full(self, micro_batch_index: int, last_of_epoch: bool) -> bool:
         """Whether the micro-batch ``micro_batch_index`` (0-based in the epoch) ends a window.
@@ -157,7 +198,7 @@ class OptimizerStepper:
         """
         if self.accumulate_grad_batches > 1:
             loss = loss / self.accumulate_grad_batches
-        scaled = self.scaler.scale(loss)
+        scaled = self.scaler.scale(loss) if self._scaling else loss
         if backward is None:
             scaled.backward()
         else:
@@ -182,7 +223,7 @@ class OptimizerStepper:
             False when fp16 loss scaling found inf/nan gradients and skipped the step (the
             caller then advances neither the schedulers nor the EMA); True otherwise.
         """
-        scaling = self.scaler.is_enabled()
+        scaling = self._scaling
         if scaling:
             for optimizer in optimizers:
                 self.scaler.unscale_(optimizer)
@@ -230,4 +271,11 @@ class OptimizerStepper:
         self.skipped_steps = int(state.get("skipped_steps", 0))
 
 
-__all__ = ["CLIP_ALGORITHMS", "PRECISIONS", "OptimizerStepper", "check_step_options"]
+__all__ = [
+    "CLIP_ALGORITHMS",
+    "PRECISIONS",
+    "OptimizerStepper",
+    "accumulated_grads",
+    "check_step_options",
+    "restore_accumulated_grads",
+]

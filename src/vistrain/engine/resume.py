@@ -53,6 +53,7 @@ def collect_checkpoint(
     batches_done: int | None = None,
     epoch_start_rng: dict[str, Any] | None = None,
     train_time_s: float = 0.0,
+    step_state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Collective: the complete training state; every rank must call it.
 
@@ -71,6 +72,8 @@ def collect_checkpoint(
             (or the epoch's length once it finished).
         epoch_start_rng: This rank's RNG states at the epoch's start, for a mid-epoch resume.
         train_time_s: Training seconds spent so far (``Trainer(max_time=...)``).
+        step_state: The optimizer step's own state (``LoopState``: the fp16 loss scaler, the
+            skipped-step count, an open accumulation window's gradients), stored as ``step``.
     """
     for callback in callbacks:
         callback.on_save_checkpoint(trainer_state, model)
@@ -101,6 +104,7 @@ def collect_checkpoint(
         "world_size": get_world_size(),
         "val_logs": dict(trainer_state.get("val_logs") or {}),
         "train_time_s": float(train_time_s),
+        "step": dict(step_state or {}),
     }
 
 
@@ -116,6 +120,8 @@ class ResumePoint:
         resume_rng: For a mid-epoch resume, (this rank's RNG at the epoch's start, at the
             checkpoint), for ``start_epoch_iterator``; None otherwise.
         train_time_s: Training seconds spent up to the checkpoint (``max_time``).
+        step_state: The checkpoint's ``step`` entry (loss scaler, skipped steps, an open
+            window's gradients); empty for checkpoints written before it existed.
     """
 
     start_epoch: int
@@ -124,6 +130,7 @@ class ResumePoint:
     val_logs: dict[str, float] = field(default_factory=dict)
     resume_rng: tuple[dict[str, Any], dict[str, Any]] | None = None
     train_time_s: float = 0.0
+    step_state: dict[str, Any] = field(default_factory=dict)
 
 
 def restore_checkpoint(
@@ -187,6 +194,7 @@ def restore_checkpoint(
         global_step=int(ckpt["global_step"]),
         val_logs=dict(ckpt.get("val_logs", {})),
         train_time_s=float(ckpt.get("train_time_s", 0.0)),
+        step_state=dict(ckpt.get("step") or {}),
     )
     if ckpt.get("epoch_finished", True):
         if rank_rng is not None:

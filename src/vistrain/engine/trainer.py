@@ -9,13 +9,17 @@ at these points::
         model.train(); sampler.set_epoch(epoch)
         for batch_idx, batch in enumerate(train_dataloader):
             on_train_batch_start(state, model, loss_module, batch, batch_idx)  # may edit batch
-            outputs = model(**train_data_connector(batch))
-            loss, metrics = loss_module(outputs, batch)
-            loss.backward(); optimizer.step() for every optimizer; global_step += 1
-            scheduler.step_on_batch(global_step) for every scheduler
+            with autocast (precision), and DDP's no_sync inside an accumulation window:
+                outputs = model(**train_data_connector(batch))
+                loss, metrics = loss_module(outputs, batch)
+                (loss / accumulate_grad_batches).backward()   # scaled under "16-mixed"
+            at a window's end (every accumulate_grad_batches batches, the epoch's last):
+                unscale; on_before_optimizer_step(state, model, optimizer); clip
+                optimizer.step() for every optimizer; global_step += 1
+                scheduler.step_on_batch(global_step) unless fp16 skipped the step
             logs = on_train_batch_end(state, model, loss_module, outputs, batch, batch_idx)
             -> logs written as train/<key>
-            validate when val_check_interval divides global_step
+            at a window's end: validate when val_check_interval divides global_step;
             stop here when the step limit is reached or a stop was requested (a signal,
             request_stop: early stopping, or max_time spent); an agreed stop saves a
             checkpoint at this step first
@@ -38,7 +42,9 @@ where the run stopped.
         logs = on_test_epoch_end(state, model) -> val/<key> (during fit) or test/<key>
         during fit: on_validation_end(state, model), the state holding the new val_logs
 
-Every hook gets a TrainerState built for that call. The bookkeeping (position, states,
+Batch hooks run for every micro-batch; ``global_step`` counts optimizer steps and stays put
+between a window's micro-batches (``trainer_state["step_end"]`` says whether this batch
+stepped). Every hook gets a TrainerState built for that call. The bookkeeping (position, states,
 step, logs, checkpoint contents, resume) is ``vistrain.engine.loop_state.LoopState``, shared
 with the Lightning engine; this module holds only the native step loop.
 
@@ -49,6 +55,7 @@ was resumed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -80,10 +87,13 @@ from vistrain.engine.loop_state import (
 )
 from vistrain.engine.loss_module import LossModule
 from vistrain.engine.optim import LRSchedulerWrapper, check_optimizers_train
+from vistrain.engine.optimizer_step import check_step_options
 from vistrain.engine.rng import preserved_rng_state
 from vistrain.engine.scalar_writers import check_logger_names
 from vistrain.engine.stop_signal import StopSignals
 from vistrain.engine.time_budget import parse_max_time
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 class Trainer:
@@ -101,7 +111,7 @@ class Trainer:
         num_steps: Optimizer-step limit (-1 = none); training stops right after that step.
         check_val_every_n_epoch: Validate after every n-th epoch (None or 0 = never by epoch).
         val_check_interval: Validate every n optimizer steps (None = never by step).
-        log_every_n_steps: Write the learning rates every n steps.
+        log_every_n_steps: Write the learning rates (and ``train/grad_norm``) every n steps.
         tensorboard: Also write TensorBoard event files next to ``metrics.jsonl``.
         compile: Compile the model's forward in place (``True``: the inductor backend; a
             string: that ``torch.compile`` backend, e.g. ``"eager"``); parameter names, and
@@ -114,10 +124,20 @@ class Trainer:
         loggers: Scalar writer names (``"jsonl"``, ``"tb"``, ``"csv"``, ``"wandb"``,
             ``"mlflow"``: ``vistrain.engine.scalar_writers``); None: ``jsonl`` plus ``tb``
             when ``tensorboard``.
+        precision: ``"32"``; ``"bf16-mixed"`` or ``"16-mixed"`` run the forward and the loss
+            under ``torch.autocast`` for the device; ``"16-mixed"`` also scales the loss
+            (``torch.amp.GradScaler``; a step with inf/nan gradients is skipped, counted as
+            ``train/skipped_steps``, and moves neither the schedulers nor the EMA).
+        accumulate_grad_batches: Batches per optimizer step; each loss is divided by it. The
+            last, partial window of an epoch steps too (its gradients are the partial sum).
+            ``global_step``, schedulers, EMA and ``log_every_n_steps`` count optimizer steps.
+        gradient_clip_val: Clip the gradients after unscaling, before the step (None: never).
+        gradient_clip_algorithm: ``"norm"`` (the total 2-norm of all gradients) or
+            ``"value"`` (each element to ``[-val, val]``).
 
     Raises:
-        ValueError: If a limit or an interval is out of range, or ``device`` is not a device
-            or not available on this machine, or ``compile`` names no backend.
+        ValueError: If a limit, an interval or a step option is out of range, ``device`` is
+            not a device or not available on this machine, or ``compile`` names no backend.
         NotADirectoryError: If ``output_dir`` is an existing file.
         TypeError: If a callback does not subclass ``Callback``, or ``compile`` or
             ``channels_last`` has the wrong type.
@@ -142,9 +162,16 @@ class Trainer:
         channels_last: bool = False,
         max_time: float | str | None = None,
         loggers: Sequence[str] | None = None,
+        precision: str = "32",
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
     ) -> None:
         max_seconds = parse_max_time(max_time)
         logger_names = check_logger_names(loggers)
+        check_step_options(
+            precision, accumulate_grad_batches, gradient_clip_val, gradient_clip_algorithm
+        )
         check_loop_limits(
             num_epochs, num_steps, check_val_every_n_epoch, val_check_interval, log_every_n_steps
         )
@@ -182,7 +209,12 @@ class Trainer:
             tensorboard=tensorboard,
             max_time=max_seconds,
             loggers=logger_names,
+            precision=precision,
+            accumulate_grad_batches=accumulate_grad_batches,
+            gradient_clip_val=gradient_clip_val,
+            gradient_clip_algorithm=gradient_clip_algorithm,
         )
+        self.loop.use_device(self.device)
         self._setup_done = False
         self._fitting = False
 
@@ -337,6 +369,9 @@ class Trainer:
         optimizers = loop.optimizers
         val_every = self.val_check_interval
         log_every = loop.log_every_n_steps
+        autocast = loop.stepper.autocast
+        accumulating = loop.stepper.accumulate_grad_batches > 1
+        ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
         for batch in iterator:
             if move_batches:
                 batch = move_to_device(batch, self.device)
@@ -345,10 +380,15 @@ class Trainer:
             state = loop.state()
             for callback in callbacks:
                 callback.on_train_batch_start(state, model, loss_module, batch, batch_idx)
-            inputs = connector(batch)
-            outputs = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-            total_loss, metrics = loss_module(outputs, batch)
-            loop.train_step(total_loss, metrics, optimizers, batch_idx + 1)
+            # Inside an accumulation window DDP must not all-reduce: forward and backward
+            # under no_sync; the backward runs outside autocast, as torch recommends.
+            skip_sync = accumulating and ddp is not None and not loop.ends_window(batch_idx + 1)
+            with ddp.no_sync() if skip_sync and ddp is not None else _NO_CONTEXT:
+                with autocast():
+                    inputs = connector(batch)
+                    outputs = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+                    total_loss, metrics = loss_module(outputs, batch)
+                step_end = loop.train_step(total_loss, metrics, optimizers, batch_idx + 1)
             state = loop.state(metrics=True)
             logs: MetricLogs | None = None
             for callback in callbacks:
@@ -359,12 +399,14 @@ class Trainer:
                     logs = dict(cb_logs) if logs is None else {**logs, **cb_logs}
                     log_callback_train_logs(callback, cb_logs, state)
             step = loop.global_step
-            if logs or step % log_every == 0 or step == 1:  # log_train's own test, minus a call
+            if logs or (step_end and (step % log_every == 0 or step == 1)):  # log_train's test
                 loop.log_train(logs)
+            batch_idx += 1
+            if not step_end and accumulating:
+                continue  # no step was taken: step-based validation and stops wait for it
             if val_every and step % val_every == 0:
                 self._validate(model)
                 model.train()
-            batch_idx += 1
             if loop.stop_requested():
                 return
         loop.finish_epoch()

@@ -13,8 +13,11 @@ hooks onto the native loop::
     first next() of the training data       adopt a new loader, sampler.set_epoch,
                                             capture the epoch-start RNG, skip resumed batches
     on_train_batch_start                    on_train_batch_start
-    training_step (manual optimization)     forward, loss, LoopState.train_step: backward,
-                                            step every optimizer, global_step += 1,
+    on_train_batch_start (module)           DDP no_sync inside an accumulation window
+    training_step (manual optimization)     forward, loss under autocast;
+                                            LoopState.train_step: backward (divided, scaled);
+                                            at a window's end unscale, on_before_optimizer_step,
+                                            clip, step every optimizer, global_step += 1,
                                             schedulers.step_on_batch
     on_train_batch_end (callbacks)          on_train_batch_end -> logs
     on_train_batch_end (module)             logs -> train/<k>; stop_requested() (a stop:
@@ -41,6 +44,7 @@ optimizers under manual optimization.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -88,6 +92,10 @@ class LightningEngine:
         tensorboard: Also write TensorBoard event files.
         max_time: Training-time budget in seconds (None = none).
         loggers: Scalar writer names (None = the default).
+        precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (``LoopState``).
+        accumulate_grad_batches: Batches per optimizer step.
+        gradient_clip_val: Clip threshold (None: never).
+        gradient_clip_algorithm: ``"norm"`` or ``"value"``.
     """
 
     def __init__(
@@ -103,6 +111,10 @@ class LightningEngine:
         tensorboard: bool,
         max_time: float | None = None,
         loggers: list[str] | None = None,
+        precision: str = "32",
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
     ) -> None:
         self.model = model
         self.loss_module = loss_module
@@ -124,8 +136,13 @@ class LightningEngine:
             tensorboard=tensorboard,
             max_time=max_time,
             loggers=loggers,
+            precision=precision,
+            accumulate_grad_batches=accumulate_grad_batches,
+            gradient_clip_val=gradient_clip_val,
+            gradient_clip_algorithm=gradient_clip_algorithm,
         )
         self.loop.model = model
+        self._no_sync = contextlib.ExitStack()
         self.train_loader_proxy = EpochLoader(self)
         self.test_loader_proxies = [LazyLoader(dl) for dl in test_dataloaders]
 
@@ -146,6 +163,7 @@ class LightningEngine:
     def attach(self, trainer: pl.Trainer) -> None:
         """Remember the Lightning trainer that runs this engine; take its limits."""
         self.trainer = trainer
+        self.loop.use_device(trainer.strategy.root_device)
         max_epochs = trainer.max_epochs
         self.loop.num_epochs = -1 if max_epochs is None else int(max_epochs)
         max_steps = int(trainer.max_steps)
@@ -301,7 +319,35 @@ class LightningEngine:
         """
         self.last_outputs = outputs
         done = self.batch_offset() + batch_idx + 1
-        self.loop.train_step(total_loss, metrics, optimizers, done, backward)
+        stepped = self.loop.train_step(total_loss, metrics, optimizers, done, backward)
+        if stepped and self.loop.step_skipped:
+            self._count_skipped_step()
+
+    def _count_skipped_step(self) -> None:
+        """Count a step the fp16 scaler skipped as Lightning's optimizer steps.
+
+        Lightning's ``global_step`` (and so ``max_steps``) counts ``optimizer.step()`` calls,
+        which the scaler does not make for a skipped step; the shared loop counts it, so the
+        progress tracker ``_set_lightning_position`` also sets is advanced by hand.
+        """
+        epoch_loop = self._trainer().fit_loop.epoch_loop
+        progress = epoch_loop.manual_optimization.optim_step_progress
+        for _ in self.optimizers:
+            progress.increment_ready()
+            progress.increment_completed()
+
+    def enter_no_sync(self, wrapped_model: Any, batch_idx: int) -> None:
+        """Enter DDP's ``no_sync`` when batch ``batch_idx`` does not end a window."""
+        if (
+            self.loop.stepper.accumulate_grad_batches > 1
+            and isinstance(wrapped_model, nn.parallel.DistributedDataParallel)
+            and not self.loop.ends_window(self.batch_offset() + batch_idx + 1)
+        ):
+            self._no_sync.enter_context(wrapped_model.no_sync())
+
+    def leave_no_sync(self) -> None:
+        """Leave a ``no_sync`` entered by ``enter_no_sync`` (no-op otherwise)."""
+        self._no_sync.close()
 
     def add_train_logs(self, logs: MetricLogs | None) -> None:
         """Collect logs a callback returned from ``on_train_batch_end``."""
@@ -431,9 +477,12 @@ class LightningEngine:
         steps = global_step * max(1, len(self.optimizers))
         optim_total = epoch_loop.manual_optimization.optim_step_progress.total
         optim_total.ready = optim_total.completed = steps
+        # Lightning counts batches (val_check_interval); with accumulation that is
+        # accumulate_grad_batches per step, plus an open window's batches.
+        batches = global_step * self.loop.stepper.accumulate_grad_batches + self.loop.accumulated
         batch_total: Any = epoch_loop.batch_progress.total
-        batch_total.ready = batch_total.started = global_step
-        batch_total.processed = batch_total.completed = global_step
+        batch_total.ready = batch_total.started = batches
+        batch_total.processed = batch_total.completed = batches
         epoch_loop._batches_that_stepped = global_step
         self._epoch = None
 

@@ -43,6 +43,13 @@ _TRAINER_KEYS = {
     "compile",
     "channels_last",
 }
+_STEP_KEYS = (
+    "precision",
+    "accumulate_grad_batches",
+    "gradient_clip_val",
+    "gradient_clip_algorithm",
+)
+"""Native ``Trainer`` arguments that the ``TrainingModule`` takes (the engine steps)."""
 _NEVER = 10**9
 """check_val_every_n_epoch standing for "never by epoch" (Lightning needs an int or None)."""
 
@@ -82,6 +89,7 @@ def build_lightning_trainer(
     check_val_every_n_epoch: int | None = 1,
     val_check_interval: int | None = None,
     callbacks: list[pl.Callback] | None = None,
+    accumulate_grad_batches: int = 1,
     **overrides: Any,
 ) -> pl.Trainer:
     """A ``lightning.pytorch.Trainer`` set up like the native engine.
@@ -96,6 +104,10 @@ def build_lightning_trainer(
         val_check_interval: Validate every n training steps instead (Lightning validates
             either by epoch or by step; with this set, by step only).
         callbacks: Lightning callbacks (``CallbackWrapper`` objects).
+        accumulate_grad_batches: The ``TrainingModule``'s; Lightning counts
+            ``val_check_interval`` in batches, so it validates every
+            ``val_check_interval * accumulate_grad_batches`` batches (the native Trainer's
+            steps when an epoch's length is a multiple of ``accumulate_grad_batches``).
         **overrides: Further ``Trainer`` arguments (e.g. ``strategy``, ``precision``); they
             replace the environment's choice.
 
@@ -106,7 +118,7 @@ def build_lightning_trainer(
     if val_check_interval is not None:
         val_kwargs: dict[str, Any] = {
             "check_val_every_n_epoch": None,
-            "val_check_interval": val_check_interval,
+            "val_check_interval": val_check_interval * accumulate_grad_batches,
         }
     else:
         val_kwargs = {"check_val_every_n_epoch": check_val_every_n_epoch or _NEVER}
@@ -149,13 +161,14 @@ def fit_with_lightning(
             or the training data yields no batch.
     """
     trainer_kwargs = dict(experiment.trainer_kwargs)
-    unknown = set(trainer_kwargs) - _TRAINER_KEYS
+    unknown = set(trainer_kwargs) - _TRAINER_KEYS - set(_STEP_KEYS)
     if unknown:
         raise ValueError(
             f"trainer_kwargs {sorted(unknown)} are not supported by the Lightning engine; "
-            f"supported: {sorted(_TRAINER_KEYS)}."
+            f"supported: {sorted(_TRAINER_KEYS | set(_STEP_KEYS))}."
         )
     check_trains_some_steps(experiment.train_dataloader)  # before any callback's setup
+    step_options = {key: trainer_kwargs[key] for key in _STEP_KEYS if key in trainer_kwargs}
     module = TrainingModule(
         experiment.model,
         experiment.loss_module,
@@ -173,6 +186,7 @@ def fit_with_lightning(
         channels_last=trainer_kwargs.get("channels_last", False),
         max_time=trainer_kwargs.get("max_time"),
         loggers=trainer_kwargs.get("loggers"),
+        **step_options,
     )
     trainer = build_lightning_trainer(
         output_dir,
@@ -181,6 +195,7 @@ def fit_with_lightning(
         num_optimizers=len(module.engine.optimizers),
         check_val_every_n_epoch=trainer_kwargs.get("check_val_every_n_epoch", 1),
         val_check_interval=trainer_kwargs.get("val_check_interval"),
+        accumulate_grad_batches=int(step_options.get("accumulate_grad_batches", 1)),
         callbacks=[CallbackWrapper(callback) for callback in experiment.callbacks],
     )
     with warnings.catch_warnings():

@@ -1,9 +1,12 @@
 """``TrainingModule``: a LightningModule around a vistrain model, loss, optimizers and schedules.
 
 Training uses Lightning's manual optimization, so one training step is exactly the native
-Trainer's: the same ``LoopState.train_step`` zeroes the gradients of every optimizer, calls
-``manual_backward``, steps every optimizer (through Lightning, so precision plugins and
-strategies apply), counts one ``global_step`` and runs ``step_on_batch`` of every scheduler.
+Trainer's: the forward and the loss run under the engine's autocast and the same
+``LoopState.train_step`` calls ``manual_backward`` on the divided (and, for fp16, scaled)
+loss and, at an accumulation window's end, unscales, clips and steps every optimizer
+(through Lightning's optimizer wrappers, so strategies apply), counts one ``global_step``
+and runs ``step_on_batch`` of every scheduler. Precision, accumulation and clipping are the
+module's arguments, not Lightning's (which refuses the last two under manual optimization).
 Epoch-based scheduler steps and the callbacks' epoch end are run by the engine (see
 ``vistrain.pl.engine``) so their order matches the native loop.
 
@@ -34,6 +37,7 @@ from vistrain.engine.device_setup import (
 from vistrain.engine.loop_state import as_loader_list
 from vistrain.engine.loss_module import LossModule
 from vistrain.engine.optim import LRSchedulerWrapper, check_optimizers_train
+from vistrain.engine.optimizer_step import check_step_options
 from vistrain.engine.scalar_writers import check_logger_names
 from vistrain.engine.time_budget import parse_max_time
 from vistrain.pl.engine import LightningEngine
@@ -72,11 +76,19 @@ class TrainingModule(pl.LightningModule):
         max_time: Training-time budget, as ``Trainer(max_time=...)``: Lightning stops at the
             step where it is spent, after a checkpoint.
         loggers: Scalar writer names, as ``Trainer(loggers=...)``.
+        precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"``, as the native ``Trainer``'s
+            (autocast and the fp16 scaler are the engine's; keep Lightning's own
+            ``precision`` at its default).
+        accumulate_grad_batches: Batches per optimizer step, as the native ``Trainer``'s
+            (Lightning refuses its own under manual optimization).
+        gradient_clip_val: Clip threshold, as the native ``Trainer``'s (None: never).
+        gradient_clip_algorithm: ``"norm"`` or ``"value"``.
 
     Raises:
         TypeError: If an argument has the wrong type.
         ValueError: If there is no optimizer, an optimizer holds none of the model's
-            parameters, ``log_every_n_steps`` is below 1 or ``compile`` names no backend.
+            parameters, ``log_every_n_steps`` is below 1 , ``compile`` names no backend
+            or a step option is out of range.
     """
 
     def __init__(
@@ -97,8 +109,15 @@ class TrainingModule(pl.LightningModule):
         channels_last: bool = False,
         max_time: float | str | None = None,
         loggers: Sequence[str] | str | None = None,
+        precision: str = "32",
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
     ) -> None:
         super().__init__()
+        check_step_options(
+            precision, accumulate_grad_batches, gradient_clip_val, gradient_clip_algorithm
+        )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}.")
         if not isinstance(loss_module, LossModule):
@@ -141,6 +160,10 @@ class TrainingModule(pl.LightningModule):
             tensorboard=tensorboard,
             max_time=parse_max_time(max_time),
             loggers=check_logger_names(loggers),
+            precision=precision,
+            accumulate_grad_batches=accumulate_grad_batches,
+            gradient_clip_val=gradient_clip_val,
+            gradient_clip_algorithm=gradient_clip_algorithm,
         )
 
     # ------------------------------------------------------------------ Lightning API
@@ -197,8 +220,9 @@ class TrainingModule(pl.LightningModule):
         """
         if self.train_data_connector is None:
             raise ValueError("TrainingModule needs train_data_connector to train.")
-        outputs = _call_model(self.model, self.train_data_connector(batch))
-        total_loss, metrics = self.loss_module(outputs, batch)
+        with self.engine.loop.stepper.autocast():
+            outputs = _call_model(self.model, self.train_data_connector(batch))
+            total_loss, metrics = self.loss_module(outputs, batch)
         optimizers = self.optimizers()
         opt_list = optimizers if isinstance(optimizers, list) else [optimizers]
         self.engine.train_step(
@@ -224,8 +248,17 @@ class TrainingModule(pl.LightningModule):
         """Native order: the model is in training mode once the epoch-start hooks ran."""
         self.model.train()
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Inside an accumulation window, keep DDP from all-reducing this batch's gradients.
+
+        Runs before Lightning calls the DDP-wrapped ``training_step``, so the forward and the
+        backward both run under ``no_sync``; ``on_train_batch_end`` leaves it.
+        """
+        self.engine.enter_no_sync(self.trainer.model, batch_idx)
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Write the callbacks' logs; end the epoch after its last batch (epoch validation)."""
+        self.engine.leave_no_sync()
         self.engine.after_train_batch()
 
     def on_train_epoch_end(self) -> None:

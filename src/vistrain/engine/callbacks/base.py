@@ -7,7 +7,10 @@ A callback is a bundle of hooks the training loop calls at fixed points::
         callback.on_train_epoch_start(state, model, loss_module)
         for batch_idx, batch in enumerate(train_loader):
             callback.on_train_batch_start(state, model, loss_module, batch, batch_idx)
-            outputs = model(**train_connector(batch)); loss.backward(); optimizer.step()
+            outputs = model(**train_connector(batch)); loss.backward()
+            at a window's end (every accumulate_grad_batches batches, and the epoch's last):
+                unscale (fp16); callback.on_before_optimizer_step(state, model, optimizer)
+                clip; optimizer.step(); global_step += 1
             logs = callback.on_train_batch_end(state, model, loss_module, outputs, batch, batch_idx)
         callback.on_train_epoch_end(state, model, loss_module)
         # validation:
@@ -32,6 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+from torch.optim import Optimizer
 
 from vistrain.common.typing import DictData, MetricLogs
 from vistrain.engine.callbacks.trainer_state import TrainerState
@@ -129,6 +133,19 @@ class Callback:
     ) -> MetricLogs | None:
         """Hook to run at the end of a training batch."""
         return None
+
+    def on_before_optimizer_step(
+        self, trainer_state: TrainerState, model: nn.Module, optimizer: Optimizer
+    ) -> None:
+        """Hook to run before ``optimizer`` steps, once per optimizer and step.
+
+        Beyond the reference: runs after the window's last backward and, under
+        ``precision="16-mixed"``, after the gradients were unscaled, and before gradient
+        clipping and the step -- so ``param.grad`` holds the true gradients of the whole
+        window, which a callback may inspect or change (for example to log or rescale them).
+        ``trainer_state["global_step"]`` is the number of steps before this one. Runs on every
+        rank with the same (all-reduced, under DDP) gradients, in both engines.
+        """
 
     def on_train_epoch_end(
         self, trainer_state: TrainerState, model: nn.Module, loss_module: LossModule

@@ -189,8 +189,11 @@ class CheckpointCallback(Callback):
     ) -> MetricLogs | None:
         """Save by step period, or once ``every_n_minutes`` have passed (collective).
 
-        Step based: when ``global_step`` is a multiple of the period.
+        Step based: when ``global_step`` is a multiple of the period. Only on batches that
+        end an accumulation window (``step_end``), not again on a window's micro-batches.
         """
+        if not trainer_state.get("step_end", True):
+            return None
         step = trainer_state["global_step"]
         by_step = not self.epoch_based and step % self.checkpoint_period == 0
         if by_step or (self.every_n_minutes is not None and self._time_due()):

@@ -27,9 +27,10 @@ class EMACallback(Callback):
     The model must contain a ``ModelEMAAdapter`` (or ``ModelExpEMAAdapter``): directly,
     or inside DDP, DataParallel or any other wrapper modules at any depth. Every
     outermost adapter found is updated with the trainer's ``global_step``. With gradient
-    accumulation the hook runs on batches where the optimizer did not step; the callback
-    sees ``global_step`` unchanged since its last update and leaves the EMA alone, so the
-    EMA moves exactly once per optimizer step.
+    accumulation the hook runs on batches where the optimizer did not step
+    (``trainer_state["step_end"]`` False, ``global_step`` unchanged since the last update);
+    the callback leaves the EMA alone then, so it moves exactly once per optimizer step. A
+    step that fp16 loss scaling skipped (``step_skipped``) does not move it either.
 
     The adapters are looked up once per model object and cached; the hook itself does no
     device sync. ``state_dict`` holds the last step it updated at, so a resumed run
@@ -79,10 +80,15 @@ class EMACallback(Callback):
         batch: DictData,
         batch_idx: int,
     ) -> MetricLogs | None:
-        """Update the EMA copy if the optimizer stepped since the last update."""
+        """Update the EMA copy if the optimizer stepped (and changed the weights) at this batch."""
         step = trainer_state["global_step"]
-        if step <= 0 or step == self._last_step:
-            return None  # no optimizer step yet / accumulating gradients
+        if (
+            step <= 0
+            or step == self._last_step
+            or not trainer_state.get("step_end", True)
+            or trainer_state.get("step_skipped", False)
+        ):
+            return None  # no optimizer step yet / accumulating gradients / a skipped fp16 step
         for adapter in self.adapters(model):
             adapter.update(step)
         self._last_step = step

@@ -223,6 +223,8 @@ class LoggingCallback(Callback):
             num_batches = trainer_state.get("num_train_batches")
             return (batch_idx + 1) % self.refresh_rate == 0 or batch_idx + 1 == num_batches
         step = trainer_state["global_step"]
+        if not trainer_state.get("step_end", True):
+            return False  # a micro-batch inside an accumulation window: the step is not done
         return step % self.refresh_rate == 0 or step == total_train_steps(trainer_state)
 
     def _eta(self, trainer_state: TrainerState) -> str:

@@ -108,6 +108,11 @@ class TrainerState(TypedDict):
             ``StepMetrics``; its ``tensors()`` gives them without a device sync).
         val_logs: Logs of the latest validation (for best-checkpoint selection).
         batches_done: Training batches finished in the current epoch.
+        step_end: In ``on_train_batch_end``: whether this batch ended an accumulation window,
+            so the optimizers stepped (or fp16 skipped the step) and ``global_step`` just
+            advanced. Always True without gradient accumulation.
+        step_skipped: In ``on_train_batch_end``: whether fp16 loss scaling skipped this
+            batch's step (inf/nan gradients; the weights did not change).
     """
 
     current_epoch: int
@@ -125,3 +130,5 @@ class TrainerState(TypedDict):
     metrics: NotRequired[Mapping[str, float]]
     val_logs: NotRequired[dict[str, float]]
     batches_done: NotRequired[int]
+    step_end: NotRequired[bool]
+    step_skipped: NotRequired[bool]
