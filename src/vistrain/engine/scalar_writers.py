@@ -237,6 +237,7 @@ class WandbWriter:
             reinit="create_new",
         )
         self.run_id = str(self._run.id)
+        self._wandb = wandb
         write_tracker_id(output_dir, "wandb", self.run_id)
 
     def write(self, scalars: Mapping[str, float], step: int, epoch: int, wall_time: float) -> None:
@@ -247,8 +248,13 @@ class WandbWriter:
         """W&B sends in the background; nothing to do."""
 
     def close(self) -> None:
-        """Finish the run."""
+        """Finish the run and wait until W&B's background service has written all of it.
+
+        ``finish`` alone can return before an offline run's records reach its file (seen as a
+        resumed run's file holding only its header); ``teardown`` waits for the service.
+        """
         self._run.finish()
+        self._wandb.teardown()
 
 
 class MlflowWriter:
