@@ -12,6 +12,7 @@ import torch
 
 from vistrain.cli import main
 from vistrain.engine.checkpoint_io import load_checkpoint
+from vistrain.run import run_fit
 from vistrain.run_info import RUN_INFO_KEY
 from vistrain.run_params import (
     APPLIED,
@@ -20,7 +21,6 @@ from vistrain.run_params import (
     RESUME_POLICY,
     ResumeRefusedError,
 )
-from vistrain.runner import run_fit
 from vistrain.zoo import BUILTIN_EXPERIMENTS, load_config
 from vistrain.zoo.base import apply_overrides
 

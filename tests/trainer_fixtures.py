@@ -202,7 +202,7 @@ def run_toy(
     if engine != "lightning":
         raise ValueError(f"engine={engine!r}; use one of {ENGINES}.")
     from vistrain.pl import CallbackWrapper, TrainingModule
-    from vistrain.pl.runner import build_lightning_trainer
+    from vistrain.pl.fit import build_lightning_trainer
 
     step_options = {key: loop.pop(key) for key in STEP_OPTIONS if key in loop}
     module = TrainingModule(

@@ -165,7 +165,7 @@ def _prepare(args: argparse.Namespace) -> tuple[ModuleType, Any]:
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
     except Exception as err:  # a mistake in the code of a config file, found on import
-        from vistrain.runner import raised_at
+        from vistrain.run import raised_at
 
         raise UsageError(
             f"config {args.config!r} could not be loaded: {type(err).__name__}: {err} (at "
@@ -353,8 +353,8 @@ def _fit(args: argparse.Namespace, argv: Sequence[str]) -> int:
             from vistrain.engine.checkpoint_io import CheckpointError
             from vistrain.engine.loop_state import NoTrainingStepsError
             from vistrain.engine.nonfinite_guard import NonFiniteError
+            from vistrain.run import ExperimentBuildError, run_fit
             from vistrain.run_params import ResumeRefusedError
-            from vistrain.runner import ExperimentBuildError, run_fit
 
             try:
                 stopped = run_fit(
@@ -388,7 +388,7 @@ def _test(args: argparse.Namespace) -> int:
         raise UsageError(f"--ckpt: checkpoint {args.ckpt!r} does not exist")
     from vistrain.common.writable import NotWritableError, check_writable_folder
     from vistrain.engine.checkpoint_io import CheckpointError
-    from vistrain.runner import ExperimentBuildError, run_test
+    from vistrain.run import ExperimentBuildError, run_test
 
     output_dir = _output_dir(args, suffix="-test")
     try:

@@ -3,7 +3,7 @@
 A checkpoint's weights only say which layers it holds; when it is handed to another
 experiment (``vistrain test --config toy_classifier --ckpt <a yolox_shapes checkpoint>``)
 the useful message is "this comes from yolox_shapes", not a list of missing keys. The
-runner adds ``RunInfoCallback`` to every run; its state, like any callback's, is saved in
+``vistrain.run`` adds ``RunInfoCallback`` to every run; its state, like any callback's, is saved in
 each checkpoint under the callback's class name, so no checkpoint writer needs to know it.
 """
 

@@ -221,7 +221,7 @@ def test_batches_come_from_pinned_memory_and_arrive_on_the_gpu(tmp_path) -> None
 def test_lightning_engine_with_compile_and_channels_last(tmp_path) -> None:
     pytest.importorskip("lightning")
     from vistrain.pl import CallbackWrapper, TrainingModule
-    from vistrain.pl.runner import build_lightning_trainer
+    from vistrain.pl.fit import build_lightning_trainer
 
     torch.manual_seed(0)
     model = ModelEMAAdapter(ConvNet(), decay=0.8)

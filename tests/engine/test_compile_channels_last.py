@@ -114,7 +114,7 @@ def _fit(
         trainer.fit(model, optimizer, None, _loss(), ckpt_path=ckpt_path)
         return model
     from vistrain.pl import CallbackWrapper, TrainingModule
-    from vistrain.pl.runner import build_lightning_trainer
+    from vistrain.pl.fit import build_lightning_trainer
 
     module = TrainingModule(
         model, _loss(), optimizer, None, connector, connector,

@@ -43,7 +43,7 @@ def _experiment(folder: str, num: int, drop_last: bool) -> Experiment:
 def test_zero_step_run_is_refused_before_training(tmp_path, engine, case):
     num, drop_last, expected = EMPTY_CASES[case]
     experiment = _experiment(str(tmp_path), num, drop_last)
-    from vistrain.runner import _fit_with
+    from vistrain.run import _fit_with
 
     with pytest.raises(NoTrainingStepsError) as err:
         _fit_with(engine, experiment, str(tmp_path), None)

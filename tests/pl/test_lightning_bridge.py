@@ -37,7 +37,7 @@ from vistrain.engine.loss_module import LossModule
 from vistrain.engine.optim import warmup_cosine
 from vistrain.engine.trainer import Trainer
 from vistrain.pl import CallbackWrapper, TrainingModule
-from vistrain.pl.runner import build_lightning_trainer
+from vistrain.pl.fit import build_lightning_trainer
 
 NUM_TRAIN = 24  # 6 batches of 4 per epoch
 
@@ -426,7 +426,7 @@ def test_default_yolox_experiment_end_to_end_with_mode_switch(tmp_path) -> None:
 
 def test_eval_mode_warning_is_silenced_only_for_ema_copies() -> None:
     from vistrain.model.adapter import ModelEMAAdapter
-    from vistrain.pl.runner import _only_ema_copies_in_eval_mode
+    from vistrain.pl.fit import _only_ema_copies_in_eval_mode
 
     wrapper = nn.Module()
     wrapper.model = ModelEMAAdapter(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)))

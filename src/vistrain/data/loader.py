@@ -110,7 +110,7 @@ def _resolve_distributed(distributed: bool | None) -> tuple[int, int]:
 def resolve_pin_memory(pin_memory: bool | None) -> bool:
     """``pin_memory`` as given, or (None) whether CUDA is available.
 
-    The runner trains on the GPU whenever one is available, so pinning by default then puts
+    ``vistrain.run`` trains on the GPU whenever one is available, so pinning by default puts
     every batch where a non-blocking copy to the GPU can overlap with the host's work.
     """
     return torch.cuda.is_available() if pin_memory is None else bool(pin_memory)

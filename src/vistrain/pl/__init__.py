@@ -3,7 +3,7 @@
 Needs the optional extra ``pl`` (``pip install 'vistrain[pl]'``); nothing else in vistrain
 imports Lightning. ``TrainingModule`` wraps model, loss, optimizers and schedules;
 ``CallbackWrapper`` runs one vistrain callback unchanged; ``fit_with_lightning`` (in
-``vistrain.pl.runner``) is what ``vistrain fit --engine lightning`` calls.
+``vistrain.pl.fit``) is what ``vistrain fit --engine lightning`` calls.
 """
 
 from vistrain.pl.callback_wrapper import CallbackWrapper

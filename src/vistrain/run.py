@@ -166,8 +166,8 @@ def _fit_with(
 ) -> StopReport | None:
     """Train with the chosen engine; return where it stopped early, if it did."""
     if engine == "lightning":
+        from vistrain.pl.fit import fit_with_lightning
         from vistrain.pl.quiet import quiet_lightning
-        from vistrain.pl.runner import fit_with_lightning
 
         with quiet_lightning():
             module = fit_with_lightning(experiment, output_dir, ckpt_path)

@@ -6,7 +6,7 @@ summary and sanity validation are off: the vistrain callbacks log, save and draw
 writes the same outputs (``metrics.jsonl``, ``checkpoints/``, ``vis/``, ``eval/``).
 
 Processes: one process uses the CPU or the first GPU. Under ``torchrun`` (``WORLD_SIZE`` > 1)
-the process group the runner created is reused: a ``DDPStrategy`` with Lightning's
+the process group ``vistrain.run`` created is reused: a ``DDPStrategy`` with Lightning's
 ``TorchElasticEnvironment`` reads rank, local rank and world size from the launcher's
 environment, on one machine or several.
 """
