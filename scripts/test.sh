@@ -2,7 +2,7 @@
 # Sets up .venv and runs every check CI runs: ruff lint, ruff format check, mypy on src/, pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS=dev,pl bash scripts/setup.sh
+EXTRAS=dev,pl,onnx,wandb,mlflow bash scripts/setup.sh
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/ruff format --check src tests benchmarks
 .venv/bin/mypy src
