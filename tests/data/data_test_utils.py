@@ -41,9 +41,9 @@ def make_sample(
 
 
 def colour_mask(image: Tensor, cls: int, tol: float) -> Tensor:
-    """(H, W) bool: pixels within ``tol`` (L-inf) of PALETTE[cls]."""
+    """(H, W) bool: pixels within ``tol`` (L-inf) of PALETTE[cls] (uint8 or float image)."""
     colour = torch.tensor(PALETTE[cls], dtype=torch.float32)[:, None, None]
-    return (image - colour).abs().amax(0) <= tol
+    return (image.float() - colour).abs().amax(0) <= tol
 
 
 def box_purity(image: Tensor, box: Tensor, cls: int, tol: float = 40.0) -> float:

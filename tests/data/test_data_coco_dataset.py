@@ -48,8 +48,11 @@ def test_samples_boxes_and_sorted_class_mapping(tmp_path: Path) -> None:
     assert ds.category_ids == [3, 7, 11]
     assert ds.class_names == ["three", "seven", "eleven"]
     s = ds[0]
-    assert s[K.images].shape == (3, 16, 20) and s[K.images].dtype == torch.float32
-    assert float(s[K.images].max()) == 7.0
+    # Bytes until a pipe (or collate_batch) makes the float input; not aliasing the original.
+    assert s[K.images].shape == (3, 16, 20) and s[K.images].dtype == torch.uint8
+    assert int(s[K.images].max()) == 7
+    s[K.images].zero_()
+    assert int(s[K.original_images].max()) == 7
     assert s[K.original_images].shape == (16, 20, 3) and s[K.original_images].dtype == np.uint8
     assert s[K.input_hw] == s[K.original_hw] == (16, 20)
     assert s[K.sample_names] == "a" and s[K.coco_image_id] == 10
@@ -125,3 +128,55 @@ def test_cache_images_serves_later_reads_from_memory(tmp_path: Path) -> None:
     uncached = COCODataset(ann, tmp_path / "img", check_images=False)
     with pytest.raises(FileNotFoundError, match=r"a\.png"):
         uncached[0]
+
+
+def _write_one(tmp_path: Path, name: str, pixels: Image.Image) -> Path:
+    (tmp_path / "img").mkdir(exist_ok=True)
+    pixels.save(tmp_path / "img" / name)
+    h, w = pixels.height, pixels.width
+    coco = {
+        "images": [{"id": 1, "file_name": name, "height": h, "width": w}],
+        "annotations": [],
+        "categories": [{"id": 1, "name": "a"}],
+    }
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(coco))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "mode", "pixel", "rgb"),
+    [
+        ("grey.png", "L", 90, (90, 90, 90)),
+        ("colour.png", "RGB", (200, 30, 5), (200, 30, 5)),
+        ("alpha.png", "RGBA", (10, 20, 250, 60), (10, 20, 250)),
+        ("deep.png", "I;16", 65535 // 3, (85, 85, 85)),  # 16-bit scaled to 8 bits
+        ("lossless.bmp", "RGB", (1, 128, 254), (1, 128, 254)),
+    ],
+)
+def test_images_of_any_layout_load_as_rgb_bytes(
+    tmp_path: Path, name: str, mode: str, pixel: object, rgb: tuple[int, int, int]
+) -> None:
+    ann = _write_one(tmp_path, name, Image.new(mode, (5, 3), pixel))  # type: ignore[arg-type]
+    sample = COCODataset(ann, tmp_path / "img")[0]
+    original = sample[K.original_images]
+    assert original.shape == (3, 5, 3) and original.dtype == np.uint8
+    assert original.reshape(-1, 3).tolist() == [list(rgb)] * 15
+    assert sample[K.images][:, 0, 0].tolist() == list(rgb)
+
+
+def test_palette_png_and_formats_opencv_lacks_load_as_rgb(tmp_path: Path) -> None:
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 250, 100, 7] + [0] * 762)
+    ann = _write_one(tmp_path, "pal.png", palette)
+    assert COCODataset(ann, tmp_path / "img")[0][K.original_images][2, 3].tolist() == [250, 100, 7]
+    # OpenCV has no GIF decoder in every build; PIL reads what it cannot.
+    gif = _write_one(tmp_path, "anim.gif", palette)
+    assert COCODataset(gif, tmp_path / "img")[0][K.original_images][0, 0].tolist() == [250, 100, 7]
+
+
+def test_unreadable_image_is_a_value_error_naming_it(tmp_path: Path) -> None:
+    ann = _write(tmp_path, [(10, "a.png", 16, 20)])
+    (tmp_path / "img" / "a.png").write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match=r"a\.png.*could not be read"):
+        COCODataset(ann, tmp_path / "img")[0]

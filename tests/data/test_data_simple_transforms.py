@@ -5,13 +5,14 @@ from __future__ import annotations
 import colorsys
 import random
 
+import numpy as np
 import pytest
 import torch
 from data_test_utils import make_sample
 
 from vistrain.data.const import CommonKeys
 from vistrain.data.transforms import Pad, RandomHorizontalFlip, RandomHSV, ResizeKeepRatio
-from vistrain.data.transforms.photometric import hsv_to_rgb, rgb_to_hsv
+from vistrain.data.transforms.photometric import shift_hsv
 
 K = CommonKeys
 
@@ -20,9 +21,10 @@ def test_flip_mirrors_pixels_and_boxes() -> None:
     sample = make_sample((6, 10), [(1, 2, 4, 5)], [0])
     image = sample[K.images].clone()
     out = RandomHorizontalFlip(prob=1.0)(sample)
+    assert out[K.images].dtype == torch.uint8  # transforms pass bytes on
     assert torch.equal(out[K.boxes2d], torch.tensor([[6.0, 2, 9, 5]]))
-    assert torch.equal(out[K.images][:, :, 9 - 1], image[:, :, 1])
-    assert torch.equal(out[K.images][:, :, 0], image[:, :, 9])
+    assert torch.equal(out[K.images][:, :, 9 - 1].float(), image[:, :, 1])
+    assert torch.equal(out[K.images][:, :, 0].float(), image[:, :, 9])
     kept = RandomHorizontalFlip(prob=0.0)(make_sample((6, 10), [(1, 2, 4, 5)], [0]))
     assert torch.equal(kept[K.boxes2d], torch.tensor([[1.0, 2, 4, 5]]))
 
@@ -54,7 +56,8 @@ def test_resize_upscales_with_per_axis_exact_box_scale() -> None:
     assert torch.allclose(out[K.boxes2d], expected)
     # The object's pixels are where the box says.
     box = out[K.boxes2d][0]
-    inner = out[K.images][:, int(box[1]) + 2 : int(box[3]) - 2, int(box[0]) + 2 : int(box[2]) - 2]
+    image = out[K.images].float()
+    inner = image[:, int(box[1]) + 2 : int(box[3]) - 2, int(box[0]) + 2 : int(box[2]) - 2]
     colour = make_sample((1, 1), [(0, 0, 1, 1)], [1])[K.images][:, 0, 0]
     assert torch.allclose(inner, colour[:, None, None].expand_as(inner), atol=1.0)
 
@@ -64,7 +67,7 @@ def test_pad_to_size_and_to_divisor() -> None:
     image = sample[K.images].clone()
     out = Pad(64)(sample)
     assert out[K.images].shape == (3, 64, 64)
-    assert torch.equal(out[K.images][:, :32, :50], image)
+    assert torch.equal(out[K.images][:, :32, :50].float(), image)
     assert (out[K.images][:, 32:, :] == 114).all() and (out[K.images][:, :, 50:] == 114).all()
     assert out[K.input_hw] == (32, 50)
     assert torch.equal(out[K.boxes2d], torch.tensor([[1.0, 2, 30, 31]]))
@@ -81,19 +84,30 @@ def test_pad_rejects_larger_images_and_bad_arguments() -> None:
         Pad(16, size_divisor=32)
 
 
-def test_hsv_conversion_round_trips_and_matches_colorsys() -> None:
-    torch.manual_seed(0)
-    image = torch.rand(3, 7, 9) * 255
-    image[:, 0, 0] = 0.0  # black
-    image[:, 0, 1] = 128.0  # grey (no hue)
-    hsv = rgb_to_hsv(image)
-    assert torch.allclose(hsv_to_rgb(hsv), image, atol=1e-3)
-    for y, x in [(0, 0), (0, 1), (3, 4), (6, 8)]:
-        r, g, b = (float(v) / 255 for v in image[:, y, x])
-        h, s, v = colorsys.rgb_to_hsv(r, g, b)
-        assert hsv[0, y, x] == pytest.approx(h, abs=1e-5)
-        assert hsv[1, y, x] == pytest.approx(s, abs=1e-5)
-        assert hsv[2, y, x] == pytest.approx(v * 255, abs=1e-3)
+def test_hsv_shift_moves_hue_saturation_and_value_by_the_amounts() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    before = [colorsys.rgb_to_hsv(*(p / 255.0)) for p in image.reshape(-1, 3)]
+
+    def hsv_after(hue: float, sat: float, val: float) -> list[tuple[float, float, float]]:
+        out = shift_hsv(image, hue, sat, val)
+        assert out.shape == image.shape and out.dtype == np.uint8
+        return [colorsys.rgb_to_hsv(*(p / 255.0)) for p in out.reshape(-1, 3)]
+
+    # Hue +30 degrees wraps around the circle; 8-bit HSV resolves it to about 2 degrees.
+    vivid = [i for i, (_, s, v) in enumerate(before) if s > 0.5 and v > 0.5]
+    assert len(vivid) > 50
+    turned = hsv_after(30 / 360, 0.0, 0.0)
+    for i in vivid:
+        moved = (turned[i][0] - before[i][0] - 30 / 360 + 0.5) % 1.0 - 0.5
+        assert abs(moved) * 360 < 2.5
+    # Brightness -40: the largest channel drops by 40, clipped at 0.
+    darker = hsv_after(0.0, 0.0, -40.0)
+    for i in vivid:
+        assert darker[i][2] * 255 == pytest.approx(max(before[i][2] * 255 - 40, 0), abs=1.01)
+    # Saturation +1 saturates every coloured pixel fully.
+    full = hsv_after(0.0, 1.0, 0.0)
+    assert all(full[i][1] > 0.97 for i in vivid)
 
 
 def test_hsv_jitter_changes_pixels_within_gains_but_not_boxes() -> None:
@@ -103,8 +117,9 @@ def test_hsv_jitter_changes_pixels_within_gains_but_not_boxes() -> None:
         sample = make_sample((16, 16), [(2, 2, 10, 10)], [4], background=60.0)
         before = sample[K.images].clone()
         out = RandomHSV(hue_deg=0, sat_gain=0, val_gain=20)(sample)
-        delta = out[K.images] - before
-        assert delta.abs().max() <= 20 + 1e-3  # value shift moves the max channel by <= gain
+        delta = out[K.images].float() - before
+        # A value shift moves each channel by <= gain (plus 8-bit HSV rounding).
+        assert delta.abs().max() <= 20 + 3
         assert (out[K.images] >= 0).all() and (out[K.images] <= 255).all()
         assert torch.equal(out[K.boxes2d], torch.tensor([[2.0, 2, 10, 10]]))
         changed += int(delta.abs().max() > 0.5)

@@ -21,7 +21,9 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from vistrain.common.typing import DictData
+from vistrain.data.const import CommonKeys
 from vistrain.data.transforms.base import MultiSampleTransform, Transform, check_prob
+from vistrain.data.transforms.image import to_float_image
 
 
 def _check_transforms(transforms: Sequence[Any], name: str, allow_multi: bool) -> list[Any]:
@@ -62,9 +64,15 @@ class DataPipe(Dataset[DictData]):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def apply_transforms(self, sample: DictData) -> DictData:
-        """Run the per-sample transforms on ``sample``."""
+        """Run the per-sample transforms on ``sample``; its image leaves as float32.
+
+        Transforms pass the image on as a uint8 tensor (see
+        :mod:`vistrain.data.transforms.image`); it becomes the float network input here, once.
+        """
         for transform in self.transforms:
             sample = transform(sample)
+        if CommonKeys.images in sample:
+            sample[CommonKeys.images] = to_float_image(sample[CommonKeys.images])
         return sample
 
     def __getitem__(self, index: int) -> DictData:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -42,13 +43,46 @@ def _load_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _to_rgb8(pixels: np.ndarray) -> np.ndarray | None:
+    """An ``(H, W, 3)`` uint8 RGB array of what ``cv2.imdecode(..., IMREAD_UNCHANGED)`` gave.
+
+    Grey becomes three equal channels, BGR(A) becomes RGB (alpha dropped, as PIL's
+    ``convert("RGB")`` does), 16-bit values are scaled to 8 bits (65535 -> 255). ``None``
+    for a layout this does not know (then PIL reads the file).
+    """
+    if pixels.dtype == np.uint16:
+        pixels = cv2.convertScaleAbs(pixels, alpha=255.0 / 65535.0)
+    if pixels.dtype != np.uint8:
+        return None
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    codes = {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGB}
+    if channels not in codes:
+        return None
+    return cv2.cvtColor(pixels, codes[channels])
+
+
 def load_image(path: Path) -> np.ndarray:
     """Read an image file as an ``(H, W, 3)`` uint8 RGB array.
+
+    OpenCV decodes it (several times faster than PIL for PNG, the format of the generated
+    shapes); grey, palette, RGBA and 16-bit files are converted to 8-bit RGB. Files OpenCV
+    cannot decode are read with PIL. EXIF orientation is ignored either way, so the pixels
+    are those the annotation's ``height`` and ``width`` describe.
 
     Raises:
         FileNotFoundError: If the file does not exist.
         ValueError: If the file is not a readable image.
     """
+    try:
+        encoded = np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"Image file {str(path)!r} does not exist.") from err
+    except OSError as err:
+        raise ValueError(f"Image file {str(path)!r} could not be read: {err}") from err
+    pixels = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED) if encoded.size else None
+    rgb = None if pixels is None else _to_rgb8(pixels)
+    if rgb is not None:
+        return rgb
     try:
         with Image.open(path) as image:
             return np.array(image.convert("RGB"))
@@ -61,9 +95,10 @@ def load_image(path: Path) -> np.ndarray:
 class COCODataset(Dataset[DictData]):
     """Serve the images and boxes of a COCO-format detection file as vistrain samples.
 
-    The JSON is read once, at construction. Each sample holds ``images`` (float32
-    ``(3, H, W)`` RGB in 0..255), ``input_hw`` and ``original_hw`` (``(H, W)``),
-    ``original_images`` (the ``(H, W, 3)`` uint8 array), ``sample_names`` (the file stem),
+    The JSON is read once, at construction. Each sample holds ``images`` (uint8
+    ``(3, H, W)`` RGB; a data pipe or ``collate_batch`` turns it into float32), ``input_hw``
+    and ``original_hw`` (``(H, W)``), ``original_images`` (the ``(H, W, 3)`` uint8 array),
+    ``sample_names`` (the file stem),
     ``boxes2d`` (float32 ``(N, 4)`` xyxy pixels, from COCO's xywh, clipped to the image),
     ``boxes2d_classes`` (long ``(N,)``: the index of the category id in the sorted
     ``category_ids``) and ``coco_image_id``. Crowd annotations (``iscrowd=1``) and boxes with
@@ -199,7 +234,9 @@ class COCODataset(Dataset[DictData]):
             )
         if self.cache_images and cached is None:
             self._cache[index] = original.copy()
-        image = torch.from_numpy(original).permute(2, 0, 1).float()
+        # uint8 (3, H, W) view of a private copy: transforms work on the bytes, the pipe
+        # (or collate_batch) makes the float network input.
+        image = torch.from_numpy(original.copy()).permute(2, 0, 1)
         return {
             CommonKeys.images: image,
             CommonKeys.input_hw: (height, width),

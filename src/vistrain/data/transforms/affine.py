@@ -5,56 +5,49 @@ from __future__ import annotations
 import math
 import random
 
+import cv2
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from vistrain.common.typing import DictData
 from vistrain.data.const import CommonKeys
 from vistrain.data.transforms.base import PAD_VALUE, Transform, check_range, to_hw
 from vistrain.data.transforms.boxes import box_areas, clip_boxes, keep_visible
+from vistrain.data.transforms.image import as_array, as_tensor, fill_colour, image_hw
 
 
-def warp_image(
-    image: Tensor, matrix: Tensor, out_hw: tuple[int, int], fill: float = PAD_VALUE
-) -> Tensor:
-    """Warp a ``(C, H, W)`` image by the 3x3 ``matrix`` (input pixels -> output pixels).
+def warp_array(
+    array: np.ndarray, matrix: np.ndarray, out_hw: tuple[int, int], fill: float = PAD_VALUE
+) -> np.ndarray:
+    """Warp an ``(H, W, 3)`` uint8 array by the 3x3 ``matrix`` (input pixels -> output pixels).
 
-    Uses bilinear sampling at output pixel centres; points that fall outside the input get
-    ``fill``.
+    Bilinear ``cv2.warpAffine``; points that fall outside the input get ``fill``. The matrix
+    uses continuous coordinates (pixel ``(i, j)`` covers ``[j, j + 1) x [i, i + 1)``) while
+    OpenCV puts pixel centres at whole numbers, so it is conjugated by a half-pixel shift:
+    an identity matrix then reproduces the input exactly.
     """
-    in_h, in_w = image.shape[-2:]
-    out_h, out_w = out_hw
-    # Compose: output-normalised -> output pixels -> input pixels -> input-normalised.
-    from_out_norm = torch.tensor(
-        [[out_w / 2, 0, out_w / 2], [0, out_h / 2, out_h / 2], [0, 0, 1]], dtype=torch.float64
+    half = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
+    unhalf = np.array([[1.0, 0.0, -0.5], [0.0, 1.0, -0.5], [0.0, 0.0, 1.0]])
+    centred = unhalf @ matrix @ half
+    return cv2.warpAffine(
+        array,
+        centred[:2],
+        (out_hw[1], out_hw[0]),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=fill_colour(fill, array.shape[2]),
     )
-    to_in_norm = torch.tensor(
-        [[2 / in_w, 0, -1], [0, 2 / in_h, -1], [0, 0, 1]], dtype=torch.float64
-    )
-    theta = to_in_norm @ torch.linalg.inv(matrix.double()) @ from_out_norm
-    grid = F.affine_grid(
-        theta[:2].float().unsqueeze(0), [1, image.shape[0], out_h, out_w], align_corners=False
-    )
-    shifted = (image - fill).unsqueeze(0)
-    warped = F.grid_sample(
-        shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=False
-    )
-    return warped.squeeze(0) + fill
 
 
-def warp_boxes(boxes: Tensor, matrix: Tensor) -> Tensor:
+def warp_boxes(boxes: Tensor, matrix: np.ndarray) -> Tensor:
     """Axis-aligned xyxy boxes around the four warped corners of each box."""
     if boxes.shape[0] == 0:
         return boxes.clone()
-    x0, y0, x1, y1 = boxes.double().unbind(1)
-    xs = torch.stack([x0, x1, x1, x0], dim=1)
-    ys = torch.stack([y0, y0, y1, y1], dim=1)
-    m = matrix.double()
-    wx = m[0, 0] * xs + m[0, 1] * ys + m[0, 2]
-    wy = m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
-    out = torch.stack([wx.min(1).values, wy.min(1).values, wx.max(1).values, wy.max(1).values], 1)
-    return out.to(boxes.dtype)
+    corners = boxes.double().numpy()[:, [0, 1, 2, 1, 2, 3, 0, 3]].reshape(-1, 4, 2)
+    warped = corners @ matrix[:2, :2].T + matrix[:2, 2]
+    out = np.concatenate([warped.min(axis=1), warped.max(axis=1)], axis=1)
+    return torch.from_numpy(out).to(boxes.dtype)
 
 
 class RandomAffine(Transform):
@@ -107,7 +100,7 @@ class RandomAffine(Transform):
         self.min_area_ratio = float(min_area_ratio)
         self.max_aspect = float(max_aspect)
 
-    def random_matrix(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> Tensor:
+    def random_matrix(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> np.ndarray:
         """Draw a 3x3 matrix mapping input pixel coordinates to output pixel coordinates."""
         angle = math.radians(random.uniform(-self.degrees, self.degrees))
         zoom = random.uniform(*self.scale)
@@ -116,29 +109,26 @@ class RandomAffine(Transform):
         shift_x = random.uniform(-self.translate, self.translate) * out_hw[1]
         shift_y = random.uniform(-self.translate, self.translate) * out_hw[0]
         cos, sin = math.cos(angle) * zoom, math.sin(angle) * zoom
-        centre = torch.tensor(
-            [[1, 0, -in_hw[1] / 2], [0, 1, -in_hw[0] / 2], [0, 0, 1]], dtype=torch.float64
-        )
-        rotate = torch.tensor([[cos, -sin, 0], [sin, cos, 0], [0, 0, 1]], dtype=torch.float64)
-        shear = torch.tensor([[1, shear_x, 0], [shear_y, 1, 0], [0, 0, 1]], dtype=torch.float64)
-        place = torch.tensor(
-            [[1, 0, out_hw[1] / 2 + shift_x], [0, 1, out_hw[0] / 2 + shift_y], [0, 0, 1]],
-            dtype=torch.float64,
+        centre = np.array([[1, 0, -in_hw[1] / 2], [0, 1, -in_hw[0] / 2], [0, 0, 1]])
+        rotate = np.array([[cos, -sin, 0], [sin, cos, 0], [0, 0, 1]])
+        shear = np.array([[1, shear_x, 0], [shear_y, 1, 0], [0, 0, 1]])
+        place = np.array(
+            [[1, 0, out_hw[1] / 2 + shift_x], [0, 1, out_hw[0] / 2 + shift_y], [0, 0, 1]]
         )
         return place @ shear @ rotate @ centre
 
     def __call__(self, sample: DictData) -> DictData:
         """Warp the image and its boxes by a freshly drawn random matrix."""
         image: Tensor = sample[CommonKeys.images]
-        in_hw = (int(image.shape[-2]), int(image.shape[-1]))
+        in_hw = image_hw(image)
         out_hw = self.output_size or in_hw
         matrix = self.random_matrix(in_hw, out_hw)
-        sample[CommonKeys.images] = warp_image(image, matrix, out_hw)
+        sample[CommonKeys.images] = as_tensor(warp_array(as_array(image), matrix, out_hw))
         sample[CommonKeys.input_hw] = out_hw
         boxes: Tensor = sample[CommonKeys.boxes2d]
         warped = warp_boxes(boxes, matrix)
         clipped = clip_boxes(warped, out_hw)
-        area_scale = float(abs(torch.linalg.det(matrix[:2, :2])))
+        area_scale = float(abs(np.linalg.det(matrix[:2, :2])))
         keep = keep_visible(
             clipped,
             box_areas(boxes) * area_scale,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import random
 
+import cv2
 from torch import Tensor
 
 from vistrain.common.typing import DictData
 from vistrain.data.const import CommonKeys
 from vistrain.data.transforms.base import Transform, check_prob
+from vistrain.data.transforms.image import as_array, as_tensor
 
 
 def hflip_boxes(boxes: Tensor, width: int) -> Tensor:
@@ -36,6 +38,6 @@ class RandomHorizontalFlip(Transform):
         if random.random() >= self.prob:
             return sample
         image: Tensor = sample[CommonKeys.images]
-        sample[CommonKeys.images] = image.flip(-1)
+        sample[CommonKeys.images] = as_tensor(cv2.flip(as_array(image), 1))
         sample[CommonKeys.boxes2d] = hflip_boxes(sample[CommonKeys.boxes2d], int(image.shape[-1]))
         return sample

@@ -5,21 +5,22 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+import cv2
 import torch
 from torch import Tensor
 
 from vistrain.common.typing import DictData
 from vistrain.data.const import CommonKeys
 from vistrain.data.transforms.base import (
-    PAD_VALUE,
     MultiSampleTransform,
     check_prob,
     check_range,
 )
 from vistrain.data.transforms.boxes import box_areas, clip_boxes, keep_visible
 from vistrain.data.transforms.flip import hflip_boxes
+from vistrain.data.transforms.image import as_array, as_tensor, grey_canvas, image_hw
 from vistrain.data.transforms.mosaic import paste
-from vistrain.data.transforms.resize import keep_ratio_hw, resize_image, scale_boxes
+from vistrain.data.transforms.resize import keep_ratio_hw, resize_array, scale_boxes
 
 
 class MixUp(MultiSampleTransform):
@@ -60,27 +61,28 @@ class MixUp(MultiSampleTransform):
             return sample
         other = draw()
         image: Tensor = sample[CommonKeys.images]
-        hw = (int(image.shape[-2]), int(image.shape[-1]))
+        hw = image_hw(image)
         other_image: Tensor = other[CommonKeys.images]
-        other_hw = (int(other_image.shape[-2]), int(other_image.shape[-1]))
+        other_hw = image_hw(other_image)
         _, fit = keep_ratio_hw(other_hw, hw)
         zoom = fit * random.uniform(*self.scale)
         new_hw = (max(1, round(other_hw[0] * zoom)), max(1, round(other_hw[1] * zoom)))
-        tile = resize_image(other_image, new_hw)
+        tile = resize_array(as_array(other_image), new_hw)
         boxes = scale_boxes(other[CommonKeys.boxes2d], other_hw, new_hw)
         if random.random() < self.flip_prob:
-            tile = tile.flip(-1)
+            tile = cv2.flip(tile, 1)
             boxes = hflip_boxes(boxes, new_hw[1])
         top = random.randint(min(0, hw[0] - new_hw[0]), max(0, hw[0] - new_hw[0]))
         left = random.randint(min(0, hw[1] - new_hw[1]), max(0, hw[1] - new_hw[1]))
-        canvas = torch.full_like(image, PAD_VALUE)
+        canvas = grey_canvas(hw)
         paste(canvas, tile, top, left)
         boxes = boxes + torch.tensor([left, top, left, top], dtype=boxes.dtype)
         clipped = clip_boxes(boxes, hw)
         keep = keep_visible(
             clipped, box_areas(boxes), self.min_size, self.min_area_ratio, float("inf")
         )
-        sample[CommonKeys.images] = 0.5 * image + 0.5 * canvas
+        blend = cv2.addWeighted(as_array(image), 0.5, canvas, 0.5, 0.0)
+        sample[CommonKeys.images] = as_tensor(blend)
         sample[CommonKeys.boxes2d] = torch.cat([sample[CommonKeys.boxes2d], clipped[keep]])
         sample[CommonKeys.boxes2d_classes] = torch.cat(
             [sample[CommonKeys.boxes2d_classes], other[CommonKeys.boxes2d_classes][keep]]

@@ -5,18 +5,20 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from vistrain.common.typing import DictData
 from vistrain.data.const import CommonKeys
-from vistrain.data.transforms.base import PAD_VALUE, MultiSampleTransform, to_hw
+from vistrain.data.transforms.base import MultiSampleTransform, to_hw
 from vistrain.data.transforms.boxes import box_areas, clip_boxes, keep_visible
-from vistrain.data.transforms.resize import keep_ratio_hw, resize_image, scale_boxes
+from vistrain.data.transforms.image import as_array, as_tensor, grey_canvas, image_hw
+from vistrain.data.transforms.resize import keep_ratio_hw, resize_array, scale_boxes
 
 
-def paste(canvas: Tensor, tile: Tensor, top: int, left: int) -> tuple[int, int, int, int]:
-    """Copy ``tile`` into ``canvas`` with its top-left corner at ``(top, left)``, cropped.
+def paste(canvas: np.ndarray, tile: np.ndarray, top: int, left: int) -> tuple[int, int, int, int]:
+    """Copy the ``(h, w, C)`` ``tile`` into ``canvas`` with its top-left at ``(top, left)``.
 
     ``top`` and ``left`` may be negative or push the tile past the canvas; only the overlap is
     copied.
@@ -24,12 +26,12 @@ def paste(canvas: Tensor, tile: Tensor, top: int, left: int) -> tuple[int, int, 
     Returns:
         The canvas region written, as ``(y0, x0, y1, x1)`` (empty when ``y0 >= y1``).
     """
-    ch, cw = canvas.shape[-2:]
-    th, tw = tile.shape[-2:]
+    ch, cw = canvas.shape[:2]
+    th, tw = tile.shape[:2]
     y0, x0 = max(top, 0), max(left, 0)
     y1, x1 = min(top + th, ch), min(left + tw, cw)
     if y0 < y1 and x0 < x1:
-        canvas[:, y0:y1, x0:x1] = tile[:, y0 - top : y1 - top, x0 - left : x1 - left]
+        canvas[y0:y1, x0:x1] = tile[y0 - top : y1 - top, x0 - left : x1 - left]
     return y0, x0, y1, x1
 
 
@@ -69,14 +71,14 @@ class Mosaic(MultiSampleTransform):
         samples = [sample, draw(), draw(), draw()]
         yc = int(random.uniform(0.5 * h, 1.5 * h))
         xc = int(random.uniform(0.5 * w, 1.5 * w))
-        canvas = torch.full((3, 2 * h, 2 * w), PAD_VALUE, dtype=torch.float32)
+        canvas = grey_canvas((2 * h, 2 * w))
         all_boxes: list[Tensor] = []
         all_classes: list[Tensor] = []
         for index, part in enumerate(samples):
             image: Tensor = part[CommonKeys.images]
-            old_hw = (int(image.shape[-2]), int(image.shape[-1]))
+            old_hw = image_hw(image)
             (th, tw), _ = keep_ratio_hw(old_hw, self.image_size)
-            tile = resize_image(image, (th, tw))
+            tile = resize_array(as_array(image), (th, tw))
             top = yc - th if index in (0, 1) else yc
             left = xc - tw if index in (0, 2) else xc
             paste(canvas, tile, top, left)
@@ -88,7 +90,7 @@ class Mosaic(MultiSampleTransform):
             )
             all_boxes.append(clipped[keep])
             all_classes.append(part[CommonKeys.boxes2d_classes][keep])
-        sample[CommonKeys.images] = canvas
+        sample[CommonKeys.images] = as_tensor(canvas)
         sample[CommonKeys.input_hw] = (2 * h, 2 * w)
         sample[CommonKeys.boxes2d] = torch.cat(all_boxes)
         sample[CommonKeys.boxes2d_classes] = torch.cat(all_classes)

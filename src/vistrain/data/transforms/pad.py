@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import math
 
-import torch.nn.functional as F
+import cv2
+import numpy as np
 from torch import Tensor
 
 from vistrain.common.typing import DictData
 from vistrain.data.const import CommonKeys
 from vistrain.data.transforms.base import PAD_VALUE, Transform, to_hw
+from vistrain.data.transforms.image import as_array, as_tensor, fill_colour, image_hw
 
 
-def pad_image(image: Tensor, hw: tuple[int, int], value: float = PAD_VALUE) -> Tensor:
-    """Pad a ``(C, H, W)`` image at the bottom and right to ``hw`` with ``value``."""
-    pad_h = hw[0] - image.shape[-2]
-    pad_w = hw[1] - image.shape[-1]
+def pad_array(array: np.ndarray, hw: tuple[int, int], value: float = PAD_VALUE) -> np.ndarray:
+    """Pad an ``(H, W, C)`` uint8 array at the bottom and right to ``hw`` with ``value``."""
+    pad_h = hw[0] - array.shape[0]
+    pad_w = hw[1] - array.shape[1]
     if pad_h == 0 and pad_w == 0:
-        return image
-    return F.pad(image, (0, pad_w, 0, pad_h), value=value)
+        return array
+    colour = fill_colour(value, array.shape[2])
+    return cv2.copyMakeBorder(array, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=colour)
 
 
 class Pad(Transform):
@@ -31,7 +34,7 @@ class Pad(Transform):
         image_size: Target ``(h, w)`` (or one int for a square). Exclusive with
             ``size_divisor``.
         size_divisor: Pad each side up to the next multiple of this instead.
-        value: Fill value in 0..255.
+        value: Fill value in 0..255 (rounded to a whole byte).
 
     Raises:
         ValueError: If neither or both of ``image_size`` and ``size_divisor`` are given,
@@ -71,6 +74,8 @@ class Pad(Transform):
     def __call__(self, sample: DictData) -> DictData:
         """Pad the image; boxes and ``input_hw`` stay as they are."""
         image: Tensor = sample[CommonKeys.images]
-        target = self.target_hw((int(image.shape[-2]), int(image.shape[-1])))
-        sample[CommonKeys.images] = pad_image(image, target, self.value)
+        hw = image_hw(image)
+        target = self.target_hw(hw)
+        if target != hw:
+            sample[CommonKeys.images] = as_tensor(pad_array(as_array(image), target, self.value))
         return sample

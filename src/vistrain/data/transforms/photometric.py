@@ -4,49 +4,48 @@ from __future__ import annotations
 
 import random
 
-import torch
-from torch import Tensor
+import cv2
+import numpy as np
 
 from vistrain.common.typing import DictData
 from vistrain.data.const import CommonKeys
 from vistrain.data.transforms.base import Transform, check_prob
+from vistrain.data.transforms.image import as_array, as_tensor
 
 
-def rgb_to_hsv(image: Tensor) -> Tensor:
-    """Convert a ``(3, H, W)`` RGB image in 0..255 to HSV.
+def hsv_shift_table(hue: float, sat: float, val: float) -> np.ndarray:
+    """The ``(256, 1, 3)`` lookup table that shifts the channels of an 8-bit HSV image.
 
-    Returns:
-        ``(3, H, W)``: hue as a fraction of the colour circle in [0, 1), saturation in
-        [0, 1] and value in 0..255.
+    Hue is in OpenCV's full-circle byte scale (256 steps per turn, ``COLOR_RGB2HSV_FULL``)
+    and wraps around; saturation and value (0..255) are clipped.
+
+    Args:
+        hue: Hue shift as a fraction of the colour circle.
+        sat: Saturation shift as a fraction of full saturation.
+        val: Brightness shift on the 0..255 scale.
     """
-    r, g, b = image.unbind(0)
-    maxc, argmax = image.max(dim=0)
-    minc = image.min(dim=0).values
-    delta = maxc - minc
-    safe_delta = torch.where(delta > 0, delta, torch.ones_like(delta))
-    hue_r = ((g - b) / safe_delta) % 6.0
-    hue_g = (b - r) / safe_delta + 2.0
-    hue_b = (r - g) / safe_delta + 4.0
-    hue = torch.where(argmax == 0, hue_r, torch.where(argmax == 1, hue_g, hue_b))
-    hue = torch.where(delta > 0, hue / 6.0, torch.zeros_like(hue))
-    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), 0.0)
-    return torch.stack([hue, sat, maxc])
+    levels = np.arange(256, dtype=np.float64)
+    table = np.stack(
+        [
+            np.round(levels + hue * 256.0) % 256.0,
+            np.clip(np.round(levels + sat * 255.0), 0.0, 255.0),
+            np.clip(np.round(levels + val), 0.0, 255.0),
+        ],
+        axis=-1,
+    )
+    return table.astype(np.uint8).reshape(256, 1, 3)
 
 
-def hsv_to_rgb(hsv: Tensor) -> Tensor:
-    """Inverse of :func:`rgb_to_hsv`: HSV (hue fraction, saturation, value 0..255) to RGB."""
-    hue, sat, val = hsv.unbind(0)
-    h6 = (hue % 1.0) * 6.0
-    sector = h6.floor()
-    frac = h6 - sector
-    index = (sector.long() % 6).unsqueeze(0)
-    p = val * (1.0 - sat)
-    q = val * (1.0 - sat * frac)
-    t = val * (1.0 - sat * (1.0 - frac))
-    red = torch.stack([val, q, p, p, t, val]).gather(0, index)
-    green = torch.stack([t, val, val, q, p, p]).gather(0, index)
-    blue = torch.stack([p, p, t, val, val, q]).gather(0, index)
-    return torch.cat([red, green, blue])
+def shift_hsv(array: np.ndarray, hue: float, sat: float, val: float) -> np.ndarray:
+    """Shift hue, saturation and value of an ``(H, W, 3)`` uint8 RGB array (new array).
+
+    One conversion to 8-bit HSV, one table lookup per pixel and channel, one conversion
+    back: the arithmetic of official YOLOX's colour augmentation done with a lookup table,
+    as Ultralytics does. See :func:`hsv_shift_table` for the units.
+    """
+    hsv = cv2.cvtColor(array, cv2.COLOR_RGB2HSV_FULL)
+    cv2.LUT(hsv, hsv_shift_table(hue, sat, val), dst=hsv)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
 
 
 class RandomHSV(Transform):
@@ -88,9 +87,6 @@ class RandomHSV(Transform):
             shifts.append(amount if random.random() < 0.5 else 0.0)
         if not any(shifts):
             return sample
-        hsv = rgb_to_hsv(sample[CommonKeys.images])
-        hue = (hsv[0] + shifts[0]) % 1.0
-        sat = (hsv[1] + shifts[1]).clamp(0.0, 1.0)
-        val = (hsv[2] + shifts[2]).clamp(0.0, 255.0)
-        sample[CommonKeys.images] = hsv_to_rgb(torch.stack([hue, sat, val]))
+        image = as_array(sample[CommonKeys.images])
+        sample[CommonKeys.images] = as_tensor(shift_hsv(image, *shifts))
         return sample

@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
+import cv2
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from vistrain.common.typing import DictData
 from vistrain.data.const import CommonKeys
 from vistrain.data.transforms.base import Transform, to_hw
+from vistrain.data.transforms.image import as_array, as_tensor, image_hw
 
 
-def resize_image(image: Tensor, hw: tuple[int, int]) -> Tensor:
-    """Bilinear resize of a ``(3, H, W)`` float image to ``hw``.
+def resize_array(array: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Resize an ``(H, W, 3)`` uint8 array to ``hw`` with OpenCV.
 
-    Shrinking uses an antialiasing filter so thin structures do not alias away.
+    Enlarging is bilinear; shrinking averages the covered source pixels (``INTER_AREA``), an
+    antialiasing filter, so thin structures do not alias away. The same size is returned as
+    it is.
     """
-    if tuple(image.shape[-2:]) == hw:
-        return image
-    shrinking = hw[0] < image.shape[-2] or hw[1] < image.shape[-1]
-    out = F.interpolate(
-        image.unsqueeze(0), size=hw, mode="bilinear", align_corners=False, antialias=shrinking
-    )
-    return out.squeeze(0)
+    if array.shape[:2] == hw:
+        return array
+    shrinking = hw[0] < array.shape[0] or hw[1] < array.shape[1]
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(array, (hw[1], hw[0]), interpolation=interpolation)
 
 
 def keep_ratio_hw(hw: tuple[int, int], target: tuple[int, int]) -> tuple[tuple[int, int], float]:
@@ -59,10 +61,10 @@ class ResizeKeepRatio(Transform):
     def __call__(self, sample: DictData) -> DictData:
         """Resize the image to fit ``image_size`` and scale the boxes."""
         image: Tensor = sample[CommonKeys.images]
-        old_hw = (int(image.shape[-2]), int(image.shape[-1]))
+        old_hw = image_hw(image)
         new_hw, _ = keep_ratio_hw(old_hw, self.image_size)
         if new_hw != old_hw:
-            sample[CommonKeys.images] = resize_image(image, new_hw)
+            sample[CommonKeys.images] = as_tensor(resize_array(as_array(image), new_hw))
             sample[CommonKeys.boxes2d] = scale_boxes(sample[CommonKeys.boxes2d], old_hw, new_hw)
         sample[CommonKeys.input_hw] = new_hw
         return sample
