@@ -30,7 +30,18 @@ epochs); up to 6 objects per image beat up to 4 (fewer boxes to learn from) and 
 (crowded, harder validation images); an EMA decay of 0.998 (horizon ~500 steps, a whole
 run) left the evaluated weights far behind (AP50 0.05 against 0.31 for the raw weights),
 0.99 tracks them; 3 classes instead of 5 lifted AP50 from 0.62 to 0.74 after 12 epochs.
-The default run measured AP50 0.807 and AP 0.566 in 4 min 42 s (data generation included).
+The previous recipe (one warm-up epoch, EMA 0.99, switch at 16) measured AP50 0.807 and AP
+0.566 in 4 min 42 s on one machine and 0.689 / 0.489 on another (issue 17): lr 0.01 at batch 4
+is 16 times official YOLOX's 0.01 per 64 images, and the trajectory follows the CPU's floating
+point. The warm-up of two epochs (official: 5 of 300) calms the first steps on random weights,
+EMA 0.995 averages the evaluated weights over about one epoch (200 steps; the five epochs after
+the switch leave under 2 % of the pre-switch weights in it) and five epochs without mosaic
+(official: 15 of 300) give the L1 term and the plain images more steps at a low lr. Measured
+with YOLOX's official box decoding on a shared 2-core CPU, this is still not robust: seed 1
+ended at AP50 0.781 (still rising by ~0.01 per epoch), seed 0 had a loss spike at step 2200
+(objectness loss up by half) and was far behind (AP50 0.51 against 0.675 at epoch 12); lr 0.005
+learnt slower (AP50 0.25 and 0.52 at epochs 6 and 12). The run is short of steps, so the next
+lever is a cheaper step (the fused SGD update here saves ~12 ms of ~200 ms) rather than the lr.
 
 Callback order matters: EMA first, so the EMA is updated right after the optimizer step
 and before anything saves or draws; the norm sync before the evaluator (its test-epoch
