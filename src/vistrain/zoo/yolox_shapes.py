@@ -37,11 +37,12 @@ point. The warm-up of two epochs (official: 5 of 300) calms the first steps on r
 EMA 0.995 averages the evaluated weights over about one epoch (200 steps; the five epochs after
 the switch leave under 2 % of the pre-switch weights in it) and five epochs without mosaic
 (official: 15 of 300) give the L1 term and the plain images more steps at a low lr. Measured
-with YOLOX's official box decoding on a shared 2-core CPU, this is still not robust: seed 1
-ended at AP50 0.781 (still rising by ~0.01 per epoch), seed 0 had a loss spike at step 2200
-(objectness loss up by half) and was far behind (AP50 0.51 against 0.675 at epoch 12); lr 0.005
-learnt slower (AP50 0.25 and 0.52 at epochs 6 and 12). The run is short of steps, so the next
-lever is a cheaper step (the fused SGD update here saves ~12 ms of ~200 ms) rather than the lr.
+with YOLOX's official box decoding on a shared 2-core CPU, this is still not robust: seeds 0, 1
+and 2 ended at AP50 0.677, 0.781 and 0.652 (still rising by ~0.01 per epoch); seed 0 had a loss
+spike at step 2200 (objectness loss up by half) and fell behind (AP50 0.51 against 0.675 for seed
+1 at epoch 12); lr 0.005 learnt slower (AP50 0.25 and 0.52 at epochs 6 and 12). The run is
+short of steps, so the next lever is a cheaper step (the fused SGD update here saves ~12 ms of
+~200 ms) or a guard against the spike rather than a lower lr.
 
 Callback order matters: EMA first, so the EMA is updated right after the optimizer step
 and before anything saves or draws; the norm sync before the evaluator (its test-epoch
