@@ -8,6 +8,7 @@ the first step of the resumed run) and the parameter validation's one-line error
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -22,7 +23,7 @@ from torch import nn
 
 from vistrain.cli import main
 from vistrain.data.datasets.shapes import CACHE_ENV, shapes_cache_dir
-from vistrain.engine.optim import sgd_param_groups
+from vistrain.engine.optim import fused_sgd_supported, sgd_param_groups
 from vistrain.zoo import load_config
 
 TINY = [
@@ -246,3 +247,32 @@ def test_norms_and_biases_get_no_weight_decay() -> None:
         id(net[2].bias),
     }
     torch.optim.SGD([decay, no_decay], lr=0.1)  # valid groups for torch
+
+
+def test_the_run_steps_with_fused_sgd_when_torch_has_it(tiny_run: dict[str, Any]) -> None:
+    ckpt = torch.load(tiny_run["run"] / "checkpoints" / "last.ckpt", weights_only=False)
+    groups = ckpt["optimizers"][0]["param_groups"]
+    assert [bool(group.get("fused")) for group in groups] == [fused_sgd_supported()] * len(groups)
+
+
+def test_fused_sgd_makes_the_looped_update() -> None:
+    if not fused_sgd_supported():
+        pytest.skip("this torch has no fused SGD for CPU tensors")
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))]
+    nets.append(copy.deepcopy(nets[0]))
+    start = copy.deepcopy(nets[0])
+    optimizers = [
+        torch.optim.SGD(sgd_param_groups(net, 5e-4), lr=0.05, momentum=0.9, nesterov=True, **extra)
+        for net, extra in zip(nets, ({}, {"fused": True}))
+    ]
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in nets[0].parameters()]
+        for net, optimizer in zip(nets, optimizers):
+            for param, grad in zip(net.parameters(), grads):
+                param.grad = grad.clone()
+            optimizer.step()
+    for looped, fused in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(fused, looped, rtol=1e-6, atol=1e-7)
+    moved = [not torch.equal(p, q) for p, q in zip(nets[1].parameters(), start.parameters())]
+    assert all(moved), "the fused optimizer left a parameter unchanged"

