@@ -217,6 +217,10 @@ class LoopState:
         )
         self.stepper = OptimizerStepper(torch.device("cpu"), *self._step_options)
         self.accumulated = 0  # micro-batches back-propagated in the open window
+        # The open window's losses, handed to the non-finite guard when the window steps:
+        # a step the fp16 scaler skips (inf/nan gradients, often an inf loss) is the
+        # scaler's to handle, not a divergence.
+        self._window_losses: list[tuple[torch.Tensor, dict[str, Any], int]] = []
         self.step_end = True  # the latest batch ended a window (global_step advanced)
         self.step_skipped = False  # ... and fp16 loss scaling skipped that step
         self._hook_callbacks: list[Callback] | None = None
@@ -409,7 +413,7 @@ class LoopState:
         self.stepper.backward(total_loss, backward)
         self.batches_done = batches_done
         self.metrics = StepMetrics(metrics)
-        self.guard.observe(total_loss, metrics, self.global_step + 1, self.current_epoch)
+        self._window_losses.append((total_loss.detach(), metrics, self.current_epoch))
         if not self.ends_window(batches_done):
             self.accumulated += 1
             self.step_end = False
@@ -423,8 +427,12 @@ class LoopState:
         want_norm = self.scalars is not None and (step % self.log_every_n_steps == 0 or step == 1)
         hook = self._before_step_hook(optimizers)
         stepped = self.stepper.step(optimizers, before_step=hook, want_norm=want_norm)
-        if self.stepper.grad_norm is not None:
-            self.guard.observe_grad_norm(self.stepper.grad_norm, step)
+        if stepped:
+            for loss, metrics, epoch in self._window_losses:
+                self.guard.observe(loss, metrics, step, epoch)
+            if self.stepper.grad_norm is not None:
+                self.guard.observe_grad_norm(self.stepper.grad_norm, step)
+        self._window_losses.clear()
         self.accumulated = 0
         self.global_step = step
         self.step_end, self.step_skipped = True, not stepped
