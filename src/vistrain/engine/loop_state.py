@@ -217,6 +217,7 @@ class LoopState:
         )
         self.stepper = OptimizerStepper(torch.device("cpu"), *self._step_options)
         self.accumulated = 0  # micro-batches back-propagated in the open window
+        self._zeroed_by_step = False  # the last window's step left the gradients at None
         # The open window's losses, handed to the non-finite guard when the window steps:
         # a step the fp16 scaler skips (inf/nan gradients, often an inf loss) is the
         # scaler's to handle, not a divergence.
@@ -407,7 +408,8 @@ class LoopState:
         Returns:
             Whether this batch ended a window (an optimizer step was taken or skipped).
         """
-        if not self.accumulated:
+        if not self.accumulated and not self._zeroed_by_step:
+            # Only before the first window of a fit: every window's step ends by zeroing.
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
         self.stepper.backward(total_loss, backward)
@@ -427,6 +429,7 @@ class LoopState:
         want_norm = self.scalars is not None and (step % self.log_every_n_steps == 0 or step == 1)
         hook = self._before_step_hook(optimizers)
         stepped = self.stepper.step(optimizers, before_step=hook, want_norm=want_norm)
+        self._zeroed_by_step = True
         if stepped:
             for loss, metrics, epoch in self._window_losses:
                 self.guard.observe(loss, metrics, step, epoch)
