@@ -65,8 +65,7 @@ from vistrain.zoo.yolox_wiring import (
     square_sizes,
     start_from_weights,
     yolox_callbacks,
-    yolox_data_connectors,
-    yolox_loss_module,
+    yolox_experiment,
 )
 
 DESCRIPTION = "YOLOX (nano..x) on your COCO-format data with the official recipe per size"
@@ -399,24 +398,8 @@ def build(params: Params, output_dir: str) -> Experiment:
         vis_every=params.vis_every,
         checkpoint_period=params.checkpoint_period,
     ) + params.monitoring_callbacks(output_dir, monitor="Det/AP", mode="max")
-    train_connector, test_connector = yolox_data_connectors()
-    return Experiment(
-        model=model,
-        loss_module=yolox_loss_module(num_classes, YOLOX.strides),
-        optimizers=[optimizer],
-        lr_schedulers=[scheduler],
-        train_dataloader=train_loader,
-        test_dataloader=test_loader,
-        train_data_connector=train_connector,
-        test_data_connector=test_connector,
-        callbacks=callbacks,
-        trainer_kwargs={
-            "num_epochs": params.num_epochs,
-            "check_val_every_n_epoch": params.val_every,
-            "log_every_n_steps": params.log_every,
-            **params.engine_trainer_kwargs(),
-            **params.monitoring_trainer_kwargs(),
-        },
+    return yolox_experiment(
+        params, model, num_classes, optimizer, scheduler, train_loader, test_loader, callbacks
     )
 
 

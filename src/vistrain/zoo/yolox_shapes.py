@@ -87,8 +87,7 @@ from vistrain.zoo.yolox_wiring import (
     square_sizes,
     start_from_weights,
     yolox_callbacks,
-    yolox_data_connectors,
-    yolox_loss_module,
+    yolox_experiment,
 )
 
 DESCRIPTION = "YOLOX-nano on generated shapes (3 classes), COCO box AP; the default experiment"
@@ -392,26 +391,16 @@ def build(params: Params, output_dir: str) -> Experiment:
         num_epochs=params.num_epochs,
         warmup_epochs_done=max(1, int(params.warmup_epochs + 0.999)),
     )
-    loss_module = yolox_loss_module(params.num_classes, YOLOX.strides)
     callbacks = _callbacks(params, output_dir, val_set.annotation_file, list(val_set.class_names))
-    train_connector, test_connector = yolox_data_connectors()
-    return Experiment(
-        model=model,
-        loss_module=loss_module,
-        optimizers=[optimizer],
-        lr_schedulers=[scheduler],
-        train_dataloader=train_loader,
-        test_dataloader=test_loader,
-        train_data_connector=train_connector,
-        test_data_connector=test_connector,
-        callbacks=callbacks,
-        trainer_kwargs={
-            "num_epochs": params.num_epochs,
-            "check_val_every_n_epoch": params.val_every,
-            "log_every_n_steps": params.log_every,
-            **params.engine_trainer_kwargs(),
-            **params.monitoring_trainer_kwargs(),
-        },
+    return yolox_experiment(
+        params,
+        model,
+        params.num_classes,
+        optimizer,
+        scheduler,
+        train_loader,
+        test_loader,
+        callbacks,
     )
 
 

@@ -10,6 +10,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
 
 from vistrain.common.distributed import is_rank_zero
 from vistrain.engine.callbacks.base import Callback
@@ -31,6 +36,7 @@ from vistrain.engine.connectors import (
     pred_key,
 )
 from vistrain.engine.loss_module import LossModule
+from vistrain.engine.optim import LRSchedulerWrapper
 from vistrain.eval.coco import COCODetectEvaluator
 from vistrain.model.summary import summarize
 from vistrain.model.weights import freeze_backbone as freeze_yolox_backbone
@@ -38,6 +44,7 @@ from vistrain.model.weights import freeze_batchnorm, load_init_weights
 from vistrain.model.yolox import YOLOX
 from vistrain.op.detect.yolox import YOLOXHeadLoss
 from vistrain.vis.detection import DetectionVisualizer
+from vistrain.zoo.base import Experiment
 
 logger = logging.getLogger("vistrain")
 
@@ -209,6 +216,42 @@ def yolox_callbacks(
     ]
 
 
+def yolox_experiment(
+    params: Any,
+    model: nn.Module,
+    num_classes: int,
+    optimizer: Optimizer,
+    scheduler: LRSchedulerWrapper,
+    train_loader: DataLoader[Any],
+    test_loader: DataLoader[Any],
+    callbacks: list[Callback],
+) -> Experiment:
+    """The ``Experiment`` of a YOLOX run: its loss, connectors and trainer settings.
+
+    ``params`` is a YOLOX experiment's ``Params`` (``num_epochs``, ``val_every``,
+    ``log_every`` and the engine and monitoring keys of its mixins).
+    """
+    train_connector, test_connector = yolox_data_connectors()
+    return Experiment(
+        model=model,
+        loss_module=yolox_loss_module(num_classes, YOLOX.strides),
+        optimizers=[optimizer],
+        lr_schedulers=[scheduler],
+        train_dataloader=train_loader,
+        test_dataloader=test_loader,
+        train_data_connector=train_connector,
+        test_data_connector=test_connector,
+        callbacks=callbacks,
+        trainer_kwargs={
+            "num_epochs": params.num_epochs,
+            "check_val_every_n_epoch": params.val_every,
+            "log_every_n_steps": params.log_every,
+            **params.engine_trainer_kwargs(),
+            **params.monitoring_trainer_kwargs(),
+        },
+    )
+
+
 __all__ = [
     "check_init_weights",
     "log_yolox_summary",
@@ -216,5 +259,6 @@ __all__ = [
     "start_from_weights",
     "yolox_callbacks",
     "yolox_data_connectors",
+    "yolox_experiment",
     "yolox_loss_module",
 ]
