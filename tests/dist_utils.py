@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vistrain.common.distributed import destroy_process_group
+from vistrain.engine.callbacks import Callback
 
 
 def free_port() -> int:
@@ -82,3 +83,41 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any) -> 
             with open(os.path.join(out_dir, f"rank{rank}.pkl"), "rb") as handle:
                 results.append(pickle.load(handle))
         return results
+
+
+class AllReduceCounter(Callback):
+    """Counts DDP's gradient all-reduces per training batch, under either engine.
+
+    At the first batch start (before the first forward) it registers a comm hook on the
+    DDP-wrapped model (the native engine hands callbacks the DDP model; under Lightning it
+    is the trainer's ``model``) that all-reduces and averages as DDP's default does, and
+    counts the buckets. ``per_batch`` holds, for every batch, how many buckets were
+    all-reduced during it and whether the batch ended a window (``step_end``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.per_batch: list[tuple[int, bool]] = []
+        self._hooked = False
+        self._before = 0
+
+    def on_train_batch_start(self, trainer_state, model, loss_module, batch, batch_idx) -> None:
+        if not self._hooked:
+            self._hooked = True
+            ddp = model
+            if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+                ddp = trainer_state["train_module"].trainer.model
+            # No annotations: DDP compares them with its own as objects, and this module
+            # has postponed (string) annotations.
+            ddp.register_comm_hook(None, self._all_reduce)
+        self._before = self.calls
+
+    def _all_reduce(self, state, bucket):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        tensor = bucket.buffer().div_(dist.get_world_size())
+        future = dist.all_reduce(tensor, async_op=True).get_future()
+        return future.then(lambda done: done.value()[0])
+
+    def on_train_batch_end(self, trainer_state, model, loss_module, outputs, batch, batch_idx):
+        self.per_batch.append((self.calls - self._before, trainer_state["step_end"]))

@@ -172,6 +172,8 @@ def run_toy(
     num_epochs: int = 2,
     model: nn.Module | None = None,
     ckpt_path: str | None = None,
+    train_loader: DataLoader[Any] | None = None,
+    connectors: tuple[DataConnector, DataConnector] | None = None,
     **loop: Any,
 ) -> nn.Module:
     """Train the seeded toy regression under a real engine with ``callbacks``; return the model.
@@ -180,16 +182,17 @@ def run_toy(
     ``lightning.pytorch.Trainer``); ``loop`` holds the loop arguments both take
     (``num_steps``, ``check_val_every_n_epoch``, ``val_check_interval``, the
     ``STEP_OPTIONS``, ...). Validation runs
-    on 8 unshuffled samples; scalars go to ``output_dir``.
+    on 8 unshuffled samples; scalars go to ``output_dir``. ``train_loader`` and
+    ``connectors`` (train, test) replace the toy ones (the loss still reads ``pred``, ``y``).
     """
     from vistrain.engine.trainer import Trainer
 
     torch.manual_seed(0)
     model = ToyModel() if model is None else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    train = toy_loader(num_train, batch_size)
+    train = toy_loader(num_train, batch_size) if train_loader is None else train_loader
     test = toy_loader(8, 4, shuffle=False)
-    train_conn, test_conn = toy_connectors()
+    train_conn, test_conn = toy_connectors() if connectors is None else connectors
     loop.setdefault("log_every_n_steps", 4)
     loop.setdefault("tensorboard", False)
     if engine == "native":
@@ -225,7 +228,6 @@ def run_toy(
     pl_trainer = build_lightning_trainer(
         output_dir,
         num_epochs=num_epochs,
-        accumulate_grad_batches=step_options.get("accumulate_grad_batches", 1),
         callbacks=[CallbackWrapper(callback) for callback in callbacks],
         **loop,
     )

@@ -161,14 +161,46 @@ class LightningEngine:
 
     # ------------------------------------------------------------------ registration
     def attach(self, trainer: pl.Trainer) -> None:
-        """Remember the Lightning trainer that runs this engine; take its limits."""
+        """Remember the Lightning trainer that runs this engine; take its limits.
+
+        A step-based ``val_check_interval`` counts optimizer steps from here on (see
+        ``_validate_by_step``).
+        """
         self.trainer = trainer
+        self._validate_by_step(trainer)
         self.loop.use_device(trainer.strategy.root_device)
         max_epochs = trainer.max_epochs
         self.loop.num_epochs = -1 if max_epochs is None else int(max_epochs)
         max_steps = int(trainer.max_steps)
         # Lightning counts optimizer.step() calls: num_steps times the optimizers.
         self.loop.num_steps = -1 if max_steps < 0 else max_steps // max(1, len(self.optimizers))
+
+    def _validate_by_step(self, trainer: pl.Trainer) -> None:
+        """Make an int ``val_check_interval`` count optimizer steps, as the native Trainer does.
+
+        Lightning counts it in batches. Under accumulation that is not a fixed multiple of
+        the steps (the last, partial window of an epoch steps too), and a validation inside
+        a window would zero its gradients (Lightning's ``on_validation_model_zero_grad``).
+        So with step-based validation (``check_val_every_n_epoch=None``) the epoch loop asks
+        this engine instead: validate after a batch that ended a window when the interval
+        divides ``global_step``. Lightning has no public hook for that decision; its epoch
+        loop's ``_should_check_val_fx`` (Lightning 2.x) is replaced on this trainer only, and
+        Lightning still decides when it is stopping.
+        """
+        epoch_loop = trainer.fit_loop.epoch_loop
+        epoch_loop.__dict__.pop("_should_check_val_fx", None)  # an earlier attach's
+        interval = trainer.val_check_interval
+        if trainer.check_val_every_n_epoch is not None or not isinstance(interval, int):
+            return
+        lightning_decides = epoch_loop._should_check_val_fx
+        loop = self.loop
+
+        def should_validate(data_fetcher: Any) -> bool:
+            if trainer.should_stop or not epoch_loop._should_check_val_epoch():
+                return bool(lightning_decides(data_fetcher))
+            return loop.step_end and loop.global_step % interval == 0
+
+        epoch_loop._should_check_val_fx = should_validate  # type: ignore[method-assign]
 
     def register(self, callback: Callback) -> None:
         """Add a vistrain callback (in Lightning's hook order); a repeated one is ignored."""
@@ -477,8 +509,8 @@ class LightningEngine:
         steps = global_step * max(1, len(self.optimizers))
         optim_total = epoch_loop.manual_optimization.optim_step_progress.total
         optim_total.ready = optim_total.completed = steps
-        # Lightning counts batches (val_check_interval); with accumulation that is
-        # accumulate_grad_batches per step, plus an open window's batches.
+        # Lightning's batch count (its step-based validation now asks the engine,
+        # ``_validate_by_step``): accumulate_grad_batches per step, plus an open window's.
         batches = global_step * self.loop.stepper.accumulate_grad_batches + self.loop.accumulated
         batch_total: Any = epoch_loop.batch_progress.total
         batch_total.ready = batch_total.started = batches

@@ -89,7 +89,6 @@ def build_lightning_trainer(
     check_val_every_n_epoch: int | None = 1,
     val_check_interval: int | None = None,
     callbacks: list[pl.Callback] | None = None,
-    accumulate_grad_batches: int = 1,
     **overrides: Any,
 ) -> pl.Trainer:
     """A ``lightning.pytorch.Trainer`` set up like the native engine.
@@ -101,13 +100,11 @@ def build_lightning_trainer(
             so its ``max_steps`` is ``num_steps * num_optimizers``.
         num_optimizers: Optimizers stepped per training step.
         check_val_every_n_epoch: Validate after every n-th epoch (None/0: never by epoch).
-        val_check_interval: Validate every n training steps instead (Lightning validates
-            either by epoch or by step; with this set, by step only).
+        val_check_interval: Validate every n training (optimizer) steps instead (Lightning
+            validates either by epoch or by step; with this set, by step only). The
+            ``TrainingModule``'s engine counts them in optimizer steps under accumulation
+            too, as the native Trainer does.
         callbacks: Lightning callbacks (``CallbackWrapper`` objects).
-        accumulate_grad_batches: The ``TrainingModule``'s; Lightning counts
-            ``val_check_interval`` in batches, so it validates every
-            ``val_check_interval * accumulate_grad_batches`` batches (the native Trainer's
-            steps when an epoch's length is a multiple of ``accumulate_grad_batches``).
         **overrides: Further ``Trainer`` arguments (e.g. ``strategy``, ``precision``); they
             replace the environment's choice.
 
@@ -118,7 +115,7 @@ def build_lightning_trainer(
     if val_check_interval is not None:
         val_kwargs: dict[str, Any] = {
             "check_val_every_n_epoch": None,
-            "val_check_interval": val_check_interval * accumulate_grad_batches,
+            "val_check_interval": val_check_interval,
         }
     else:
         val_kwargs = {"check_val_every_n_epoch": check_val_every_n_epoch or _NEVER}
@@ -195,7 +192,6 @@ def fit_with_lightning(
         num_optimizers=len(module.engine.optimizers),
         check_val_every_n_epoch=trainer_kwargs.get("check_val_every_n_epoch", 1),
         val_check_interval=trainer_kwargs.get("val_check_interval"),
-        accumulate_grad_batches=int(step_options.get("accumulate_grad_batches", 1)),
         callbacks=[CallbackWrapper(callback) for callback in experiment.callbacks],
     )
     with warnings.catch_warnings():

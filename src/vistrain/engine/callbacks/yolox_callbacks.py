@@ -5,8 +5,9 @@ Where they sit in the loop::
     for epoch in epochs:
         ModeSwitch.on_train_epoch_start   # resumed past switch_epoch? switch before step one
         for batch in train_loader:
-            RandomResize.on_train_batch_start   # every `interval` steps rank 0 draws a size;
-                                                # every batch is resized to the current size
+            RandomResize.on_train_batch_start   # every `interval` optimizer steps rank 0 draws
+                                                # a size at the step's first micro-batch; every
+                                                # batch is resized to the current size
             forward, loss, backward, step
         ModeSwitch.on_train_epoch_end     # end of epoch switch_epoch - 1: drop mosaic/mixup,
                                           # turn the L1 term on, validate every epoch
@@ -264,8 +265,14 @@ class YOLOXSyncRandomResizeCallback(Callback):
     the generators stay equal on all ranks). Then, every batch, the images of each view
     (a dict batch, or each dict of a list batch) are resized in place to the current size,
     ``input_hw`` and ``boxes2d`` scaled to match. Before the first draw the size is the last
-    entry of ``size_list``. The current size and the generator state are the callback state,
-    so a resumed run draws exactly the sizes an uninterrupted one would.
+    entry of ``size_list``.
+
+    ``interval`` counts optimizer steps (``global_step``). Under gradient accumulation the
+    batch hooks run for every micro-batch while ``global_step`` stays put, so the draw for a
+    step happens once, at its first micro-batch: all micro-batches of a window share one
+    input size and the size changes only between optimizer steps. The current size, the
+    generator state and the step of the last draw are the callback state, so a resumed run
+    (also one stopped inside a window) draws exactly the sizes an uninterrupted one would.
 
     Args:
         *args: Passed to ``Callback``.
@@ -296,6 +303,7 @@ class YOLOXSyncRandomResizeCallback(Callback):
         self.interval = interval
         self._rng = random.Random(seed)
         self.size: tuple[int, int] = self.size_list[-1]
+        self._drawn_for_step: int | None = None  # global_step of the last draw
 
     def on_train_batch_start(
         self,
@@ -306,7 +314,9 @@ class YOLOXSyncRandomResizeCallback(Callback):
         batch_idx: int,
     ) -> None:
         """Collective every ``interval`` steps: maybe draw a size, then resize the batch."""
-        if (trainer_state["global_step"] + 1) % self.interval == 0:
+        step = trainer_state["global_step"]
+        if (step + 1) % self.interval == 0 and step != self._drawn_for_step:
+            self._drawn_for_step = step  # the window's later micro-batches keep this size
             drawn = self._rng.choice(self.size_list)
             self.size = tuple(broadcast(drawn, src=0))  # type: ignore[assignment]
         views = batch if isinstance(batch, list) else [batch]
@@ -314,17 +324,21 @@ class YOLOXSyncRandomResizeCallback(Callback):
             resize_view(view, self.size)
 
     def state_dict(self) -> dict[str, Any]:
-        """Current size and generator state (plain lists and numbers)."""
+        """Current size, generator state and step of the last draw (plain lists and numbers)."""
         version, internal, gauss_next = self._rng.getstate()
         return {
             "size": list(self.size),
+            "drawn_for_step": self._drawn_for_step,
             "rng_version": version,
             "rng_internal": list(internal),
             "rng_gauss_next": gauss_next,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the size and generator saved by ``state_dict``.
+        """Restore the size, generator and last draw's step saved by ``state_dict``.
+
+        A state from before ``drawn_for_step`` was saved (no such key) loads as "no draw
+        yet in this step".
 
         Raises:
             ValueError: If the state lacks a key or its size is not a (h, w) pair.
@@ -336,6 +350,8 @@ class YOLOXSyncRandomResizeCallback(Callback):
                 "made by its state_dict()."
             )
         (self.size,) = _parse_size_list([tuple(state_dict["size"])])
+        drawn_for_step = state_dict.get("drawn_for_step")
+        self._drawn_for_step = None if drawn_for_step is None else int(drawn_for_step)
         self._rng.setstate(
             (
                 state_dict["rng_version"],
