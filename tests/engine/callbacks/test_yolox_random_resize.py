@@ -11,7 +11,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dist_utils import run_distributed
+from trainer_fixtures import run_toy
+from vistrain.engine.callbacks.base import Callback
 from vistrain.engine.callbacks.yolox_callbacks import YOLOXSyncRandomResizeCallback
+from vistrain.engine.checkpoint_io import save_checkpoint
 from vistrain.engine.connectors import DataConnector, LossConnector, data_key, pred_key
 from vistrain.engine.loss_module import LossModule
 from vistrain.engine.trainer import Trainer
@@ -213,3 +216,124 @@ def test_native_trainer_feeds_resized_images_to_the_model(tmp_path) -> None:
         YOLOXSyncRandomResizeCallback(size_list=[(24, 24), (32, 32)], interval=2, seed=1), range(8)
     )
     assert model.seen == expected and model.seen[0] == (32, 32)
+
+
+def run_windows(
+    cb: YOLOXSyncRandomResizeCallback, steps: range, window: int
+) -> list[tuple[int, int]]:
+    """As ``run_steps``, with ``window`` micro-batches per step (``global_step`` stays put)."""
+    sizes = []
+    for step in steps:
+        for micro in range(window):
+            batch = make_batch()
+            cb.on_train_batch_start(state(step), nn.Identity(), None, batch, micro)  # type: ignore[arg-type]
+            sizes.append(tuple(batch["images"].shape[-2:]))
+    return sizes
+
+
+def test_micro_batches_of_one_step_share_the_size_drawn_once() -> None:
+    """Under accumulation the batch hook runs per micro-batch: one draw per step, not per
+    micro-batch (a draw per micro-batch would change the size inside a window and advance
+    the generator k times)."""
+    accumulated = run_windows(
+        YOLOXSyncRandomResizeCallback(size_list=SIZES, interval=1), range(20), 3
+    )
+    plain = run_steps(YOLOXSyncRandomResizeCallback(size_list=SIZES, interval=1), range(20))
+    assert accumulated == [size for size in plain for _ in range(3)]
+    assert len(set(plain)) >= 3
+
+
+def _collate_with_target(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    batch = _collate(samples)
+    batch["y"] = batch.pop("target")
+    return batch
+
+
+def _image_loader() -> DataLoader[Any]:
+    """5 batches of 2 images per epoch: windows of 2 are [0, 1], [2, 3], [4]."""
+    gen = torch.Generator().manual_seed(0)
+    samples = [
+        {"images": torch.rand(3, 16, 16, generator=gen), "input_hw": (16, 16),
+         "boxes2d": torch.zeros(0, 4)}
+        for _ in range(10)
+    ]  # fmt: skip
+    return DataLoader(samples, batch_size=2, collate_fn=_collate_with_target)  # type: ignore[arg-type]
+
+
+def _expected_sizes(seed: int, interval: int, epochs: int, start: int = 0) -> list[tuple[int, int]]:
+    """The size of every batch, by hand: a draw at the first batch of step s when
+    ``s % interval == 0`` (s counted from 1), one step per window of 2 batches."""
+    rng, size, step, sizes = random.Random(seed), SIZES[-1], 0, []
+    for _ in range(epochs):
+        for window in ([0, 1], [2, 3], [4]):
+            if (step + 1) % interval == 0:
+                size = rng.choice(SIZES)
+            sizes += [size] * len(window)
+            step += 1
+    return sizes[start:]
+
+
+def _train_sizes(engine: str, out: str, callbacks: list[Any], **loop: Any) -> list[Any]:
+    model = ShapeModel()
+    connector = DataConnector({"images": "images"})
+    run_toy(
+        engine, out, callbacks, model=model, train_loader=_image_loader(),
+        connectors=(connector, connector), check_val_every_n_epoch=None,
+        accumulate_grad_batches=2, **loop,
+    )  # fmt: skip
+    return model.seen
+
+
+@pytest.mark.parametrize("engine", ["native", "lightning"])
+def test_size_changes_only_between_optimizer_steps_on_both_engines(tmp_path, engine) -> None:
+    if engine == "lightning":
+        pytest.importorskip("lightning")
+    cb = YOLOXSyncRandomResizeCallback(size_list=SIZES, interval=2, seed=5)
+    seen = _train_sizes(engine, str(tmp_path), [cb], num_epochs=3)
+    assert seen == _expected_sizes(seed=5, interval=2, epochs=3)
+    assert len(set(seen)) >= 2
+
+
+class _CrashError(Exception):
+    """Ends a run the way a kill does."""
+
+
+class SaveInsideWindow(Callback):
+    """Saves the training state after batch ``batch_idx`` of ``epoch`` (not a step's end),
+    then ends the run at the next batch."""
+
+    def __init__(self, path: str, epoch: int, batch_idx: int) -> None:
+        super().__init__()
+        self.path, self.epoch, self.batch_idx, self.saved = path, epoch, batch_idx, False
+
+    def on_train_batch_start(self, trainer_state, model, loss_module, batch, batch_idx) -> None:
+        if self.saved:
+            raise _CrashError
+
+    def on_train_batch_end(self, trainer_state, model, loss_module, outputs, batch, batch_idx):
+        if (trainer_state["current_epoch"], batch_idx) == (self.epoch, self.batch_idx):
+            assert not trainer_state["step_end"]
+            save_checkpoint(trainer_state["train_module"].checkpoint_state(), self.path)
+            self.saved = True
+
+
+@pytest.mark.parametrize("engine", ["native", "lightning"])
+def test_resume_inside_a_window_keeps_the_window_size_and_the_draws(tmp_path, engine) -> None:
+    """Stopped after batch 2 of epoch 1 (the first of a window, which drew the size of step
+    5), the resumed run trains batch 3 at that size without drawing again."""
+    if engine == "lightning":
+        pytest.importorskip("lightning")
+    ckpt = str(tmp_path / "inside.ckpt")
+    with pytest.raises(_CrashError):
+        _train_sizes(
+            "native", str(tmp_path / "part"),
+            [YOLOXSyncRandomResizeCallback(size_list=SIZES, interval=1, seed=2),
+             SaveInsideWindow(ckpt, epoch=1, batch_idx=2)],
+            num_epochs=3,
+        )  # fmt: skip
+    resumed = _train_sizes(
+        engine, str(tmp_path / engine),
+        [YOLOXSyncRandomResizeCallback(size_list=SIZES, interval=1, seed=2)],
+        num_epochs=3, ckpt_path=ckpt,
+    )  # fmt: skip
+    assert resumed == _expected_sizes(seed=2, interval=1, epochs=3, start=5 + 3)
