@@ -110,7 +110,8 @@ class Trainer:
         num_epochs: Epoch limit (-1 = none).
         num_steps: Optimizer-step limit (-1 = none); training stops right after that step.
         check_val_every_n_epoch: Validate after every n-th epoch (None or 0 = never by epoch).
-        val_check_interval: Validate every n optimizer steps (None = never by step).
+        val_check_interval: Validate every n optimizer steps (None = never by step), after
+            the batch that ends the step's window (an epoch's last, partial window too).
         log_every_n_steps: Write the learning rates (and ``train/grad_norm``) every n steps.
         tensorboard: Also write TensorBoard event files next to ``metrics.jsonl``.
         compile: Compile the model's forward in place (``True``: the inductor backend; a

@@ -26,6 +26,9 @@ hooks onto the native loop::
                                             (epoch-based validation): schedulers.step(epoch),
                                             on_train_epoch_end -- so before Lightning's
                                             validation, as in the native loop
+    epoch loop: validate now?               by epoch: Lightning; by step (an int
+                                            val_check_interval): after a batch that ended a
+                                            window when the interval divides global_step
     validation (on_validation_*)            RNG saved; on_test_epoch_start, on_test_batch_end,
                                             on_test_epoch_end -> val/<k>, on_validation_end;
                                             RNG restored

@@ -80,7 +80,9 @@ class TrainingModule(pl.LightningModule):
             (autocast and the fp16 scaler are the engine's; keep Lightning's own
             ``precision`` at its default).
         accumulate_grad_batches: Batches per optimizer step, as the native ``Trainer``'s
-            (Lightning refuses its own under manual optimization).
+            (Lightning refuses its own under manual optimization). An int
+            ``val_check_interval`` of the Lightning trainer counts optimizer steps, as the
+            native one does, not batches.
         gradient_clip_val: Clip threshold, as the native ``Trainer``'s (None: never).
         gradient_clip_algorithm: ``"norm"`` or ``"value"``.
 
