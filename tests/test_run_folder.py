@@ -135,3 +135,85 @@ def test_lock_in_one_process_refuses_another_in_the_same_folder(tmp_path: Path) 
     with RunFolderLock(tmp_path) as lock:
         assert lock.path.read_text().split()[0] == str(os.getpid())
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_lock_on_a_file_removed_by_its_releasing_holder_is_taken_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The release race, one step at a time: a starter opens the lock file, the holder removes
+    it and unlocks, and the starter's lock then succeeds on the removed file. The starter must
+    lock the path's file instead, or a third process would lock a new file alongside it."""
+    import fcntl
+
+    holder = RunFolderLock(tmp_path)
+    holder.acquire()
+    real_flock = fcntl.flock
+    locked_fds: list[int] = []
+
+    def flock_after_the_holder_released(fd: int, operation: int) -> None:
+        if not locked_fds:
+            holder.release()  # between the starter's open and its lock
+        locked_fds.append(fd)
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_the_holder_released)
+    starter = RunFolderLock(tmp_path)
+    starter.acquire()
+    monkeypatch.undo()
+    try:
+        assert len(locked_fds) == 2, "the lock on the removed file was not retried"
+        with pytest.raises(RunFolderError, match=f"in use by process {os.getpid()} "):
+            RunFolderLock(tmp_path).acquire()
+    finally:
+        starter.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+CONTENDER = textwrap.dedent(
+    """
+    import os, sys, time
+    from vistrain.run_folder import RunFolderError, RunFolderLock
+    folder, rounds = sys.argv[1], int(sys.argv[2])
+    inside = os.path.join(folder, "inside")
+    while not os.path.exists(os.path.join(folder, "go")):
+        time.sleep(0.001)
+    held = overlaps = 0
+    for _ in range(rounds):
+        lock = RunFolderLock(folder)
+        try:
+            lock.acquire()
+        except RunFolderError:
+            continue
+        held += 1
+        try:  # only the holder may be here: a second one finds the file
+            os.close(os.open(inside, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.unlink(inside)
+        except FileExistsError:
+            overlaps += 1
+        lock.release()
+    print(held, overlaps)
+    """
+)
+
+
+def test_processes_racing_for_the_lock_never_hold_it_together(tmp_path: Path) -> None:
+    """Three processes take and release the lock 1000 times each. Before the re-check of the
+    locked file, a run like this had a few overlapping holders and more false "took over"
+    warnings (the starter read the removed file of a live holder) in about a second."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONTENDER, str(tmp_path), "1000"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    (tmp_path / "go").touch()
+    results = [proc.communicate(timeout=120) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), results
+    counts = [tuple(int(n) for n in out.split()) for out, _ in results]
+    assert 0 < sum(held for held, _ in counts) < 3000, counts  # taken, and refused when held
+    assert [overlaps for _, overlaps in counts] == [0, 0, 0], counts
+    assert not any("Took over" in err for _, err in results), results
+    assert not (tmp_path / LOCK_NAME).exists()
