@@ -13,30 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import run_vistrain, toy_args, vistrain_env
 from vistrain.run_folder import LOCK_NAME, RunFolderError, RunFolderLock, check_new_run_folder
 
-TINY = [
-    "--config",
-    "toy_classifier",
-    "--set",
-    "num_epochs=1",
-    "--set",
-    "num_train_images=32",
-    "--set",
-    "num_val_images=16",
-    "--set",
-    "log_every=2",
-]
-
-
-def _vistrain(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vistrain", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+TINY = toy_args("num_epochs=1", "num_train_images=32", "num_val_images=16", "log_every=2")
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -50,13 +30,13 @@ def _digest(folder: Path) -> dict[str, str]:
 
 def test_second_fit_into_a_used_folder_is_refused_and_changes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    first = _vistrain("fit", *TINY, "--output-dir", str(out), cwd=tmp_path)
+    first = run_vistrain("fit", *TINY, "--output-dir", str(out), cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert not (out / LOCK_NAME).exists(), "the lock file is removed when the run ends"
     before = _digest(out)
     assert "checkpoints/last.ckpt" in before and "metrics.jsonl" in before
 
-    second = _vistrain("fit", *TINY, "--output-dir", str(out), cwd=tmp_path)
+    second = run_vistrain("fit", *TINY, "--output-dir", str(out), cwd=tmp_path)
     assert second.returncode == 2
     err = second.stderr.strip()
     assert err.startswith("vistrain: error:") and err.count("\n") == 0, err
@@ -64,7 +44,7 @@ def test_second_fit_into_a_used_folder_is_refused_and_changes_nothing(tmp_path: 
     assert _digest(out) == before
 
     # The same folder with --resume is the way to continue it (a finished run trains no more).
-    resumed = _vistrain(
+    resumed = run_vistrain(
         "fit", *TINY, "--set", "num_epochs=2", "--output-dir", str(out), "--resume", cwd=tmp_path
     )
     assert resumed.returncode == 0, resumed.stderr
@@ -95,7 +75,10 @@ HOLDER = textwrap.dedent(
 
 def _start_holder(folder: Path) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLDER, str(folder)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=vistrain_env(),
     )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "locked"
@@ -106,7 +89,7 @@ def test_a_live_run_locks_its_folder_and_a_dead_ones_lock_is_taken_over(tmp_path
     out = tmp_path / "run"
     holder = _start_holder(out)
     try:
-        refused = _vistrain("fit", *TINY, "--output-dir", str(out), cwd=tmp_path)
+        refused = run_vistrain("fit", *TINY, "--output-dir", str(out), cwd=tmp_path)
         assert refused.returncode == 2
         err = refused.stderr.strip()
         assert err.count("\n") == 0 and f"in use by process {holder.pid}" in err, err
@@ -117,7 +100,7 @@ def test_a_live_run_locks_its_folder_and_a_dead_ones_lock_is_taken_over(tmp_path
     assert (out / LOCK_NAME).exists(), "kill -9 leaves the lock file behind"
 
     started = time.monotonic()
-    taken = _vistrain("fit", *TINY, "--output-dir", str(out), cwd=tmp_path)
+    taken = run_vistrain("fit", *TINY, "--output-dir", str(out), cwd=tmp_path)
     assert taken.returncode == 0, taken.stderr
     assert f"Took over the lock of process {holder.pid}" in taken.stdout + taken.stderr
     assert (out / "checkpoints" / "last.ckpt").is_file()
@@ -206,6 +189,7 @@ def test_processes_racing_for_the_lock_never_hold_it_together(tmp_path: Path) ->
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=vistrain_env(),
         )
         for _ in range(3)
     ]
