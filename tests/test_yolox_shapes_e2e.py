@@ -153,11 +153,11 @@ def test_test_command_evaluates_the_checkpoint(tiny_run: dict[str, Any]) -> None
     assert "EMA weights" in _output(tiny_run["tested"])
     records = _records(tiny_run["tmp"] / "test")
     assert {"test/Det/AP", "test/Det/AP50"} <= {r["tag"] for r in records}
-    # the weights tested are the checkpoint's: the same AP as its validation during fit
-    step = 3 * STEPS_PER_EPOCH  # last.ckpt is the resumed run's end
-    val = {r["step"]: r["value"] for r in _records(tiny_run["run"]) if r["tag"] == "val/Det/AP"}
-    tested = [r["value"] for r in records if r["tag"] == "test/Det/AP"]
-    assert tested == [val[step]]
+    # Scored at last.ckpt's step, the resumed run's end. Which weights were scored is pinned
+    # where the detections differ between checkpoints (this run finds none above the score
+    # threshold, AP 0 either way): test_short_run_on_awkward_coco_folder (zoo/test_yolox_coco)
+    # and test_test_evaluates_the_ema_weights_of_the_checkpoint_named (test_cli).
+    assert [r["step"] for r in records if r["tag"] == "test/Det/AP"] == [3 * STEPS_PER_EPOCH]
 
 
 @pytest.mark.parametrize(

@@ -76,6 +76,24 @@ def test_short_run_on_awkward_coco_folder(coco_folder: Path, tmp_path: Path) -> 
     assert [r["step"] for r in records if r["tag"] == "train/det.loss_l1"] == [3, 4]
     losses = [r["value"] for r in records if r["tag"] == "train/loss"]
     assert losses and all(math.isfinite(v) for v in losses)
+    # `vistrain test CKPT` finds exactly the detections CKPT's validation found (its EMA
+    # weights). The two checkpoints' detections differ, so testing the wrong checkpoint or
+    # an unloaded model would not match, which the APs of so short a run (0) cannot tell.
+    found = {}
+    test_args = ["test", "--config", "yolox_coco", *coco_sets(coco_folder), *set_args(*TINY)]
+    for step, name in ((2, "epoch=0-step=2.ckpt"), (4, "last.ckpt")):
+        tested = tmp_path / f"test_{step}"
+        ckpt_args = ["--ckpt", str(out / "checkpoints" / name), "--output-dir", str(tested)]
+        assert main([*test_args, *ckpt_args]) == 0
+        found[step] = _detections(out, step)
+        assert _detections(tested, step) == found[step]
+    assert found[2] and found[4] and found[2] != found[4]
+
+
+def _detections(run: Path, step: int) -> list[dict[str, object]]:
+    """The detections a run saved when it evaluated at ``step``."""
+    (path,) = (run / "eval" / "Det").glob(f"detections_epoch=*-step={step}.json")
+    return json.loads(path.read_text())
 
 
 def test_defaults_are_the_official_recipe() -> None:
