@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -11,6 +10,7 @@ from PIL import Image
 
 import vistrain
 from cli_helpers import TINY_TOY_SETS, run_vistrain, set_args, toy_args
+from trainer_fixtures import read_metrics
 from vistrain.cli import main
 from vistrain.engine.checkpoint_io import load_checkpoint, save_checkpoint
 
@@ -64,8 +64,7 @@ def test_fit_test_and_resume_end_to_end(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     ckpts = sorted(os.listdir(out / "checkpoints"))
     assert "last.ckpt" in ckpts and "epoch=1-step=4.ckpt" in ckpts
-    with open(out / "metrics.jsonl") as handle:
-        tags = {json.loads(line)["tag"] for line in handle}
+    tags = {r["tag"] for r in read_metrics(str(out))}
     assert {"val/Cls/top1", "val/Cls/top5", "train/loss", "lr", "epoch"} <= tags
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out))
     # resume to 3 epochs from the run folder's last.ckpt
@@ -133,16 +132,13 @@ def test_test_evaluates_the_ema_weights_of_the_checkpoint_named(tmp_path) -> Non
     assert tested(tmp_path / "swapped.ckpt")[16] != val[16]  # the raw weights score otherwise
 
 
-def _scalars(folder, tag: str) -> dict[int, float]:
+def _scalars(folder: Path, tag: str) -> dict[int, float]:
     """Step -> value of ``tag`` in ``folder/metrics.jsonl``."""
-    with open(folder / "metrics.jsonl", encoding="utf-8") as handle:
-        records = [json.loads(line) for line in handle]
-    return {r["step"]: r["value"] for r in records if r["tag"] == tag}
+    return {r["step"]: r["value"] for r in read_metrics(str(folder)) if r["tag"] == tag}
 
 
 def _records(folder: Path) -> list[dict[str, Any]]:
-    with open(folder / "metrics.jsonl", encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    return read_metrics(str(folder))
 
 
 def _results_folder(stdout: str) -> Path:

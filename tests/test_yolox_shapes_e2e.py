@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from cli_helpers import run_vistrain, set_args
+from trainer_fixtures import read_metrics
 from vistrain.cli import main
 from vistrain.data.datasets.shapes import CACHE_ENV, shapes_cache_dir
 from vistrain.engine.optim import fused_sgd_supported, sgd_param_groups
@@ -57,8 +58,7 @@ def _output(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 def _records(run: Path) -> list[dict[str, Any]]:
-    with open(run / "metrics.jsonl", encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    return read_metrics(str(run))
 
 
 def _steps_by_tag(records: list[dict[str, Any]]) -> dict[str, set[int]]:

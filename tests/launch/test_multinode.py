@@ -6,7 +6,6 @@ address, and must train exactly as a 2-process single-node run (``--devices 2``)
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import TINY_TOY_SETS, run_vistrain, start_vistrain, toy_args, vistrain_env
+from trainer_fixtures import read_metrics
 from vistrain.common.launch_env import adopt_slurm_env, expand_nodelist, launch_run_id
 
 TOY = toy_args("num_epochs=1", *TINY_TOY_SETS, "batch_size=8")
@@ -38,8 +38,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 
 def _records(out: Path) -> list[tuple[str, int, float]]:
-    with open(out / "metrics.jsonl") as handle:
-        rows = [json.loads(line) for line in handle]
+    rows = read_metrics(str(out))
     return [(r["tag"], r["step"], r["value"]) for r in rows if not r["tag"].startswith("perf/")]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -10,6 +9,7 @@ import time
 import pytest
 
 from cli_helpers import run_vistrain, toy_args
+from trainer_fixtures import read_metrics
 
 TOY = toy_args(
     "num_epochs=2",
@@ -28,11 +28,9 @@ def _fit(out: str, *extra: str, timeout: int = 240) -> subprocess.CompletedProce
 
 def _logs(out: str) -> dict[tuple[str, int], float]:
     """Validation metrics and training losses by (tag, step); timings left out."""
-    with open(os.path.join(out, "metrics.jsonl")) as handle:
-        records = [json.loads(line) for line in handle]
     return {
         (r["tag"], r["step"]): r["value"]
-        for r in records
+        for r in read_metrics(out)
         if r["tag"].startswith("val/") or r["tag"].startswith("train/")
     }
 

@@ -5,7 +5,6 @@ Each run waits for a training line before it signals, so the tests hold on a loa
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 from cli_helpers import run_vistrain, start_vistrain, toy_args
+from trainer_fixtures import read_metrics
 from vistrain.engine.checkpoint_io import load_checkpoint
 
 TOY = toy_args(
@@ -93,7 +93,7 @@ def _fit(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
 
 def _scalars(out: Path) -> dict[tuple[str, int], float]:
     """Logged values by (tag, step), without wall-clock measurements (``perf/``)."""
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(str(out))
     return {(r["tag"], r["step"]): r["value"] for r in records if not r["tag"].startswith("perf/")}
 
 
