@@ -158,6 +158,7 @@ CONTENDER = textwrap.dedent(
     from vistrain.run_folder import RunFolderError, RunFolderLock
     folder, rounds = sys.argv[1], int(sys.argv[2])
     inside = os.path.join(folder, "inside")
+    print("ready", flush=True)
     while not os.path.exists(os.path.join(folder, "go")):
         time.sleep(0.001)
     held = overlaps = 0
@@ -193,6 +194,8 @@ def test_processes_racing_for_the_lock_never_hold_it_together(tmp_path: Path) ->
         )
         for _ in range(3)
     ]
+    for proc in procs:  # all started and imported: they race from the first round on
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     (tmp_path / "go").touch()
     results = [proc.communicate(timeout=120) for proc in procs]
     assert all(proc.returncode == 0 for proc in procs), results
