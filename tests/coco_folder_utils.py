@@ -13,6 +13,7 @@ from typing import Any
 
 from PIL import Image
 
+from cli_helpers import set_args
 from vistrain.cli import main
 
 CATEGORY_IDS = {1: 11, 2: 3, 3: 7}
@@ -84,7 +85,7 @@ def coco_sets(folder: Path) -> list[str]:
         "val_ann": folder / "val" / "annotations.json",
         "val_images": folder / "val" / "images",
     }
-    return [arg for key, value in pairs.items() for arg in ("--set", f"{key}={value}")]
+    return set_args(*(f"{key}={value}" for key, value in pairs.items()))
 
 
 TINY_FIT = [
@@ -108,7 +109,7 @@ TINY_FIT = [
 
 def train_tiny(folder: Path, out: Path) -> Path:
     """Train ``yolox_coco`` briefly on ``folder``; return ``last.ckpt``."""
-    sets = [arg for item in TINY_FIT for arg in ("--set", item)]
+    sets = set_args(*TINY_FIT)
     code = main(
         ["fit", "--config", "yolox_coco", *coco_sets(folder), *sets, "--output-dir", str(out)]
     )

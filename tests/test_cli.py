@@ -1,10 +1,7 @@
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,29 +9,12 @@ import pytest
 from PIL import Image
 
 import vistrain
+from cli_helpers import TINY_TOY_SETS, run_vistrain, set_args, toy_args
+from trainer_fixtures import read_metrics
 from vistrain.cli import main
-from vistrain.engine.checkpoint_io import load_checkpoint
+from vistrain.engine.checkpoint_io import load_checkpoint, save_checkpoint
 
-TINY = [
-    "--set",
-    "num_epochs=2",
-    "--set",
-    "num_train_images=64",
-    "--set",
-    "num_val_images=32",
-    "--set",
-    "log_every=2",
-]
-
-
-def _vistrain(*args: str, cwd: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vistrain", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+TINY = set_args("num_epochs=2", *TINY_TOY_SETS)
 
 
 @pytest.mark.parametrize(
@@ -78,18 +58,17 @@ def test_configs_lists_experiments_and_params(capsys) -> None:
 
 def test_fit_test_and_resume_end_to_end(tmp_path) -> None:
     out = tmp_path / "run"
-    proc = _vistrain(
-        "fit", "--config", "toy_classifier", "--output-dir", str(out), *TINY, cwd=str(tmp_path)
+    proc = run_vistrain(
+        "fit", "--config", "toy_classifier", "--output-dir", str(out), *TINY, cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr
     ckpts = sorted(os.listdir(out / "checkpoints"))
     assert "last.ckpt" in ckpts and "epoch=1-step=4.ckpt" in ckpts
-    with open(out / "metrics.jsonl") as handle:
-        tags = {json.loads(line)["tag"] for line in handle}
+    tags = {r["tag"] for r in read_metrics(str(out))}
     assert {"val/Cls/top1", "val/Cls/top5", "train/loss", "lr", "epoch"} <= tags
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out))
     # resume to 3 epochs from the run folder's last.ckpt
-    proc = _vistrain(
+    proc = run_vistrain(
         "fit",
         "--config",
         "toy_classifier",
@@ -99,12 +78,12 @@ def test_fit_test_and_resume_end_to_end(tmp_path) -> None:
         *TINY,
         "--set",
         "num_epochs=3",
-        cwd=str(tmp_path),
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     assert "epoch=2-step=6.ckpt" in os.listdir(out / "checkpoints")
     assert "Resumed from" in proc.stdout + proc.stderr
-    proc = _vistrain(
+    proc = run_vistrain(
         "test",
         "--config",
         "toy_classifier",
@@ -113,29 +92,53 @@ def test_fit_test_and_resume_end_to_end(tmp_path) -> None:
         "--output-dir",
         str(tmp_path / "test"),
         *TINY,
-        cwd=str(tmp_path),
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     assert "EMA weights" in proc.stdout + proc.stderr
     assert "test/Cls/" in proc.stdout
-    # The test run evaluated the checkpoint's weights: its accuracy is the validation's at
-    # the checkpoint's step (an untrained or unloaded model would not match).
-    step = load_checkpoint(out / "checkpoints" / "last.ckpt")["global_step"]
-    for key in ("Cls/top1", "Cls/top5"):
-        val = _scalars(out, f"val/{key}")
-        assert list(_scalars(tmp_path / "test", f"test/{key}").values()) == [val[step]]
+    # Which weights were tested: test_test_evaluates_the_ema_weights_of_the_checkpoint_named.
+    assert set(_scalars(tmp_path / "test", "test/Cls/top1")) == {6}  # last.ckpt's step
 
 
-def _scalars(folder, tag: str) -> dict[int, float]:
+def test_test_evaluates_the_ema_weights_of_the_checkpoint_named(tmp_path) -> None:
+    """``vistrain test CKPT`` scores the EMA weights of CKPT as its validation during fit did.
+
+    Batches of 8 make the tiny run's accuracy change from epoch to epoch (at its default batch
+    of 32 it stays at one value), so testing another checkpoint, an unloaded model or the raw
+    weights would give another number. The raw-weights case is a copy of the last checkpoint
+    with its EMA and raw weights swapped.
+    """
+    run = tmp_path / "run"
+    sets = toy_args(*TINY_TOY_SETS, "num_epochs=2", "batch_size=8")
+    assert main(["fit", *sets, "--output-dir", str(run)]) == 0
+    val = _scalars(run, "val/Cls/top1")
+    assert len(val) == 2 and len(set(val.values())) == 2, val  # not a flat metric
+
+    def tested(ckpt: Path) -> dict[int, float]:
+        out = tmp_path / f"test_{ckpt.stem}"
+        assert main(["test", *sets, "--ckpt", str(ckpt), "--output-dir", str(out)]) == 0
+        return _scalars(out, "test/Cls/top1")
+
+    last = run / "checkpoints" / "last.ckpt"
+    assert tested(run / "checkpoints" / "epoch=0-step=8.ckpt") == {8: val[8]}
+    assert tested(last) == {16: val[16]}
+    ckpt = load_checkpoint(last)
+    state = ckpt["state_dict"]
+    raw = {key: value for key, value in state.items() if key.startswith("model.")}
+    for key, value in raw.items():
+        state[key], state["ema_" + key] = state["ema_" + key], value
+    save_checkpoint(ckpt, tmp_path / "swapped.ckpt")
+    assert tested(tmp_path / "swapped.ckpt")[16] != val[16]  # the raw weights score otherwise
+
+
+def _scalars(folder: Path, tag: str) -> dict[int, float]:
     """Step -> value of ``tag`` in ``folder/metrics.jsonl``."""
-    with open(folder / "metrics.jsonl", encoding="utf-8") as handle:
-        records = [json.loads(line) for line in handle]
-    return {r["step"]: r["value"] for r in records if r["tag"] == tag}
+    return {r["step"]: r["value"] for r in read_metrics(str(folder)) if r["tag"] == tag}
 
 
 def _records(folder: Path) -> list[dict[str, Any]]:
-    with open(folder / "metrics.jsonl", encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    return read_metrics(str(folder))
 
 
 def _results_folder(stdout: str) -> Path:
@@ -174,7 +177,7 @@ LIGHTNING_NOISE = (
 
 def test_lightning_engine_prints_only_vistrain_lines(tmp_path) -> None:
     pytest.importorskip("lightning")
-    proc = _vistrain(
+    proc = run_vistrain(
         "fit",
         "--config",
         "toy_classifier",
@@ -187,7 +190,7 @@ def test_lightning_engine_prints_only_vistrain_lines(tmp_path) -> None:
         "num_epochs=1",
         "--set",
         "num_threads=1",
-        cwd=str(tmp_path),
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     output = proc.stdout + proc.stderr
@@ -199,26 +202,18 @@ def test_lightning_engine_prints_only_vistrain_lines(tmp_path) -> None:
 
 def test_devices_launcher_prints_no_omp_banner(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vistrain",
-            "fit",
-            "--config",
-            "toy_classifier",
-            "--devices",
-            "2",
-            "--output-dir",
-            str(tmp_path / "run"),
-            *TINY,
-            "--set",
-            "num_epochs=1",
-        ],
-        cwd=str(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_vistrain(
+        "fit",
+        "--config",
+        "toy_classifier",
+        "--devices",
+        "2",
+        "--output-dir",
+        str(tmp_path / "run"),
+        *TINY,
+        "--set",
+        "num_epochs=1",
+        cwd=tmp_path,
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -231,7 +226,7 @@ def test_devices_launcher_prints_no_omp_banner(tmp_path) -> None:
 def tiny_yolox(tmp_path_factory) -> dict[str, Any]:
     """The default experiment for one epoch (its own switch rule), then ``vistrain test``."""
     tmp = tmp_path_factory.mktemp("yolox_one_epoch")
-    sets = [
+    sets = set_args(
         "image_size=64",
         "batch_size=8",
         "num_train_images=32",
@@ -241,17 +236,14 @@ def tiny_yolox(tmp_path_factory) -> dict[str, Any]:
         "vis_every=2",
         "num_threads=1",
         f"cache_dir={tmp / 'cache'}",
-    ]
-    set_args = [arg for item in sets for arg in ("--set", item)]
-    run = tmp / "run"
-    fit = _vistrain(
-        "fit", "--output-dir", str(run), "--set", "num_epochs=1", *set_args, cwd=str(tmp)
     )
+    run = tmp / "run"
+    fit = run_vistrain("fit", "--output-dir", str(run), "--set", "num_epochs=1", *sets, cwd=tmp)
     assert fit.returncode == 0, fit.stderr[-3000:]
     ckpt = run / "checkpoints" / "last.ckpt"
-    test = _vistrain("test", "--ckpt", str(ckpt), *set_args, cwd=str(tmp))
+    test = run_vistrain("test", "--ckpt", str(ckpt), *sets, cwd=tmp)
     assert test.returncode == 0, test.stderr[-3000:]
-    return {"tmp": tmp, "run": run, "fit": fit, "test": test, "ckpt": ckpt, "sets": set_args}
+    return {"tmp": tmp, "run": run, "fit": fit, "test": test, "ckpt": ckpt, "sets": sets}
 
 
 def test_one_epoch_of_the_default_config_trains_without_mosaic(tiny_yolox) -> None:

@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+from cli_helpers import SRC, start_vistrain, toy_args
 from vistrain.cli import main
 from vistrain.common import writable
 from vistrain.engine.checkpoint_io import (
@@ -33,20 +34,7 @@ from vistrain.engine.resume import restore_checkpoint
 from vistrain.zoo import available_experiments, load_config
 from vistrain.zoo.base import apply_overrides, param_types
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-TOY = [
-    "--config",
-    "toy_classifier",
-    "--set",
-    "num_epochs=1",
-    "--set",
-    "num_train_images=32",
-    "--set",
-    "num_val_images=16",
-    "--set",
-    "batch_size=16",
-]
+TOY = toy_args("num_epochs=1", "num_train_images=32", "num_val_images=16", "batch_size=16")
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], *needles: str) -> str:
@@ -346,20 +334,14 @@ def test_a_fitting_checkpoint_still_restores(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _vistrain(*args: str, cwd: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen(
-        [sys.executable, "-m", "vistrain", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+def _start_piped(*args: str, cwd: Path) -> subprocess.Popen[bytes]:
+    """Start ``vistrain ARGS`` with its stdout and stderr in pipes (bytes)."""
+    return start_vistrain(*args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def test_output_piped_into_a_closed_reader(tmp_path: Path) -> None:
     """``vistrain configs | head -1``: no traceback; a training run goes on silently."""
-    proc = _vistrain("configs", cwd=tmp_path)
+    proc = _start_piped("configs", cwd=tmp_path)
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()  # the reader is gone before the first line
     err = proc.stderr.read().decode()
@@ -367,7 +349,7 @@ def test_output_piped_into_a_closed_reader(tmp_path: Path) -> None:
     assert err == ""
 
     run = tmp_path / "run"
-    proc = _vistrain("fit", *TOY, "--output-dir", str(run), cwd=tmp_path)
+    proc = _start_piped("fit", *TOY, "--output-dir", str(run), cwd=tmp_path)
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()
     err = proc.stderr.read().decode()
@@ -395,7 +377,7 @@ def test_ctrl_c_during_setup_is_one_line(tmp_path: Path) -> None:
         f"    pathlib.Path({str(marker)!r}).touch()\n"
         "    time.sleep(60)\n"
     )
-    proc = _vistrain(
+    proc = _start_piped(
         "fit", "--config", str(config), "--output-dir", str(tmp_path / "r"), cwd=tmp_path
     )
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_helpers import toy_args
 from vistrain.cli import main
 from vistrain.engine.checkpoint_io import load_checkpoint
 from vistrain.run import run_fit
@@ -88,10 +89,7 @@ def finished_run(tmp_path_factory):
 
 
 def _cli(folder: str, *sets: str) -> list[str]:
-    args = ["fit", "--config", "toy_classifier", "--output-dir", folder, "--resume"]
-    for item in [*TINY, *sets]:
-        args += ["--set", item]
-    return args
+    return ["fit", *toy_args(*TINY, *sets), "--output-dir", folder, "--resume"]
 
 
 def test_refused_change_lists_every_refused_key_and_changes_nothing(finished_run, capsys):

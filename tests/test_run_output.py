@@ -6,22 +6,16 @@ import json
 import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
-TINY = ["--set", "num_train_images=64", "--set", "num_val_images=32", "--set", "log_every=2"]
+from cli_helpers import TINY_TOY_SETS, run_vistrain, set_args
+
+TINY = set_args(*TINY_TOY_SETS)
 
 
-def _vistrain(args: list[str], cwd: Path) -> str:
+def _messages(args: list[str], cwd: Path) -> str:
     """Run the command line (output into a pipe, so plain lines); return its messages."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "vistrain", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_vistrain(*args, cwd=cwd)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return "\n".join(line.split("] ", 1)[-1] for line in proc.stdout.splitlines())
 
@@ -37,7 +31,7 @@ def _printed_command(out: str, label: str) -> list[str]:
 def test_one_epoch_numbering_summary_and_its_commands(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = ["fit", "--config", "toy_classifier", "--output-dir", str(run)]
-    out = _vistrain([*args, *TINY, "--set", "num_epochs=2"], tmp_path)
+    out = _messages([*args, *TINY, "--set", "num_epochs=2"], tmp_path)
 
     # Log lines, checkpoint names and metrics.jsonl all count epochs from 0.
     epochs_logged = sorted({int(e) for e in re.findall(r"^Epoch (\d+): \d+/2", out, re.M)})
@@ -68,11 +62,11 @@ def test_one_epoch_numbering_summary_and_its_commands(tmp_path: Path) -> None:
     assert "num_epochs=2" in resume and "log_every=2" in resume  # the run's own --set values
     test = _printed_command(out, "Test")
     assert test[-2:] == ["--ckpt", str(run / "checkpoints" / "last.ckpt")]
-    tested = _vistrain(test, tmp_path)
+    tested = _messages(test, tmp_path)
     assert re.search(r"^Test: Cls/top1: \d\.\d{4}, Cls/top5: 1\.0000$", tested, re.M)
 
     # Resumed one epoch further: the messages name the epoch the lines then show.
-    resumed = _vistrain([*resume, "--set", "num_epochs=3"], tmp_path)
+    resumed = _messages([*resume, "--set", "num_epochs=3"], tmp_path)
     ckpt = run / "checkpoints" / "last.ckpt"
     assert f"Resumed from {ckpt} at the start of epoch 2." in resumed
     assert re.findall(r"^Epoch (\d+): ", resumed, re.M) and all(

@@ -12,7 +12,6 @@ import copy
 import json
 import os
 import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ import pytest
 import torch
 from torch import nn
 
+from cli_helpers import run_vistrain, set_args
+from trainer_fixtures import read_metrics
 from vistrain.cli import main
 from vistrain.data.datasets.shapes import CACHE_ENV, shapes_cache_dir
 from vistrain.engine.optim import fused_sgd_supported, sgd_param_groups
@@ -44,20 +45,10 @@ TINY = [
 STEPS_PER_EPOCH = 4  # 32 images / batch 8
 
 
-def _sets(*items: str) -> list[str]:
-    return [arg for item in items for arg in ("--set", item)]
-
-
 def _vistrain(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``vistrain ARGS`` in ``tmp`` with its shapes cache there; it must succeed."""
     env = dict(os.environ, **{CACHE_ENV: str(tmp / "cache")})
-    proc = subprocess.run(
-        [sys.executable, "-m", "vistrain", *args],
-        cwd=str(tmp),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_vistrain(*args, cwd=tmp, env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -67,8 +58,7 @@ def _output(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 def _records(run: Path) -> list[dict[str, Any]]:
-    with open(run / "metrics.jsonl", encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    return read_metrics(str(run))
 
 
 def _steps_by_tag(records: list[dict[str, Any]]) -> dict[str, set[int]]:
@@ -83,11 +73,11 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Fit 2 epochs (switch after 1), resume to 3, test the last checkpoint."""
     tmp = tmp_path_factory.mktemp("yolox_e2e")
     run = tmp / "run"
-    first = _vistrain(tmp, "fit", "--output-dir", str(run), *_sets(*TINY, "num_epochs=2"))
+    first = _vistrain(tmp, "fit", "--output-dir", str(run), *set_args(*TINY, "num_epochs=2"))
     first_records = _records(run)
     first_files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
     resumed = _vistrain(
-        tmp, "fit", "--output-dir", str(run), "--resume", *_sets(*TINY, "num_epochs=3")
+        tmp, "fit", "--output-dir", str(run), "--resume", *set_args(*TINY, "num_epochs=3")
     )
     tested = _vistrain(
         tmp,
@@ -96,7 +86,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         str(run / "checkpoints" / "last.ckpt"),
         "--output-dir",
         str(tmp / "test"),
-        *_sets(*TINY),
+        *set_args(*TINY),
     )
     return {
         "tmp": tmp,
@@ -163,11 +153,11 @@ def test_test_command_evaluates_the_checkpoint(tiny_run: dict[str, Any]) -> None
     assert "EMA weights" in _output(tiny_run["tested"])
     records = _records(tiny_run["tmp"] / "test")
     assert {"test/Det/AP", "test/Det/AP50"} <= {r["tag"] for r in records}
-    # the weights tested are the checkpoint's: the same AP as its validation during fit
-    step = 3 * STEPS_PER_EPOCH  # last.ckpt is the resumed run's end
-    val = {r["step"]: r["value"] for r in _records(tiny_run["run"]) if r["tag"] == "val/Det/AP"}
-    tested = [r["value"] for r in records if r["tag"] == "test/Det/AP"]
-    assert tested == [val[step]]
+    # Scored at last.ckpt's step, the resumed run's end. Which weights were scored is pinned
+    # where the detections differ between checkpoints (this run finds none above the score
+    # threshold, AP 0 either way): test_short_run_on_awkward_coco_folder (zoo/test_yolox_coco)
+    # and test_test_evaluates_the_ema_weights_of_the_checkpoint_named (test_cli).
+    assert [r["step"] for r in records if r["tag"] == "test/Det/AP"] == [3 * STEPS_PER_EPOCH]
 
 
 @pytest.mark.parametrize(
@@ -186,7 +176,7 @@ def test_bad_params_are_one_line_usage_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], overrides: list[str], key: str
 ) -> None:
     out = tmp_path / "out"
-    assert main(["fit", "--output-dir", str(out), *_sets(*overrides)]) == 2
+    assert main(["fit", "--output-dir", str(out), *set_args(*overrides)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("vistrain: error:") and err.count("\n") == 1
     assert key in err

@@ -11,6 +11,12 @@ when its holder dies, however it dies (even ``kill -9``), so a lock left behind 
 is taken over at the next start (the file still names that process, and the takeover is
 reported). The file records the holder's process id and host so that the refusal can say who
 holds it.
+
+A holder removes the file before it unlocks it, so a starter can open the old file, lose the
+race to the removal and then lock a file that no longer has the name (while a third process
+creates and locks a new one under it): both would hold "the" lock. So a lock only counts once
+the locked file is still the one at the path; otherwise the starter lets go and tries the path
+again (the usual check of lock files that are removed on release).
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ HELD_LOCK_ENV = "VISTRAIN_RUN_LOCK_HELD"
 
 RUN_MARKERS = ("metrics.jsonl", "checkpoints/last.ckpt", "checkpoints/best.ckpt")
 """Files whose presence means a folder holds a run (with any ``checkpoints/*.ckpt``)."""
+
+_LOCK_ATTEMPTS = 100
+"""How often a start retries a lock file that was removed under it before it gives up."""
 
 
 class RunFolderError(ValueError):
@@ -89,10 +98,39 @@ class RunFolderLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock; see the class docstring."""
+        """Take the lock; see the class docstring.
+
+        Raises:
+            RunFolderError: A live process holds the lock (the message names it), or the lock
+                file was replaced under this process on every one of ``_LOCK_ATTEMPTS`` tries.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(_LOCK_ATTEMPTS):
+            fd = self._lock_file()
+            if _is_file_at(fd, self.path):
+                break
+            os.close(fd)  # locked a file its holder had just removed: lock the path's file
+        else:
+            raise RunFolderError(
+                f"could not lock run folder {os.fspath(self.path.parent)!r}: its lock file was "
+                f"replaced {_LOCK_ATTEMPTS} times while locking it; retry, or pass another "
+                "--output-dir"
+            )
+        previous = _read_holder(fd)
+        if previous != "an unknown process":
+            logger.warning("Took over the lock of %s, which is no longer running.", previous)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+
+    def _lock_file(self) -> int:
+        """Open (or create) the lock file and lock it without waiting; return the open fd.
+
+        Raises:
+            RunFolderError: Another process holds the lock; the message names it.
+        """
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -103,15 +141,14 @@ class RunFolderLock:
                 f"run folder {os.fspath(self.path.parent)!r} is in use by {holder}; wait for it "
                 "to finish or pass another --output-dir"
             ) from None
-        previous = _read_holder(fd)
-        if previous != "an unknown process":
-            logger.warning("Took over the lock of %s, which is no longer running.", previous)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-        self._fd = fd
+        return fd
 
     def release(self) -> None:
-        """Remove the lock file and release the lock (idempotent)."""
+        """Remove the lock file, then release the lock (idempotent).
+
+        The file goes first, while it is still locked: a process that opened it meanwhile finds
+        it gone once it gets the lock, and retries (see :meth:`acquire`).
+        """
         if self._fd is None:
             return
         self.path.unlink(missing_ok=True)
@@ -129,6 +166,16 @@ class RunFolderLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def _is_file_at(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is the file that ``path`` names now (not a removed one)."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (opened.st_dev, opened.st_ino) == (named.st_dev, named.st_ino)
 
 
 def _read_holder(fd: int) -> str:

@@ -21,6 +21,7 @@ import pytest
 
 import vistrain.common.log_setup as log_setup
 import vistrain.common.progress as progress
+from cli_helpers import TINY_TOY_SETS, run_vistrain, toy_args
 from vistrain.common.log_setup import setup_logger
 from vistrain.common.progress import (
     ProgressDisplay,
@@ -316,19 +317,7 @@ def test_setup_logger_on_other_ranks_warns_only(
 
 def test_real_fit_command_on_a_terminal_and_into_a_pipe(tmp_path: Path) -> None:
     """``vistrain fit`` itself: live bar on a terminal, clean lines in a pipe or log file."""
-    args = [
-        "fit",
-        "--config",
-        "toy_classifier",
-        "--set",
-        "num_epochs=1",
-        "--set",
-        "num_train_images=64",
-        "--set",
-        "num_val_images=32",
-        "--set",
-        "log_every=2",
-    ]
+    args = ["fit", *toy_args("num_epochs=1", *TINY_TOY_SETS)]
     script = tmp_path / "fit.py"
     script.write_text(
         "import sys\nfrom vistrain.cli import main\n"
@@ -336,10 +325,10 @@ def test_real_fit_command_on_a_terminal_and_into_a_pipe(tmp_path: Path) -> None:
     )
     tty = run_in_pty(script, "xterm-256color")
     assert "\x1b[" in tty and "━" in tty
-    piped = subprocess.run(
-        [sys.executable, "-m", "vistrain", *args, "--output-dir", str(tmp_path / "pipe")],
-        capture_output=True,
-        text=True,
+    piped = run_vistrain(
+        *args,
+        "--output-dir",
+        str(tmp_path / "pipe"),
         env=child_env("xterm-256color"),
         timeout=120,
         check=True,

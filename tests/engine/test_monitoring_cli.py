@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import os
 
+from cli_helpers import TINY_TOY_SETS, set_args
 from vistrain.cli import main
 from vistrain.engine.checkpoint_io import load_checkpoint
 
-TINY = ["--set", "num_train_images=64", "--set", "num_val_images=32", "--set", "log_every=2"]
+TINY = set_args(*TINY_TOY_SETS)
 
 
 def test_profile_loggers_and_early_stop_keys(tmp_path, capfd) -> None:
     out = tmp_path / "run"
     sets = ["profile_steps=2", "loggers=jsonl,csv", "early_stop_patience=3", "num_epochs=5"]
     args = ["fit", "--config", "toy_classifier", "--output-dir", str(out), *TINY]
-    assert main(args + [item for key in sets for item in ("--set", key)]) == 0
+    assert main(args + set_args(*sets)) == 0
     printed = "".join(capfd.readouterr())
     # Profiling: a Chrome trace and the operator table in the log.
     with open(out / "profile" / "trace_rank0.json", encoding="utf-8") as handle:

@@ -6,7 +6,6 @@ address, and must train exactly as a 2-process single-node run (``--devices 2``)
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -15,22 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import TINY_TOY_SETS, run_vistrain, start_vistrain, toy_args, vistrain_env
+from trainer_fixtures import read_metrics
 from vistrain.common.launch_env import adopt_slurm_env, expand_nodelist, launch_run_id
 
-TOY = [
-    "--config",
-    "toy_classifier",
-    "--set",
-    "num_epochs=1",
-    "--set",
-    "num_train_images=64",
-    "--set",
-    "num_val_images=32",
-    "--set",
-    "batch_size=8",
-    "--set",
-    "log_every=2",
-]
+TOY = toy_args("num_epochs=1", *TINY_TOY_SETS, "batch_size=8")
 
 
 def _free_port() -> int:
@@ -50,8 +38,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 
 def _records(out: Path) -> list[tuple[str, int, float]]:
-    with open(out / "metrics.jsonl") as handle:
-        rows = [json.loads(line) for line in handle]
+    rows = read_metrics(str(out))
     return [(r["tag"], r["step"], r["value"]) for r in rows if not r["tag"].startswith("perf/")]
 
 
@@ -64,12 +51,8 @@ def _wait_all(procs: list[subprocess.Popen[str]]) -> None:
 @pytest.fixture(scope="module")
 def single_node(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, int, float]]:
     out = tmp_path_factory.mktemp("single") / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "vistrain", "fit", *TOY, "--devices", "2", "--output-dir", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=_clean_env(),
+    proc = run_vistrain(
+        "fit", *TOY, "--devices", "2", "--output-dir", str(out), env=_clean_env(), timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = _records(out)
@@ -101,7 +84,7 @@ def test_torchrun_two_nodes_equals_two_processes_on_one_node(single_node, tmp_pa
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=_clean_env(),
+            env=vistrain_env(_clean_env()),
         )
         for node in (0, 1)
     ]
@@ -113,8 +96,11 @@ def test_srun_tasks_train_without_torchrun(single_node, tmp_path) -> None:
     out = tmp_path / "run"
     port = str(_free_port())
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "vistrain", "fit", *TOY, "--output-dir", str(out)],
+        start_vistrain(
+            "fit",
+            *TOY,
+            "--output-dir",
+            str(out),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -154,10 +140,11 @@ def test_slurm_variables_map_onto_torch_distributed() -> None:
 
 
 def test_malformed_slurm_variables_are_a_one_line_error(tmp_path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "vistrain", "fit", *TOY, "--output-dir", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
+    proc = run_vistrain(
+        "fit",
+        *TOY,
+        "--output-dir",
+        str(tmp_path / "o"),
         timeout=120,
         env=_clean_env(
             SLURM_NTASKS="2", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODELIST="n[1-"

@@ -2,50 +2,35 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 import time
 
 import pytest
 
-TOY = [
-    "--config",
-    "toy_classifier",
-    "--set",
+from cli_helpers import run_vistrain, toy_args
+from trainer_fixtures import read_metrics
+
+TOY = toy_args(
     "num_epochs=2",
-    "--set",
     "num_train_images=128",
-    "--set",
     "num_val_images=64",
-    "--set",
     "norm=group",
-    "--set",
     "log_every=2",
-    "--set",
     "lr=0.02",
-]
+)
 
 
 def _fit(out: str, *extra: str, timeout: int = 240) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, "-m", "vistrain", "fit", "--output-dir", out, *TOY, *extra],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return run_vistrain("fit", "--output-dir", out, *TOY, *extra, timeout=timeout, env=env)
 
 
 def _logs(out: str) -> dict[tuple[str, int], float]:
     """Validation metrics and training losses by (tag, step); timings left out."""
-    with open(os.path.join(out, "metrics.jsonl")) as handle:
-        records = [json.loads(line) for line in handle]
     return {
         (r["tag"], r["step"]): r["value"]
-        for r in records
+        for r in read_metrics(out)
         if r["tag"].startswith("val/") or r["tag"].startswith("train/")
     }
 
@@ -98,23 +83,16 @@ def test_two_processes_match_one_process(tmp_path) -> None:
 def test_a_failing_rank_ends_the_run_with_its_error(tmp_path) -> None:
     config = os.path.join(os.path.dirname(__file__), "failing_experiment.py")
     start = time.monotonic()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vistrain",
-            "fit",
-            "--config",
-            config,
-            "--devices",
-            "2",
-            "--output-dir",
-            str(tmp_path / "out"),
-            "--set",
-            "num_train_images=64",
-        ],
-        capture_output=True,
-        text=True,
+    proc = run_vistrain(
+        "fit",
+        "--config",
+        config,
+        "--devices",
+        "2",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--set",
+        "num_train_images=64",
         timeout=240,
     )
     assert proc.returncode != 0

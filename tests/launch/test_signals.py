@@ -5,7 +5,6 @@ Each run waits for a training line before it signals, so the tests hold on a loa
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -19,24 +18,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_helpers import run_vistrain, start_vistrain, toy_args
+from trainer_fixtures import read_metrics
 from vistrain.engine.checkpoint_io import load_checkpoint
 
-TOY = [
-    "--config",
-    "toy_classifier",
-    "--set",
+TOY = toy_args(
     "num_epochs=2",
-    "--set",
     "num_train_images=192",
-    "--set",
     "num_val_images=32",
-    "--set",
     "batch_size=16",
-    "--set",
     "log_every=1",
-    "--set",
     "norm=group",
-]
+)
 TRAIN_LINE = re.compile(r"Epoch (\d+): (\d+)/\d+")
 STOP_LINE = re.compile(
     r"Stopped by (\w+) at epoch (\d+), step (\d+); checkpoint (\S+); resume with: "
@@ -50,10 +43,12 @@ class Run:
 
     def __init__(self, out: Path, *extra: str, config: list[str] | None = None) -> None:
         self.out = out
-        cmd = [sys.executable, "-m", "vistrain", "fit", "--output-dir", str(out)]
-        cmd += TOY if config is None else config
-        self.proc = subprocess.Popen(
-            [*cmd, *extra],
+        self.proc = start_vistrain(
+            "fit",
+            "--output-dir",
+            str(out),
+            *(TOY if config is None else config),
+            *extra,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -92,18 +87,13 @@ class Run:
 
 
 def _fit(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vistrain", "fit", "--output-dir", str(out), *TOY, *extra],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return run_vistrain("fit", "--output-dir", str(out), *TOY, *extra, timeout=TIMEOUT, env=env)
 
 
 def _scalars(out: Path) -> dict[tuple[str, int], float]:
     """Logged values by (tag, step), without wall-clock measurements (``perf/``)."""
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(str(out))
     return {(r["tag"], r["step"]): r["value"] for r in records if not r["tag"].startswith("perf/")}
 
 

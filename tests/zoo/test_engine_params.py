@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from cli_helpers import toy_args
 from vistrain.cli import main
 from vistrain.engine.checkpoint_io import load_checkpoint
 from vistrain.zoo import toy_classifier, yolox_coco, yolox_shapes
@@ -88,18 +89,13 @@ def test_cli_trains_compiled_and_channels_last_with_plain_checkpoint_names(tmp_p
     out = str(tmp_path / "run")
     sets = ["num_epochs=1", "num_train_images=32", "num_val_images=8", "batch_size=8"]
     sets += ["compile=eager", "channels_last=true", "ema=false"]
-    args = ["fit", "--config", "toy_classifier", "--output-dir", out]
-    for item in sets:
-        args += ["--set", item]
-    assert main(args) == 0
+    assert main(["fit", *toy_args(*sets), "--output-dir", out]) == 0
     state = load_checkpoint(os.path.join(out, "checkpoints", "last.ckpt"))["state_dict"]
     plain = toy_classifier.SmallCNN().state_dict()
     assert list(state) == list(plain)
     assert state["features.0.weight"].shape == plain["features.0.weight"].shape
     assert torch.isfinite(state["head.weight"]).all()
     # vistrain test loads those plain names into the model and evaluates it compiled.
-    test_args = ["test", "--config", "toy_classifier", "--output-dir", str(tmp_path / "test")]
-    test_args += ["--ckpt", os.path.join(out, "checkpoints", "last.ckpt")]
-    for item in sets:
-        test_args += ["--set", item]
+    ckpt = os.path.join(out, "checkpoints", "last.ckpt")
+    test_args = ["test", *toy_args(*sets), "--output-dir", str(tmp_path / "test"), "--ckpt", ckpt]
     assert main(test_args) == 0

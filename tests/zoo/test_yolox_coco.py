@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_helpers import set_args
 from coco_folder_utils import coco_sets, make_awkward_coco
 from vistrain.cli import main
 from vistrain.engine.optim import yolox_warm_cos
@@ -48,10 +49,6 @@ TINY = [
 ]
 
 
-def _sets(items: list[str]) -> list[str]:
-    return [arg for item in items for arg in ("--set", item)]
-
-
 @pytest.fixture(scope="module")
 def coco_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_awkward_coco(tmp_path_factory.mktemp("coco") / "data")
@@ -59,7 +56,7 @@ def coco_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_short_run_on_awkward_coco_folder(coco_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    code = main(["fit", "--config", "yolox_coco", *coco_sets(coco_folder), *_sets(TINY),
+    code = main(["fit", "--config", "yolox_coco", *coco_sets(coco_folder), *set_args(*TINY),
                  "--output-dir", str(out)])  # fmt: skip
     assert code == 0
     assert (out / "checkpoints" / "last.ckpt").is_file()
@@ -79,6 +76,24 @@ def test_short_run_on_awkward_coco_folder(coco_folder: Path, tmp_path: Path) -> 
     assert [r["step"] for r in records if r["tag"] == "train/det.loss_l1"] == [3, 4]
     losses = [r["value"] for r in records if r["tag"] == "train/loss"]
     assert losses and all(math.isfinite(v) for v in losses)
+    # `vistrain test CKPT` finds exactly the detections CKPT's validation found (its EMA
+    # weights). The two checkpoints' detections differ, so testing the wrong checkpoint or
+    # an unloaded model would not match, which the APs of so short a run (0) cannot tell.
+    found = {}
+    test_args = ["test", "--config", "yolox_coco", *coco_sets(coco_folder), *set_args(*TINY)]
+    for step, name in ((2, "epoch=0-step=2.ckpt"), (4, "last.ckpt")):
+        tested = tmp_path / f"test_{step}"
+        ckpt_args = ["--ckpt", str(out / "checkpoints" / name), "--output-dir", str(tested)]
+        assert main([*test_args, *ckpt_args]) == 0
+        found[step] = _detections(out, step)
+        assert _detections(tested, step) == found[step]
+    assert found[2] and found[4] and found[2] != found[4]
+
+
+def _detections(run: Path, step: int) -> list[dict[str, object]]:
+    """The detections a run saved when it evaluated at ``step``."""
+    (path,) = (run / "eval" / "Det").glob(f"detections_epoch=*-step={step}.json")
+    return json.loads(path.read_text())
 
 
 def test_defaults_are_the_official_recipe() -> None:
@@ -150,7 +165,7 @@ def test_bad_settings_are_one_line_errors(
     paths = [] if not sets else coco_sets(coco_folder)
     if sets == ["mosaic_scale_min=3"]:
         sets = ["size=nano", *sets]
-    code = main(["fit", "--config", "yolox_coco", *paths, *_sets(sets),
+    code = main(["fit", "--config", "yolox_coco", *paths, *set_args(*sets),
                  "--output-dir", str(tmp_path / "out")])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("vistrain: error: ") and message in err
@@ -178,8 +193,8 @@ def test_fine_tune_from_official_weights(coco_folder: Path, tmp_path: Path) -> N
     official = YOLOX.from_official(OFFICIAL, "nano")
     out = tmp_path / "run"
     sets = [f"init_weights={OFFICIAL}", "freeze_backbone=true"]
-    code = main(["fit", "--config", "yolox_coco", *coco_sets(coco_folder), *_sets(TINY),
-                 *_sets(sets), "--output-dir", str(out)])  # fmt: skip
+    code = main(["fit", "--config", "yolox_coco", *coco_sets(coco_folder), *set_args(*TINY),
+                 *set_args(*sets), "--output-dir", str(out)])  # fmt: skip
     assert code == 0
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     for prefix in ("model.", "ema_model."):
