@@ -435,6 +435,9 @@ class LoopState:
                 self.guard.observe(loss, metrics, step, epoch)
             if self.stepper.grad_norm is not None:
                 self.guard.observe_grad_norm(self.stepper.grad_norm, step)
+        else:  # stops a run whose every step overflows (max_skipped_steps in a row)
+            scale = self.stepper.scaler.get_scale()
+            self.guard.observe_skipped_step(step, self.current_epoch, scale)
         self._window_losses.clear()
         self.accumulated = 0
         self.global_step = step
