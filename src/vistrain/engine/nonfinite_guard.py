@@ -1,12 +1,16 @@
 """Stop a run whose loss or gradient norm became NaN or Inf, without a device sync per step.
 
 Reading a loss as a Python float waits for the device, so checking every step would cost a
-sync per step. Instead every step keeps its loss values stacked on the device (one small
-kernel, no sync); every few hundred steps they are folded, on the device, into the first
-step each value was not finite, and the host reads that only on log steps and before every
-checkpoint (``LoopState`` calls ``check``). A bad value is then reported with the step
-and epoch it first appeared in, and the loss terms that were not finite, and no checkpoint
-of the poisoned weights is written.
+sync per step. Instead every step keeps its (detached) loss values as they are (no kernel,
+no sync); every few hundred steps they are stacked and folded, on the device, into the
+first step each value was not finite, and the host reads that only on log steps and before
+every checkpoint (``LoopState`` calls ``check``). A bad value is then reported with the
+step and epoch it first appeared in, and the loss terms that were not finite, and no
+checkpoint of the poisoned weights is written.
+
+Under fp16 loss scaling a step with inf/nan gradients is skipped rather than watched; more
+than ``max_skipped_steps`` of them in a row (a run that diverged and overflows at every
+scale) stop the run too (``NonFiniteGuard.observe_skipped_step``).
 
 ``nonfinite_tensors`` checks a state dict (one sync, at save time): ``CheckpointCallback``
 never lets a file with non-finite weights become ``last.ckpt`` or ``best.ckpt``.
