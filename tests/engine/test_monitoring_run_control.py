@@ -180,10 +180,19 @@ def test_every_n_minutes_reads_the_clock_a_few_times_per_period_and_saves_on_tim
         ckpt._last_save_time = clock.now
 
     monkeypatch.setattr(ckpt, "_save", save)
-    for step in range(1, 1801):  # 180 s: three periods of 600 steps
-        clock.now = step * 0.1
-        ckpt.on_train_batch_end({"global_step": step, "step_end": True}, None, None, {}, {}, 0)  # type: ignore[arg-type]
+
+    def train(steps: range, step_s: float) -> None:
+        start = clock.now
+        for done, step in enumerate(steps, 1):
+            clock.now = start + done * step_s
+            ckpt.on_train_batch_end({"global_step": step, "step_end": True}, None, None, {}, {}, 0)  # type: ignore[arg-type]
+
+    train(range(1, 1500), 0.1)
     # Due 60 s after the first step (0.1 s), then 60 s after each save: on time to the
-    # step, with ~log2(600) readings per period instead of one per step.
+    # step, with ~log2(600) + 600 / 100 readings per period instead of one per step.
     assert saved == [601, 1201]
-    assert clock.readings < 3 * 16
+    assert clock.readings < 2.5 * 25
+    # From step 1500 on, steps take 1 s: due at 180.1 s, i.e. step 1531; the reading that
+    # finds it was scheduled at the old rate, but at most 100 steps ahead.
+    train(range(1500, 1701), 1.0)
+    assert 1531 <= saved[2] <= 1631

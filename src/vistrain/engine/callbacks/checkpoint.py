@@ -115,10 +115,11 @@ class CheckpointCallback(Callback):
             previous save (or the first step), at a step end, whatever the period
             (Lightning's ``train_time_interval``). The clock is not read every step: each
             reading schedules the next one half the remaining time ahead at the step rate
-            it measured, so a period costs about ``log2(period / step time)`` readings and
-            the save comes about one step after it is due while the step time stays steady
-            (later if steps slow down between two readings). In a distributed run rank 0's
-            clock decides (one broadcast per reading). ``None`` disables it.
+            it measured, but at most ``TIME_CHECK_MAX_STEPS`` (100) steps ahead, so a period
+            costs about ``log2(period / step time)`` readings plus one per 100 steps, and the
+            save comes at the step it is due while the step time stays steady (at most 100
+            steps late if steps slow down between two readings). In a distributed run rank
+            0's clock decides (one broadcast per reading). ``None`` disables it.
         **kwargs: Passed to ``Callback``.
 
     Raises:
@@ -126,6 +127,9 @@ class CheckpointCallback(Callback):
         ValueError: For a period or ``max_to_keep`` below 1, an empty ``save_prefix``, a
             ``mode`` other than ``"min"``/``"max"`` or ``every_n_minutes`` not positive.
     """
+
+    TIME_CHECK_MAX_STEPS = 100
+    """Most steps between two readings of the clock for ``every_n_minutes``."""
 
     def __init__(
         self,
@@ -225,7 +229,7 @@ class CheckpointCallback(Callback):
             checked_at, checked_step = self._last_time_check
             if step > checked_step and now > checked_at:
                 step_time = (now - checked_at) / (step - checked_step)
-                wait = max(1, int(remaining / step_time / 2))
+                wait = max(1, min(int(remaining / step_time / 2), self.TIME_CHECK_MAX_STEPS))
         self._last_time_check = (now, step)
         due, self._steps_to_time_check = int(remaining <= 0), wait
         if is_distributed():
