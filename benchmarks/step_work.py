@@ -19,6 +19,7 @@ import argparse
 import collections
 import contextlib
 import cProfile
+import functools
 import io
 import json
 import logging
@@ -33,7 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overhead import engines_to_run
+from overhead import VISTRAIN_ROWS, WARMUP, hand_loop, vistrain_loop
 
 
 class _OpCounter(TorchDispatchMode):
@@ -78,7 +79,9 @@ def per_step(run: Callable[[int], float], steps: int) -> tuple[collections.Count
 def count_rows(steps: int, top: int) -> dict[str, dict[str, Any]]:
     """Row name -> extra calls and operators per step of the engine over its hand loop."""
     result = {}
-    for name, (engine, hand) in engines_to_run(baseline_only=True).items():
+    for name, (with_callbacks, step_options, hand_options) in VISTRAIN_ROWS.items():
+        engine = functools.partial(vistrain_loop, with_callbacks=with_callbacks, **step_options)
+        hand = functools.partial(hand_loop, **hand_options)
         engine_calls, engine_ops = per_step(engine, steps)
         hand_calls, hand_ops = per_step(hand, steps)
         extra = engine_calls.copy()
@@ -98,6 +101,8 @@ def main() -> None:
     parser.add_argument("--baseline-src", help="also count with these sources (a src/ dir)")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps <= WARMUP:
+        parser.error(f"--steps {args.steps}: use more than {WARMUP} (the loops' warm-up)")
     torch.set_num_threads(1)
     logging.getLogger("vistrain").setLevel(logging.WARNING)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
