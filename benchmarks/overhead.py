@@ -9,15 +9,21 @@ overhead against the loop of the same round is printed. The engines' own output 
 log lines, Lightning's bar) goes to a log file, as in a batch job, so only the summary
 reaches the terminal.
 
+``--paired`` is for a machine that other jobs share, where the load changes between two
+runs: each engine step is followed by one step of its hand-written loop (same code, a
+generator), timed apart, so both see the same load at the same moments; the engine's time
+includes the hook call that runs the hand step. Lightning rows are left out then.
+
 Step options get their own rows (the core, without the two callbacks), each against a
 hand-written loop doing the same: ``bf16-mixed`` (autocast on the CPU) and
 ``accumulate_grad_batches=4`` (steps counted as optimizer steps, four batches each).
-``--baseline-src DIR`` also measures the default rows with another checkout's sources (e.g.
-``/work/main/src``) in a subprocess of each round, so a change of the default step path is
-compared in the same run.
+``--baseline-src DIR`` also measures the vistrain rows (default and step options) with
+another checkout's sources (e.g. ``/work/main/src``) in a subprocess of each round, so a
+change of the step path is compared in the same run; option rows that the other sources do
+not know are left out.
 
     python benchmarks/overhead.py [--steps 2000] [--rounds 5] [--log FILE]
-                                  [--baseline-src DIR]
+                                  [--baseline-src DIR] [--paired]
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -89,17 +95,19 @@ class StepClock:
         return (self.end - self.start) / (self.steps - WARMUP) * 1e6
 
 
-def hand_loop(steps: int, precision: str = "32", accumulate: int = 1) -> float:
-    """The reference: ``steps`` optimizer steps of a plain loop (autocast, divide, step)."""
+def hand_steps(precision: str = "32", accumulate: int = 1) -> Iterator[None]:
+    """The reference, a plain loop (autocast, divide, step), pausing after each optimizer step.
+
+    A generator, so ``hand_loop`` can time it alone and ``--paired`` can interleave it with
+    the engine step by step (resuming it costs well under 0.1 us per step).
+    """
     torch.manual_seed(0)
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     data = loader(make_batches())
-    clock = StepClock(steps)
     autocast = precision == "bf16-mixed"  # no context at all otherwise: the old reference
-    done = 0
     micro = 0
-    while done < steps:
+    while True:
         for batch in data:
             if autocast:
                 with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -116,11 +124,48 @@ def hand_loop(steps: int, precision: str = "32", accumulate: int = 1) -> float:
                 continue
             opt.step()
             opt.zero_grad(set_to_none=True)
-            done += 1
-            clock.tick(done)
-            if done == steps:
-                break
+            yield
+
+
+def hand_loop(steps: int, precision: str = "32", accumulate: int = 1) -> float:
+    """``steps`` optimizer steps of the reference loop (``hand_steps``); us per step."""
+    clock = StepClock(steps)
+    for done, _ in enumerate(hand_steps(precision, accumulate), 1):
+        clock.tick(done)
+        if done == steps:
+            break
     return clock.per_step_us()
+
+
+class _PairedClock(Callback):
+    """Runs one step of a hand-written loop after each engine step and times both apart.
+
+    The engine's time is from the end of one hand step to the start of the next (so it
+    includes this hook's own call); both share whatever load the machine has at that moment.
+    """
+
+    def __init__(self, steps: int, hand: Iterator[None]) -> None:
+        super().__init__()
+        self.steps = steps
+        self.hand = hand
+        self.engine_s = 0.0
+        self.hand_s = 0.0
+        self._hand_end = 0.0
+
+    def on_train_batch_end(self, trainer_state, model, loss_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if not trainer_state.get("step_end", True):
+            return
+        start = time.perf_counter()
+        next(self.hand)
+        end = time.perf_counter()
+        if trainer_state["global_step"] > WARMUP:
+            self.engine_s += start - self._hand_end
+            self.hand_s += end - start
+        self._hand_end = end
+
+    def per_step_us(self) -> tuple[float, float]:
+        measured = self.steps - WARMUP
+        return self.engine_s / measured * 1e6, self.hand_s / measured * 1e6
 
 
 class _ClockCallback(Callback):
@@ -134,15 +179,29 @@ class _ClockCallback(Callback):
 
 
 def vistrain_loop(steps: int, with_callbacks: bool = True, **step_options: Any) -> float:
-    """``steps`` optimizer steps of the Trainer.
+    """``steps`` optimizer steps of the Trainer; us per step.
 
     ``step_options`` are passed only when given, so this also runs on sources without them
     (``--baseline-src``).
     """
+    clock = StepClock(steps)
+    _fit(steps, with_callbacks, _ClockCallback(clock), step_options)
+    return clock.per_step_us()
+
+
+def paired_loop(
+    steps: int, with_callbacks: bool, step_options: dict[str, Any], hand_options: dict[str, Any]
+) -> tuple[float, float]:
+    """The Trainer with one hand-loop step after each of its steps: (engine, hand) us per step."""
+    clock = _PairedClock(steps, hand_steps(**hand_options))
+    _fit(steps, with_callbacks, clock, step_options)
+    return clock.per_step_us()
+
+
+def _fit(steps: int, with_callbacks: bool, clock: Callback, step_options: dict[str, Any]) -> None:
     torch.manual_seed(0)
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    clock = StepClock(steps)
     loss = LossModule(
         {
             "loss": nn.functional.cross_entropy,  # the hand-written loop calls it too
@@ -150,7 +209,7 @@ def vistrain_loop(steps: int, with_callbacks: bool = True, **step_options: Any) 
         }
     )
     with tempfile.TemporaryDirectory() as out:
-        callbacks: list[Callback] = [_ClockCallback(clock)]
+        callbacks: list[Callback] = [clock]
         if with_callbacks:
             callbacks[:0] = [
                 LoggingCallback(refresh_rate=50),
@@ -170,7 +229,6 @@ def vistrain_loop(steps: int, with_callbacks: bool = True, **step_options: Any) 
             **step_options,
         )
         trainer.fit(model, [opt], None, loss)
-    return clock.per_step_us()
 
 
 def lightning_loop(steps: int, defaults: bool) -> float:
@@ -213,56 +271,75 @@ def lightning_loop(steps: int, defaults: bool) -> float:
     return clock.per_step_us()
 
 
-DEFAULT_ROWS = ("vistrain", "vistrain core only")
-
-
-def engines_to_run(
-    baseline_only: bool,
-) -> dict[str, tuple[Callable[[int], float], Callable[[int], float]]]:
-    """Row name -> (engine run, the hand-written loop it is compared with)."""
-    rows: dict[str, tuple[Callable[[int], float], Callable[[int], float]]] = {
-        "vistrain": (vistrain_loop, hand_loop),
-        "vistrain core only": (lambda s: vistrain_loop(s, with_callbacks=False), hand_loop),
-    }
-    if baseline_only:
-        return rows
+VISTRAIN_ROWS: dict[str, tuple[bool, dict[str, Any], dict[str, Any]]] = {
+    "vistrain": (True, {}, {}),
+    "vistrain core only": (False, {}, {}),
     # The option rows run the core (no Logging/Checkpoint callbacks): they price the option's
     # own step path, against "vistrain core only" as the fp32 reference.
-    rows["core bf16-mixed"] = (
-        lambda s: vistrain_loop(s, with_callbacks=False, precision="bf16-mixed"),
-        lambda s: hand_loop(s, precision="bf16-mixed"),
+    "core bf16-mixed": (False, {"precision": "bf16-mixed"}, {"precision": "bf16-mixed"}),
+    "core accumulate 4": (False, {"accumulate_grad_batches": 4}, {"accumulate": 4}),
+}
+"""Row name -> (with the two callbacks, Trainer step options, hand-loop options)."""
+
+BASELINE_ROWS = tuple(VISTRAIN_ROWS)
+"""The rows measured again with ``--baseline-src``."""
+
+Row = Callable[[int], tuple[float, float]]
+"""One measurement of a row: steps -> (engine us/step, its hand-written loop's us/step)."""
+
+
+def _timed(engine: Callable[[int], float], hand: Callable[[int], float]) -> Row:
+    """The hand-written loop alone, then the engine alone."""
+
+    def run(steps: int) -> tuple[float, float]:
+        base = hand(steps)
+        return engine(steps), base
+
+    return run
+
+
+def _vistrain_row(spec: tuple[bool, dict[str, Any], dict[str, Any]], paired: bool) -> Row:
+    with_callbacks, step_options, hand_options = spec
+    if paired:
+        return lambda s: paired_loop(s, with_callbacks, step_options, hand_options)
+    return _timed(
+        lambda s: vistrain_loop(s, with_callbacks, **step_options),
+        lambda s: hand_loop(s, **hand_options),
     )
-    rows["core accumulate 4"] = (
-        lambda s: vistrain_loop(s, with_callbacks=False, accumulate_grad_batches=4),
-        lambda s: hand_loop(s, accumulate=4),
-    )
+
+
+def engines_to_run(baseline_only: bool, paired: bool = False) -> dict[str, Row]:
+    """Row name -> its measurement (``paired``: interleaved step by step, vistrain rows only)."""
+    rows = {name: _vistrain_row(spec, paired) for name, spec in VISTRAIN_ROWS.items()}
+    if baseline_only or paired:
+        return rows
     try:
         import lightning  # noqa: F401
 
         logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-        rows["lightning (all off)"] = (lambda s: lightning_loop(s, defaults=False), hand_loop)
-        rows["lightning (defaults)"] = (lambda s: lightning_loop(s, defaults=True), hand_loop)
+        rows["lightning (all off)"] = _timed(lambda s: lightning_loop(s, False), hand_loop)
+        rows["lightning (defaults)"] = _timed(lambda s: lightning_loop(s, True), hand_loop)
     except ImportError:
         print("lightning not installed: comparing with the hand-written loop only")
     return rows
 
 
-def measure_round(
-    rows: dict[str, tuple[Callable[[int], float], Callable[[int], float]]], steps: int
-) -> dict[str, tuple[float, float]]:
-    """One round: row name -> (engine us/step, its hand-written loop's us/step, run just before)."""
+def measure_round(rows: dict[str, Row], steps: int) -> dict[str, tuple[float, float]]:
+    """One round: row name -> (engine us/step, its hand-written loop's us/step)."""
     result = {}
-    for name, (run, reference) in rows.items():
-        base = reference(steps)
-        result[name] = (run(steps), base)
+    for name, run in rows.items():
+        try:
+            result[name] = run(steps)
+        except TypeError:  # a baseline's Trainer without this step option
+            continue
     return result
 
 
-def baseline_round(src: str, steps: int, log: str) -> dict[str, tuple[float, float]]:
-    """One round of the default rows with the sources in ``src`` (a subprocess)."""
+def baseline_round(src: str, steps: int, log: str, paired: bool) -> dict[str, tuple[float, float]]:
+    """One round of the vistrain rows with the sources in ``src`` (a subprocess)."""
     env = {**os.environ, "PYTHONPATH": src}
     command = [sys.executable, os.path.abspath(__file__), "--steps", str(steps)]
-    command += ["--rounds", "1", "--json-round", "--log", log]
+    command += ["--rounds", "1", "--json-round", "--log", log] + ["--paired"] * paired
     out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
     return {name: (a, b) for name, (a, b) in json.loads(out.splitlines()[-1]).items()}
 
@@ -274,8 +351,13 @@ def ratio(pairs: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def _row(name: str, pairs: list[tuple[float, float]]) -> str:
+    """One printed row: median overhead and ratio, and the rounds' lowest and highest ratio."""
     overhead, times = ratio(pairs)
-    return f"{name:>28}: +{overhead:7.1f} us/step overhead, ratio {times:.3f}x its hand loop"
+    low, high = min(run / base for run, base in pairs), max(run / base for run, base in pairs)
+    return (
+        f"{name:>30}: {overhead:+7.1f} us/step overhead, ratio {times:.3f}x its hand loop "
+        f"(rounds {low:.3f}-{high:.3f})"
+    )
 
 
 def main() -> None:
@@ -290,13 +372,19 @@ def main() -> None:
     parser.add_argument(
         "--baseline-src", help="also measure the default rows with these sources (a src/ dir)"
     )
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="interleave each engine step with a step of its hand-written loop (vistrain rows "
+        "only): both see the same load, for a machine that other jobs share",
+    )
     parser.add_argument("--json-round", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.getLogger("vistrain").setLevel(logging.WARNING)
-    rows = engines_to_run(baseline_only=args.json_round)
+    rows = engines_to_run(baseline_only=args.json_round, paired=args.paired)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in rows}
-    baseline: dict[str, list[tuple[float, float]]] = {name: [] for name in DEFAULT_ROWS}
+    baseline: dict[str, list[tuple[float, float]]] = {name: [] for name in BASELINE_ROWS}
     with (
         open(args.log, "a" if args.json_round else "w", encoding="utf-8") as sink,
         contextlib.redirect_stdout(sink),
@@ -304,12 +392,15 @@ def main() -> None:
     ):
         for _ in range(args.rounds):
             if args.baseline_src:
-                for name, pair in baseline_round(args.baseline_src, args.steps, args.log).items():
+                baseline_pairs = baseline_round(
+                    args.baseline_src, args.steps, args.log, args.paired
+                )
+                for name, pair in baseline_pairs.items():
                     baseline[name].append(pair)
             for name, pair in measure_round(rows, args.steps).items():
                 results[name].append(pair)
     if args.json_round:
-        print(json.dumps({name: pairs[0] for name, pairs in results.items()}))
+        print(json.dumps({name: pairs[0] for name, pairs in results.items() if pairs}))
         return
     print(f"engine output: {args.log}")
     bases = [base for pairs in results.values() for _, base in pairs if pairs]
@@ -320,7 +411,8 @@ def main() -> None:
         print(_row(name, pairs))
     if args.baseline_src:
         for name, pairs in baseline.items():
-            print(_row(f"{name} @ baseline", pairs))
+            if pairs:
+                print(_row(f"{name} @ baseline", pairs))
 
 
 if __name__ == "__main__":

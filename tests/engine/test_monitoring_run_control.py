@@ -153,3 +153,46 @@ def test_every_n_minutes_saves_inside_epochs(tmp_path) -> None:
     assert not load_checkpoint(_ckpt(out, mid_epoch[0]))["epoch_finished"]
     with pytest.raises(ValueError, match="every_n_minutes"):
         CheckpointCallback(save_prefix=out, every_n_minutes=0)
+
+
+def test_every_n_minutes_reads_the_clock_a_few_times_per_period_and_saves_on_time(
+    tmp_path, monkeypatch
+) -> None:
+    import vistrain.engine.callbacks.checkpoint as checkpoint_module
+
+    class Clock:
+        """One step takes 0.1 s; counts the readings."""
+
+        now, readings = 0.0, 0
+
+        def monotonic(self) -> float:
+            self.readings += 1
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(checkpoint_module, "time", clock)
+    ckpt = CheckpointCallback(save_prefix=str(tmp_path), checkpoint_period=10**6,
+                              every_n_minutes=1.0)  # fmt: skip
+    saved: list[int] = []
+
+    def save(state, *args, **kwargs) -> None:  # what _save does to the schedule
+        saved.append(state["global_step"])
+        ckpt._last_save_time = clock.now
+
+    monkeypatch.setattr(ckpt, "_save", save)
+
+    def train(steps: range, step_s: float) -> None:
+        start = clock.now
+        for done, step in enumerate(steps, 1):
+            clock.now = start + done * step_s
+            ckpt.on_train_batch_end({"global_step": step, "step_end": True}, None, None, {}, {}, 0)  # type: ignore[arg-type]
+
+    train(range(1, 1500), 0.1)
+    # Due 60 s after the first step (0.1 s), then 60 s after each save: on time to the
+    # step, with ~log2(600) + 600 / 100 readings per period instead of one per step.
+    assert saved == [601, 1201]
+    assert clock.readings < 2.5 * 25
+    # From step 1500 on, steps take 1 s: due at 180.1 s, i.e. step 1531; the reading that
+    # finds it was scheduled at the old rate, but at most 100 steps ahead.
+    train(range(1500, 1701), 1.0)
+    assert 1531 <= saved[2] <= 1631

@@ -19,18 +19,23 @@ from vistrain.zoo.toy_classifier import Params as ToyParams
 
 
 class PoisonLoss(Callback):
-    """Makes the model output NaN from training step ``at_step`` on (forward hook)."""
+    """Makes the model output ``value`` (NaN) from training step ``at_step`` on (forward hook)."""
 
-    def __init__(self, at_step: int) -> None:
+    def __init__(self, at_step: int, value: float = float("nan")) -> None:
         super().__init__()
         self.at_step = at_step
+        self.value = value
         self.handle: Any = None
+        self.last_step = 0  # the latest global_step a batch ended
 
     def on_train_batch_start(self, trainer_state, model, loss_module, batch, batch_idx) -> None:
         if trainer_state["global_step"] + 1 == self.at_step and self.handle is None:
             self.handle = model.register_forward_hook(
-                lambda mod, args, out: {"pred": out["pred"] * float("nan")}
+                lambda mod, args, out: {"pred": out["pred"] * self.value}
             )
+
+    def on_train_batch_end(self, trainer_state, model, loss_module, outputs, batch, batch_idx):
+        self.last_step = trainer_state["global_step"]
 
 
 class PoisonWeights(Callback):
@@ -118,6 +123,30 @@ def test_finite_steps_pass_and_grad_norm_is_named():
     guard.observe_grad_norm(torch.tensor(float("nan")), 2)
     with pytest.raises(NonFiniteError, match="grad_norm at step 2"):
         guard.check()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fp16_run_whose_loss_is_inf_stops_after_max_skipped_steps(tmp_path, engine):
+    # From step 3 on every loss is inf: fp16 loss scaling skips each step (the guard does
+    # not watch skipped steps' losses) and halves the scale. Without the rule the run would
+    # skip all of its 180 steps; it stops at the 101st skip in a row.
+    poison = PoisonLoss(at_step=3, value=float("inf"))
+    with pytest.raises(NonFiniteError) as err:
+        run_toy(engine, str(tmp_path), [poison], num_epochs=30, precision="16-mixed")
+    message = str(err.value)
+    assert "skipped 101 steps in a row (steps 3-103, epoch 17; max_skipped_steps=100)" in message
+    assert "precision='bf16-mixed'" in message and "\n" not in message
+    assert poison.last_step == 102  # step 103 raised inside the step, before its batch end
+
+
+def test_skipped_steps_count_only_in_a_row():
+    guard = NonFiniteGuard(max_skipped_steps=3)
+    for step in (1, 2, 3, 5, 6, 7):  # step 4 stepped: the run of skips starts over
+        guard.observe_skipped_step(step, epoch=0, scale=1.0)
+    with pytest.raises(NonFiniteError, match="skipped 4 steps in a row \\(steps 5-8, epoch 1;"):
+        guard.observe_skipped_step(8, epoch=1, scale=0.5)
+    with pytest.raises(ValueError, match="max_skipped_steps=0"):
+        NonFiniteGuard(max_skipped_steps=0)
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "1e999"])

@@ -44,6 +44,8 @@ the weights did not change). Step-based work -- logs, validation, step checkpoin
 schedulers' ``step_on_batch``, the EMA -- happens on ``step_end`` batches only, and the
 schedulers and the EMA not on skipped ones. A skipped step still counts in ``global_step``
 (as in Lightning and Hugging Face), so step limits and intervals do not depend on overflows.
+More than ``guard.max_skipped_steps`` (100) skipped steps in a row stop the run with
+``NonFiniteError``: a diverged fp16 run would otherwise skip every step from then on.
 """
 
 from __future__ import annotations
@@ -435,6 +437,9 @@ class LoopState:
                 self.guard.observe(loss, metrics, step, epoch)
             if self.stepper.grad_norm is not None:
                 self.guard.observe_grad_norm(self.stepper.grad_norm, step)
+        else:  # stops a run whose every step overflows (max_skipped_steps in a row)
+            scale = self.stepper.scaler.get_scale()
+            self.guard.observe_skipped_step(step, self.current_epoch, scale)
         self._window_losses.clear()
         self.accumulated = 0
         self.global_step = step

@@ -1,12 +1,16 @@
 """Stop a run whose loss or gradient norm became NaN or Inf, without a device sync per step.
 
 Reading a loss as a Python float waits for the device, so checking every step would cost a
-sync per step. Instead every step keeps its loss values stacked on the device (one small
-kernel, no sync); every few hundred steps they are folded, on the device, into the first
-step each value was not finite, and the host reads that only on log steps and before every
-checkpoint (``LoopState`` calls ``check``). A bad value is then reported with the step
-and epoch it first appeared in, and the loss terms that were not finite, and no checkpoint
-of the poisoned weights is written.
+sync per step. Instead every step keeps its (detached) loss values as they are (no kernel,
+no sync); every few hundred steps they are stacked and folded, on the device, into the
+first step each value was not finite, and the host reads that only on log steps and before
+every checkpoint (``LoopState`` calls ``check``). A bad value is then reported with the
+step and epoch it first appeared in, and the loss terms that were not finite, and no
+checkpoint of the poisoned weights is written.
+
+Under fp16 loss scaling a step with inf/nan gradients is skipped rather than watched; more
+than ``max_skipped_steps`` of them in a row (a run that diverged and overflows at every
+scale) stop the run too (``NonFiniteGuard.observe_skipped_step``).
 
 ``nonfinite_tensors`` checks a state dict (one sync, at save time): ``CheckpointCallback``
 never lets a file with non-finite weights become ``last.ckpt`` or ``best.ckpt``.
@@ -15,11 +19,12 @@ never lets a file with non-finite weights become ``last.ckpt`` or ``best.ckpt``.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from vistrain.common.checks import check_positive_int
 from vistrain.common.distributed import all_gather_object, is_distributed
 
 TOTAL_LOSS = "total_loss"
@@ -41,33 +46,49 @@ def _as_tensor(value: Any) -> torch.Tensor:
 class _Watch:
     """Rows of watched values, one per step, folded on the device into the first bad row.
 
-    Rows are numbered in order of arrival; ``row_steps`` maps a row number to its training
-    step on the host (8 bytes per step), so the fold needs no host-to-device copy.
+    A row's values are only kept (a list extend, no device op) until the fold stacks all
+    kept rows at once, so a step costs no kernel launch. Rows are numbered in order of
+    arrival; ``row_steps`` maps a row number to its training step on the host (8 bytes per
+    step), so the fold needs no host-to-device copy.
     """
 
-    def __init__(self) -> None:
-        self.rows: list[torch.Tensor] = []
+    def __init__(self, width: int) -> None:
+        self.width = width  # values per row
+        self.values: list[Any] = []  # the kept rows' values, row after row
+        self.kept = 0  # rows kept, not yet folded
         self.row_steps = array("q")
         self.folded = 0  # rows already folded
         self.first_bad: torch.Tensor | None = None  # per value: 1 + first bad row, 0 = none
 
-    def add(self, row: torch.Tensor, step: int, fold_every: int) -> None:
-        self.rows.append(row)
+    def add(self, row: Sequence[Any], step: int, fold_every: int) -> None:
+        self.values.extend(row)
         self.row_steps.append(step)
-        if len(self.rows) >= fold_every:
+        self.kept += 1
+        if self.kept >= fold_every:
             self.fold()
+
+    def _stacked(self) -> torch.Tensor:
+        """The kept rows as one ``(rows, width)`` tensor (one stack in the common case)."""
+        values = self.values
+        try:
+            flat = torch.stack(values)
+        except (TypeError, RuntimeError):  # numbers, (1,)-shaped terms, mixed devices
+            device = next(v.device for v in values if isinstance(v, torch.Tensor))
+            flat = torch.stack([_as_tensor(v).to(device) for v in values])
+        return flat.reshape(self.kept, self.width)
 
     def fold(self) -> None:
         """Fold the kept rows into ``first_bad`` with device ops only."""
-        if not self.rows:
+        if not self.kept:
             return
-        bad = ~torch.isfinite(torch.stack(self.rows))  # (rows, values)
+        bad = ~torch.isfinite(self._stacked())  # (rows, values)
         start = self.folded + 1
-        number = torch.arange(start, start + len(self.rows), device=bad.device)
+        number = torch.arange(start, start + self.kept, device=bad.device)
         found = torch.where(bad, number[:, None], torch.iinfo(torch.int64).max).min(dim=0).values
         found = torch.where(bad.any(dim=0), found, 0)
-        self.folded += len(self.rows)
-        self.rows.clear()
+        self.folded += self.kept
+        self.values.clear()
+        self.kept = 0
         if self.first_bad is not None:
             found = torch.where(self.first_bad > 0, self.first_bad, found)
         self.first_bad = found
@@ -83,25 +104,47 @@ class _Watch:
 class NonFiniteGuard:
     """Keeps each step's losses on the device; finds non-finite ones when asked.
 
-    A step costs one ``torch.stack`` of its (already computed, detached) loss values and a
-    list append. Every ``FOLD_EVERY`` steps, and when checked, the kept rows are folded on
-    the device into the first row at which each watched value was not finite, so memory
-    stays bounded however rarely the run checks. The epoch of a step is known on the host
-    from the epoch starts the guard has seen, so a check reads one small tensor.
+    A step costs a list extend of its (already computed, detached) loss values. Every
+    ``FOLD_EVERY`` steps, and when checked, the kept values are stacked and folded on the
+    device into the first row at which each watched value was not finite, so memory stays
+    bounded however rarely the run checks. The epoch of a step is known on the host from the
+    epoch starts the guard has seen, so a check reads one small tensor.
+
+    Steps that fp16 loss scaling skips (inf/nan gradients) are the scaler's to handle: their
+    losses are not watched, the scaler halves its scale and the run goes on. A run that
+    diverged, though, overflows at every scale and would skip every step from then on
+    without ever stopping; so more than ``max_skipped_steps`` skipped steps in a row stop it
+    (``observe_skipped_step``). The count starts over after a resume.
+
+    Args:
+        max_skipped_steps: Most fp16 steps in a row that may be skipped before the run
+            stops. The default, 100, is far above the few skips with which a run finds its
+            scale (at the start, or after a rare overflow): each skip halves the scale, so
+            after 100 in a row it is ``2**16 / 2**100``, about ``5e-26``, and no
+            finite gradient can be the cause any more.
+
+    Raises:
+        TypeError: If ``max_skipped_steps`` is not an int.
+        ValueError: If it is below 1.
     """
 
     FOLD_EVERY = 256
 
-    def __init__(self) -> None:
+    def __init__(self, max_skipped_steps: int = 100) -> None:
+        check_positive_int("max_skipped_steps", max_skipped_steps)
+        self.max_skipped_steps = max_skipped_steps
+        self._keys: tuple[str, ...] | None = None
         self._names: list[str] | None = None
-        self._losses = _Watch()
-        self._grad_norm = _Watch()
+        self._losses = _Watch(1)
+        self._grad_norm = _Watch(1)
         self._epoch_starts: list[tuple[int, int]] = []  # (first step, epoch)
+        self._skips_from = 0  # first step of the latest run of skipped steps
+        self._last_skipped = -1  # the latest skipped step
 
     def observe(
         self, total_loss: torch.Tensor, metrics: Mapping[str, Any], step: int, epoch: int
     ) -> None:
-        """Keep step ``step``'s total loss and loss terms (no host sync).
+        """Keep step ``step``'s total loss and loss terms (no host sync, no device op).
 
         A change of the watched names (a loss term that appears later) first checks what
         was collected so far, then starts over with the new names.
@@ -111,25 +154,45 @@ class NonFiniteGuard:
         """
         if not self._epoch_starts or self._epoch_starts[-1][1] != epoch:
             self._epoch_starts.append((step, epoch))
-        names = self._names
-        if (
-            names is None
-            or len(names) != len(metrics) + 1
-            or any(a != b for a, b in zip(names[1:], metrics))
-        ):
+        keys = tuple(metrics)
+        if keys != self._keys:
             self.check()
-            self._names = [TOTAL_LOSS, *metrics]
-            self._losses = _Watch()
-        values = [total_loss.detach(), *metrics.values()]
-        try:
-            row = torch.stack(values)
-        except (TypeError, RuntimeError):  # numbers, (1,)-shaped terms, mixed devices
-            row = torch.stack([_as_tensor(v).to(values[0].device) for v in values])
-        self._losses.add(row, step, self.FOLD_EVERY)
+            self._keys = keys
+            self._names = [TOTAL_LOSS, *keys]
+            self._losses = _Watch(len(keys) + 1)
+        if total_loss.requires_grad:  # the engines hand over a detached loss already
+            total_loss = total_loss.detach()
+        self._losses.add((total_loss, *metrics.values()), step, self.FOLD_EVERY)
 
     def observe_grad_norm(self, grad_norm: torch.Tensor, step: int) -> None:
         """Keep a step's gradient norm (no host sync)."""
-        self._grad_norm.add(grad_norm.detach().reshape(1), step, self.FOLD_EVERY)
+        self._grad_norm.add((grad_norm.detach().reshape(()),), step, self.FOLD_EVERY)
+
+    def observe_skipped_step(self, step: int, epoch: int, scale: float) -> None:
+        """Count step ``step``, which fp16 loss scaling skipped; stop a run that only skips.
+
+        Args:
+            step: The skipped step's number (``global_step`` after it).
+            epoch: Its epoch (for the message).
+            scale: The loss scale after the skip (for the message).
+
+        Raises:
+            NonFiniteError: When more than ``max_skipped_steps`` steps in a row were skipped.
+        """
+        if step != self._last_skipped + 1:
+            self._skips_from = step
+        self._last_skipped = step
+        in_a_row = step - self._skips_from + 1
+        if in_a_row <= self.max_skipped_steps:
+            return
+        raise NonFiniteError(
+            f"training stopped: fp16 loss scaling skipped {in_a_row} steps in a row (steps "
+            f"{self._skips_from}-{step}, epoch {epoch}; max_skipped_steps="
+            f"{self.max_skipped_steps}) because the gradients held inf/nan at every loss "
+            f"scale down to {scale:.3g}; no step changed the weights. Check the data and the "
+            "loss for inf/nan, lower lr, add gradient clipping or train with "
+            "precision='bf16-mixed' or '32'."
+        )
 
     def _epoch_of(self, step: int) -> int:
         epoch = self._epoch_starts[0][1] if self._epoch_starts else 0

@@ -167,18 +167,23 @@ class OptimizerStepper:
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "16-mixed")
         self._scaling = self.scaler.is_enabled()
+        dtype = _AUTOCAST_DTYPES.get(precision)
+        # One context for the whole run: building a torch.autocast per micro-batch costs
+        # more than entering it (its checks run in __init__), and entering keeps no state
+        # beyond the matching exit.
+        self._autocast: contextlib.AbstractContextManager[Any] = (
+            _NO_AUTOCAST if dtype is None else torch.autocast(self.device_type, dtype=dtype)
+        )
         self.skipped_steps = 0
         self.grad_norm: Tensor | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """A context that runs the forward and the loss under autocast for the precision.
 
-        ``"32"`` gets a shared no-op context (no per-step generator frame on the default path).
+        The same context object every call, built once (``"32"``: a shared no-op): it is
+        entered once per micro-batch and must not be nested inside itself.
         """
-        dtype = _AUTOCAST_DTYPES.get(self.precision)
-        if dtype is None:
-            return _NO_AUTOCAST
-        return torch.autocast(self.device_type, dtype=dtype)
+        return self._autocast
 
     def window_full(self, micro_batch_index: int, last_of_epoch: bool) -> bool:
         """Whether the micro-batch ``micro_batch_index`` (0-based in the epoch) ends a window.

@@ -112,9 +112,14 @@ class CheckpointCallback(Callback):
             decides at the first save: asynchronous when the writer has a spare core (see
             ``writer_has_spare_cpu``), blocking otherwise.
         every_n_minutes: Also save after every this many minutes of wall time since the
-            previous save (or the first step), at the next step end, whatever the period
-            (Lightning's ``train_time_interval``). In a distributed run rank 0's clock
-            decides (one broadcast per step). ``None`` disables it.
+            previous save (or the first step), at a step end, whatever the period
+            (Lightning's ``train_time_interval``). The clock is not read every step: each
+            reading schedules the next one half the remaining time ahead at the step rate
+            it measured, but at most ``TIME_CHECK_MAX_STEPS`` (100) steps ahead, so a period
+            costs about ``log2(period / step time)`` readings plus one per 100 steps, and the
+            save comes at the step it is due while the step time stays steady (at most 100
+            steps late if steps slow down between two readings). In a distributed run rank
+            0's clock decides (one broadcast per reading). ``None`` disables it.
         **kwargs: Passed to ``Callback``.
 
     Raises:
@@ -122,6 +127,9 @@ class CheckpointCallback(Callback):
         ValueError: For a period or ``max_to_keep`` below 1, an empty ``save_prefix``, a
             ``mode`` other than ``"min"``/``"max"`` or ``every_n_minutes`` not positive.
     """
+
+    TIME_CHECK_MAX_STEPS = 100
+    """Most steps between two readings of the clock for ``every_n_minutes``."""
 
     def __init__(
         self,
@@ -154,6 +162,8 @@ class CheckpointCallback(Callback):
             )
         self.every_n_minutes = every_n_minutes
         self._last_save_time: float | None = None  # monotonic time of the last save
+        self._steps_to_time_check = 0  # step ends until the clock is read again
+        self._last_time_check: tuple[float, int] | None = None  # (monotonic time, step)
         self.save_prefix = os.fspath(save_prefix)
         self.output_dir = os.path.join(self.save_prefix, "checkpoints")
         self.checkpoint_period = checkpoint_period
@@ -196,19 +206,36 @@ class CheckpointCallback(Callback):
             return None
         step = trainer_state["global_step"]
         by_step = not self.epoch_based and step % self.checkpoint_period == 0
-        if by_step or (self.every_n_minutes is not None and self._time_due()):
+        if by_step or (self.every_n_minutes is not None and self._time_due(step)):
             self._save(trainer_state, model, epoch_finished=False, batch_idx=batch_idx)
         return None
 
-    def _time_due(self) -> bool:
-        """Whether ``every_n_minutes`` passed since the last save (rank 0's clock decides)."""
+    def _time_due(self, step: int) -> bool:
+        """Whether ``every_n_minutes`` passed since the last save (rank 0's clock decides).
+
+        Most step ends only count down to the next reading of the clock (see
+        ``every_n_minutes``); every rank counts the same steps, since rank 0 broadcasts the
+        schedule with the answer.
+        """
+        if self._steps_to_time_check > 1:
+            self._steps_to_time_check -= 1
+            return False
         now = time.monotonic()
         if self._last_save_time is None:
             self._last_save_time = now
-        due = now - self._last_save_time >= 60.0 * float(self.every_n_minutes or 0)
+        remaining = 60.0 * float(self.every_n_minutes or 0) - (now - self._last_save_time)
+        wait = 1
+        if self._last_time_check is not None and remaining > 0:
+            checked_at, checked_step = self._last_time_check
+            if step > checked_step and now > checked_at:
+                step_time = (now - checked_at) / (step - checked_step)
+                wait = max(1, min(int(remaining / step_time / 2), self.TIME_CHECK_MAX_STEPS))
+        self._last_time_check = (now, step)
+        due, self._steps_to_time_check = int(remaining <= 0), wait
         if is_distributed():
-            due = bool(broadcast(torch.tensor([int(due)], dtype=torch.int32)).item())
-        return due
+            flags = broadcast(torch.tensor([due, wait], dtype=torch.int64)).tolist()
+            due, self._steps_to_time_check = flags
+        return bool(due)
 
     def on_train_epoch_end(
         self, trainer_state: TrainerState, model: nn.Module, loss_module: LossModule
