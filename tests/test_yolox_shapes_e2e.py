@@ -204,12 +204,12 @@ def test_defaults_are_valid_and_documented() -> None:
     ):
         assert hasattr(params, key)
         assert f"{key}:" in (module.Params.__doc__ or "")
-    assert params.mode_switch_epoch() == 15 < params.num_epochs  # the last 5 of 20 epochs
+    assert params.mode_switch_epoch() == 22 < params.num_epochs  # the last 8 of 30 epochs
 
 
 def test_switch_epoch_follows_the_run_length() -> None:
     params_cls = load_config("yolox_shapes").Params
-    assert params_cls(num_epochs=40).mode_switch_epoch() == 35
+    assert params_cls(num_epochs=40).mode_switch_epoch() == 32  # the last 8 epochs
     assert params_cls(num_epochs=1).mode_switch_epoch() == 0  # shorter than no_aug_epochs
     explicit = params_cls(num_epochs=4, switch_epoch=5)
     explicit.validate()  # at or past the end: the run never switches (the callback warns)

@@ -38,14 +38,25 @@ def test_the_keys_are_the_six_engine_options() -> None:
     assert list(EXPECTED) == ENGINE_KEYS
 
 
+RECIPE_VALUES = {
+    toy_classifier: {},
+    # the shapes recipe runs channels-last with its gradients' norm clipped at 10 (issue 17)
+    yolox_shapes: {"channels_last": True, "gradient_clip_val": 10.0},
+}
+
+
 @pytest.mark.parametrize("module", [toy_classifier, yolox_shapes])
-def test_every_key_reaches_the_trainer_kwargs_and_defaults_add_none(module) -> None:
-    assert module.Params().engine_trainer_kwargs() == {}
+def test_every_key_reaches_the_trainer_kwargs_and_defaults_add_only_the_recipes(module) -> None:
+    recipe = RECIPE_VALUES[module]
+    assert module.Params().engine_trainer_kwargs() == recipe
     params = apply_overrides(module.Params(), SETTINGS)
     assert params.engine_trainer_kwargs() == EXPECTED
     assert apply_overrides(module.Params(), ["compile=true"]).engine_trainer_kwargs() == {
-        "compile": True
+        **recipe,
+        "compile": True,
     }
+    plain = ["channels_last=false", "gradient_clip_val=none"]
+    assert apply_overrides(module.Params(), plain).engine_trainer_kwargs() == {}
 
 
 def test_yolox_coco_takes_the_same_keys() -> None:
