@@ -44,9 +44,12 @@ where the run stopped.
 
 Batch hooks run for every micro-batch; ``global_step`` counts optimizer steps and stays put
 between a window's micro-batches (``trainer_state["step_end"]`` says whether this batch
-stepped). Every hook gets a TrainerState built for that call. The bookkeeping (position, states,
-step, logs, checkpoint contents, resume) is ``vistrain.engine.loop_state.LoopState``, shared
-with the Lightning engine; this module holds only the native step loop.
+stepped). Every hook gets a TrainerState built for that call; the per-batch hooks are called
+only on the callbacks that override them (``callbacks_overriding``: skipping the base class's
+no-op changes nothing, and no state is built for a hook no callback has). The bookkeeping
+(position, states, step, logs, checkpoint contents, resume) is
+``vistrain.engine.loop_state.LoopState``, shared with the Lightning engine; this module holds
+only the native step loop.
 
 Validation never changes the global random generators' states (they are restored after
 it), so training randomness does not depend on how often a run validates or whether it
