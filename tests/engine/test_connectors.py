@@ -89,3 +89,21 @@ def test_key_mapping_is_read_only_and_reassigning_rebuilds_the_lookup() -> None:
     assert data_conn({"x": 1, "y": 2}) == {"inp": 2}
     with pytest.raises(TypeError, match=r"'inp'.*string"):
         DataConnector({"inp": 3})  # type: ignore[dict-item]
+
+
+def test_the_per_step_shortcuts_read_as_get_nested_does() -> None:
+    """Connectors read a key present verbatim without get_nested; every other case is its."""
+    batch = {"a.b": 1, "a": {"b": 2}, "": "empty key", "views": [{"y": 3}]}
+    assert DataConnector({"verbatim": "a.b", "all": ""})(batch) == {"verbatim": 1, "all": batch}
+    assert DataConnector({"nested": "a.b"})({"a": {"b": 2}}) == {"nested": 2}
+    assert DataConnector({"v": "views.0.y"})(batch) == {"v": 3}
+    loss = LossConnector(
+        {"whole": pred_key(""), "verbatim": data_key("a.b"), "dotted": pred_key("a.b")}
+    )
+    prediction = {"a": {"b": 5}, "": "not this"}
+    assert loss(prediction, batch) == {"whole": prediction, "verbatim": 1, "dotted": 5}
+    assert loss(prediction, [batch, {"a.b": 9}])["verbatim"] == [1, 9]
+    with pytest.raises(KeyError, match="'x' is missing"):
+        LossConnector({"v": data_key("x")})({}, batch)
+    with pytest.raises(KeyError, match="'x' is missing"):
+        DataConnector({"v": "x"})(batch)

@@ -103,14 +103,17 @@ def test_unnamed_terms_are_named_after_the_function_or_class_and_single_term_tot
     assert set(metrics) == {"mse_loss", "loss"}
     assert metrics["loss"] is metrics["mse_loss"] and not metrics["loss"].requires_grad
     assert total.requires_grad and float(total.detach()) == 2.5
+    # "loss" is the total itself, detached: the loop hands it to the non-finite guard as is
+    assert metrics["loss"].data_ptr() == total.data_ptr()
     two = LossModule(
         [
             {"loss": torch.nn.functional.mse_loss, "connector": conn},
             {"loss": torch.nn.L1Loss(), "connector": conn},
         ]
     )
-    _, metrics = two(pred, {"y": torch.zeros(2)})
+    total, metrics = two(pred, {"y": torch.zeros(2)})
     assert float(metrics["loss"]) == 2.5 + 1.5
+    assert metrics["loss"].data_ptr() == total.data_ptr() and not metrics["loss"].requires_grad
     assert float(metrics["L1Loss"]) == 1.5
 
 

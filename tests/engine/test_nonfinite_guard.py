@@ -9,11 +9,22 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from trainer_fixtures import ENGINES, RecordingCallback, run_toy
+from trainer_fixtures import (
+    ENGINES,
+    RecordingCallback,
+    ToyModel,
+    mse,
+    run_toy,
+    toy_connectors,
+    toy_loader,
+)
 from vistrain.engine.callbacks import Callback
 from vistrain.engine.callbacks.checkpoint import CheckpointCallback
 from vistrain.engine.checkpoint_io import load_checkpoint
+from vistrain.engine.connectors import LossConnector, data_key, pred_key
+from vistrain.engine.loss_module import LossModule
 from vistrain.engine.nonfinite_guard import NonFiniteError, NonFiniteGuard, nonfinite_tensors
+from vistrain.engine.trainer import Trainer
 from vistrain.zoo.base import apply_overrides
 from vistrain.zoo.toy_classifier import Params as ToyParams
 
@@ -123,6 +134,52 @@ def test_finite_steps_pass_and_grad_norm_is_named():
     guard.observe_grad_norm(torch.tensor(float("nan")), 2)
     with pytest.raises(NonFiniteError, match="grad_norm at step 2"):
         guard.check()
+
+
+def test_a_window_is_observed_at_its_step_and_a_new_epoch_inside_it_is_kept():
+    guard = NonFiniteGuard()
+    guard.FOLD_EVERY = 3  # a fold in the middle of a window
+    finite, nan = torch.tensor(1.0), torch.tensor(float("nan"))
+    for step in (1, 2):
+        guard.observe_window([(finite, {"a": finite}, 0)] * 2, step)
+    guard.check()
+    guard.observe_window([(finite, {"a": finite}, 0), (finite, {"a": nan}, 1)], 3)
+    with pytest.raises(NonFiniteError, match=r"value of a at step 3 \(epoch 1\)"):
+        guard.check()
+
+
+class _OwnForwardLoss(LossModule):
+    """A loss module with its own forward whose ``"loss"`` metric is not its total."""
+
+    def forward(self, outputs: Any, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        total, metrics = super().forward(outputs, batch)
+        return total * float("nan"), metrics
+
+
+def test_a_loss_module_with_its_own_forward_has_its_real_total_watched(tmp_path):
+    train_conn, test_conn = toy_connectors()
+    trainer = Trainer(
+        "cpu",
+        str(tmp_path),
+        toy_loader(8, 4),
+        None,
+        train_conn,
+        test_conn,
+        [],
+        num_epochs=1,
+        log_every_n_steps=1,
+        tensorboard=False,
+    )
+    loss = _OwnForwardLoss(
+        {
+            "loss": mse,
+            "connector": LossConnector({"pred": pred_key("pred"), "target": data_key("y")}),
+        }
+    )
+    model = ToyModel()
+    # the loss terms were finite: only the total and the gradients are named
+    with pytest.raises(NonFiniteError, match="value of total_loss, grad_norm at step 1 "):
+        trainer.fit(model, [torch.optim.SGD(model.parameters(), lr=0.1)], None, loss)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -13,6 +13,7 @@ from trainer_fixtures import (
     toy_loader,
     toy_loss_module,
 )
+from vistrain.engine.callbacks.base import Callback, callbacks_overriding
 from vistrain.engine.optim import warmup_cosine
 from vistrain.engine.trainer import Trainer
 
@@ -196,3 +197,46 @@ def test_bad_device_output_folder_and_optimizer_are_refused_up_front(tmp_path) -
     frozen_head = torch.optim.SGD(model.net[0].parameters(), lr=0.1)  # a subset is fine
     trainer.fit(model, [frozen_head], None, toy_loss_module())
     assert trainer.global_step == 3
+
+
+class _OnlyBatchEnd(Callback):
+    """Overrides one batch hook; the others are the base no-ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.states: list[dict] = []
+
+    def on_train_batch_end(self, trainer_state, model, loss_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+        self.states.append(trainer_state)
+
+
+def test_batch_hooks_reach_overriding_and_instance_set_hooks_in_list_order(tmp_path) -> None:
+    rec = RecordingCallback()
+    plain = Callback()  # no override: skipped, which nothing can observe
+    only_end = _OnlyBatchEnd()
+    set_on_instance = Callback()
+    set_on_instance.on_train_batch_start = (  # type: ignore[method-assign]
+        lambda state, model, loss_module, batch, batch_idx: rec.calls.append(("set", batch_idx))
+    )
+    callbacks = [plain, only_end, set_on_instance, rec]
+    assert callbacks_overriding(callbacks, "on_train_batch_start") == [set_on_instance, rec]
+    assert callbacks_overriding(callbacks, "on_train_batch_end") == [only_end, rec]
+    model = ToyModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    make_trainer(tmp_path, callbacks, num_epochs=1, test_loader=None).fit(
+        model, [opt], None, toy_loss_module()
+    )
+    batch_calls = [c[0] if c[0] != "set" else f"set {c[1]}" for c in rec.calls]
+    assert batch_calls[1:8] == [
+        "train_epoch_start",
+        "set 0",
+        "train_batch_start",
+        "train_batch_end",
+        "set 1",
+        "train_batch_start",
+        "train_batch_end",
+    ]
+    # every hook call built its own TrainerState, holding that call's step and metrics
+    assert [state["global_step"] for state in only_end.states] == [1, 2, 3]
+    assert len({id(state) for state in only_end.states}) == 3
+    assert all("metrics" in state and state["step_end"] for state in only_end.states)

@@ -59,9 +59,9 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from vistrain.common.checks import check_list_of, check_positive_int
-from vistrain.common.distributed import all_gather_object, get_rank
+from vistrain.common.distributed import all_gather_object, get_rank, is_distributed
 from vistrain.common.typing import DictData, MetricLogs
-from vistrain.engine.callbacks.base import Callback
+from vistrain.engine.callbacks.base import Callback, callbacks_overriding
 from vistrain.engine.callbacks.checkpoint import CheckpointCallback
 from vistrain.engine.callbacks.logging import log_evaluation_logs
 from vistrain.engine.callbacks.trainer_state import StepMetrics, TrainerState, TrainingEngine
@@ -257,6 +257,9 @@ class LoopState:
         self.stop: StopRequest | None = None  # the stop all ranks agreed on
         self.stop_report: StopReport | None = None
         self._requested_stop: StopRequest | None = None  # this rank's own request
+        # Whether stops need the ranks' agreement: read at fit start (``open_scalars``),
+        # so the per-step stop check tests a flag instead of the process group.
+        self._distributed: bool | None = None
         self._num_train_batches: int | None = None
         self._test_dataloader_list = list(test_dataloaders) or None
         self._num_test_batches = [num_batches(dl) or 0 for dl in test_dataloaders] or None
@@ -417,7 +420,12 @@ class LoopState:
         self.stepper.backward(total_loss, backward)
         self.batches_done = batches_done
         self.metrics = StepMetrics(metrics)
-        self._window_losses.append((total_loss.detach(), metrics, self.current_epoch))
+        loss_module = self.loss_module
+        if loss_module is not None and type(loss_module).forward is LossModule.forward:
+            watched = metrics["loss"]  # LossModule's own detached total: no second detach
+        else:
+            watched = total_loss.detach()
+        self._window_losses.append((watched, metrics, self.current_epoch))
         if not self.ends_window(batches_done):
             self.accumulated += 1
             self.step_end = False
@@ -433,8 +441,7 @@ class LoopState:
         stepped = self.stepper.step(optimizers, before_step=hook, want_norm=want_norm)
         self._zeroed_by_step = True
         if stepped:
-            for loss, metrics, epoch in self._window_losses:
-                self.guard.observe(loss, metrics, step, epoch)
+            self.guard.observe_window(self._window_losses, step)
             if self.stepper.grad_norm is not None:
                 self.guard.observe_grad_norm(self.stepper.grad_norm, step)
         else:  # stops a run whose every step overflows (max_skipped_steps in a row)
@@ -455,11 +462,7 @@ class LoopState:
         """
         hooked = self._hook_callbacks
         if hooked is None or len(self.callbacks) != self._callback_count:
-            hooked = [
-                callback
-                for callback in self.callbacks
-                if type(callback).on_before_optimizer_step is not Callback.on_before_optimizer_step
-            ]
+            hooked = callbacks_overriding(self.callbacks, "on_before_optimizer_step")
             self._hook_callbacks, self._callback_count = hooked, len(self.callbacks)
         if not hooked:
             return None
@@ -505,8 +508,13 @@ class LoopState:
         the loop without either.
         """
         if self.stop is None:
-            self._check_time_budget()
-            stop = agree_on_stop(self._requested_stop or received_stop())
+            if self.time_budget.max_seconds is not None:
+                self._check_time_budget()
+            local = self._requested_stop or received_stop()
+            if self._distributed is None:
+                self._distributed = is_distributed()
+            # Alone, this rank's request is the agreement: a flag test per step, no call.
+            stop = agree_on_stop(local) if self._distributed else local
             if stop is not None:
                 self._stop_here(stop)
         return self.ending
@@ -547,6 +555,7 @@ class LoopState:
         """
         if not resumed:
             self.time_budget.start()
+        self._distributed = is_distributed()
         self.scalars = ScalarLogger(
             output_dir,
             tensorboard=self.tensorboard,

@@ -174,7 +174,8 @@ class LossModule(nn.Module):
 
         Returns:
             ``(total_loss, metrics)``: the weighted sum with its graph, and detached
-            per-term tensors plus ``"loss"`` for the total.
+            per-term tensors plus ``"loss"``, the total detached (the training loop hands
+            that one to the non-finite guard rather than detaching the total again).
 
         Raises:
             ValueError: If no term contributes to the total.
@@ -182,6 +183,7 @@ class LossModule(nn.Module):
         total: Tensor | None = None
         summed = 0
         metrics: dict[str, Tensor] = {}
+        detached: Tensor | None = None  # the latest term's, the total when it is the only one
         for (name, connector, loss, weight), plan in zip(self._calls, self._tensor_plans):
             returned = loss(**connector(outputs, batch))
             if isinstance(returned, Tensor):  # the common case, kept short
@@ -190,7 +192,7 @@ class LossModule(nn.Module):
                 terms = self._dict_terms(returned, name, weight)
             for term_name, value, (w, excluded) in terms:
                 weighted = value * w if w != 1.0 else value
-                metrics[term_name] = weighted.detach()
+                detached = metrics[term_name] = weighted.detach()
                 if excluded:
                     continue
                 total = weighted if total is None else total + weighted
@@ -204,8 +206,8 @@ class LossModule(nn.Module):
                 "LossModule produced no loss to optimise: every term was excluded "
                 f"(exclude_attributes={sorted(self.exclude_attributes)}) or returned nothing."
             )
-        if summed == 1 and len(metrics) == 1:
-            metrics["loss"] = next(iter(metrics.values()))  # one term: the total is that term
+        if summed == 1 and len(metrics) == 1 and detached is not None:
+            metrics["loss"] = detached  # one term: the total is that term
         else:
             metrics["loss"] = total.detach()
         return total, metrics

@@ -152,17 +152,35 @@ class NonFiniteGuard:
         Raises:
             NonFiniteError: Only when the names changed and an earlier value was not finite.
         """
-        if not self._epoch_starts or self._epoch_starts[-1][1] != epoch:
-            self._epoch_starts.append((step, epoch))
-        keys = tuple(metrics)
-        if keys != self._keys:
-            self.check()
-            self._keys = keys
-            self._names = [TOTAL_LOSS, *keys]
-            self._losses = _Watch(len(keys) + 1)
         if total_loss.requires_grad:  # the engines hand over a detached loss already
             total_loss = total_loss.detach()
-        self._losses.add((total_loss, *metrics.values()), step, self.FOLD_EVERY)
+        self.observe_window(((total_loss, metrics, epoch),), step)
+
+    def observe_window(
+        self, rows: Sequence[tuple[torch.Tensor, Mapping[str, Any], int]], step: int
+    ) -> None:
+        """``observe`` for every micro-batch of step ``step``'s window, in one call.
+
+        Args:
+            rows: Per micro-batch ``(total_loss, metrics, epoch)``, the total loss already
+                detached (the engines hand over the loss module's detached total).
+            step: The step the window made.
+
+        Raises:
+            NonFiniteError: As ``observe``.
+        """
+        epoch_starts = self._epoch_starts
+        watch = self._losses
+        for total_loss, metrics, epoch in rows:
+            if not epoch_starts or epoch_starts[-1][1] != epoch:
+                epoch_starts.append((step, epoch))
+            keys = tuple(metrics)
+            if keys != self._keys:
+                self.check()
+                self._keys = keys
+                self._names = [TOTAL_LOSS, *keys]
+                watch = self._losses = _Watch(len(keys) + 1)
+            watch.add((total_loss, *metrics.values()), step, self.FOLD_EVERY)
 
     def observe_grad_norm(self, grad_norm: torch.Tensor, step: int) -> None:
         """Keep a step's gradient norm (no host sync)."""

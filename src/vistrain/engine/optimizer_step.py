@@ -170,9 +170,9 @@ class OptimizerStepper:
         dtype = _AUTOCAST_DTYPES.get(precision)
         # One context for the whole run: building a torch.autocast per micro-batch costs
         # more than entering it (its checks run in __init__), and entering keeps no state
-        # beyond the matching exit.
-        self._autocast: contextlib.AbstractContextManager[Any] = (
-            _NO_AUTOCAST if dtype is None else torch.autocast(self.device_type, dtype=dtype)
+        # beyond the matching exit. None for "32": a loop that branches on it enters nothing.
+        self.autocast_context: contextlib.AbstractContextManager[Any] | None = (
+            None if dtype is None else torch.autocast(self.device_type, dtype=dtype)
         )
         self.skipped_steps = 0
         self.grad_norm: Tensor | None = None
@@ -181,9 +181,11 @@ class OptimizerStepper:
         """A context that runs the forward and the loss under autocast for the precision.
 
         The same context object every call, built once (``"32"``: a shared no-op): it is
-        entered once per micro-batch and must not be nested inside itself.
+        entered once per micro-batch and must not be nested inside itself. A per-step loop
+        may test ``autocast_context`` (None for ``"32"``) instead and enter nothing.
         """
-        return self._autocast
+        context = self.autocast_context
+        return _NO_AUTOCAST if context is None else context
 
     def window_full(self, micro_batch_index: int, last_of_epoch: bool) -> bool:
         """Whether the micro-batch ``micro_batch_index`` (0-based in the epoch) ends a window.

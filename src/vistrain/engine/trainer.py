@@ -44,9 +44,12 @@ where the run stopped.
 
 Batch hooks run for every micro-batch; ``global_step`` counts optimizer steps and stays put
 between a window's micro-batches (``trainer_state["step_end"]`` says whether this batch
-stepped). Every hook gets a TrainerState built for that call. The bookkeeping (position, states,
-step, logs, checkpoint contents, resume) is ``vistrain.engine.loop_state.LoopState``, shared
-with the Lightning engine; this module holds only the native step loop.
+stepped). Every hook gets a TrainerState built for that call; the per-batch hooks are called
+only on the callbacks that override them (``callbacks_overriding``: skipping the base class's
+no-op changes nothing, and no state is built for a hook no callback has). The bookkeeping
+(position, states, step, logs, checkpoint contents, resume) is
+``vistrain.engine.loop_state.LoopState``, shared with the Lightning engine; this module holds
+only the native step loop.
 
 Validation never changes the global random generators' states (they are restored after
 it), so training randomness does not depend on how often a run validates or whether it
@@ -62,6 +65,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
@@ -69,7 +73,7 @@ from vistrain.common.checks import check_list_of, check_positive_int
 from vistrain.common.device import resolve_device
 from vistrain.common.distributed import is_distributed
 from vistrain.common.typing import DictData, MetricLogs
-from vistrain.engine.callbacks.base import Callback
+from vistrain.engine.callbacks.base import Callback, callbacks_overriding
 from vistrain.engine.callbacks.logging import log_callback_train_logs
 from vistrain.engine.connectors import DataConnector
 from vistrain.engine.device_setup import (
@@ -93,7 +97,26 @@ from vistrain.engine.scalar_writers import check_logger_names
 from vistrain.engine.stop_signal import StopSignals
 from vistrain.engine.time_budget import parse_max_time
 
-_NO_CONTEXT = contextlib.nullcontext()
+
+def _forward(
+    model: nn.Module,
+    loss_module: LossModule,
+    connector: DataConnector,
+    batch: Any,
+    autocast: contextlib.AbstractContextManager[Any] | None,
+) -> tuple[Any, torch.Tensor, dict[str, Any]]:
+    """Connector, model and loss of one micro-batch: ``(outputs, total_loss, metrics)``.
+
+    Under ``autocast`` unless it is None (``"32"``: no context at all); the backward that
+    follows runs outside it, as torch recommends.
+    """
+    if autocast is not None:
+        with autocast:
+            return _forward(model, loss_module, connector, batch, None)
+    inputs = connector(batch)
+    outputs = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    total_loss, metrics = loss_module(outputs, batch)
+    return outputs, total_loss, metrics
 
 
 class Trainer:
@@ -365,40 +388,48 @@ class Trainer:
         move_batches = self.device.type != "cpu"  # loaders yield CPU tensors already
         channels_last = self.channels_last
         # Per-step path, kept flat: on a short step every call and lookup shows in
-        # benchmarks/overhead.py. The hooks still run in the order of the module docstring.
-        callbacks = self.callbacks
+        # benchmarks/overhead.py. The hooks still run in the order of the module docstring,
+        # on the callbacks that override them (a base no-op skipped is not seen, and a hook
+        # nobody overrides needs no TrainerState); no context is entered where none is needed.
+        start_hooks = callbacks_overriding(self.callbacks, "on_train_batch_start")
+        end_hooks = callbacks_overriding(self.callbacks, "on_train_batch_end")
         optimizers = loop.optimizers
         val_every = self.val_check_interval
         log_every = loop.log_every_n_steps
-        autocast = loop.stepper.autocast
+        autocast = loop.stepper.autocast_context  # None for "32"
         accumulating = loop.stepper.accumulate_grad_batches > 1
-        ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        # DDP's no_sync is only ever needed inside accumulation windows.
+        ddp = model if accumulating and isinstance(model, DistributedDataParallel) else None
         for batch in iterator:
             if move_batches:
                 batch = move_to_device(batch, self.device)
             if channels_last:
                 batch = to_channels_last(batch)
-            state = loop.state()
-            for callback in callbacks:
-                callback.on_train_batch_start(state, model, loss_module, batch, batch_idx)
-            # Inside an accumulation window DDP must not all-reduce: forward and backward
-            # under no_sync; the backward runs outside autocast, as torch recommends.
-            skip_sync = accumulating and ddp is not None and not loop.ends_window(batch_idx + 1)
-            with ddp.no_sync() if skip_sync and ddp is not None else _NO_CONTEXT:
-                with autocast():
-                    inputs = connector(batch)
-                    outputs = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-                    total_loss, metrics = loss_module(outputs, batch)
-                step_end = loop.train_step(total_loss, metrics, optimizers, batch_idx + 1)
-            state = loop.state(metrics=True)
-            logs: MetricLogs | None = None
-            for callback in callbacks:
-                cb_logs = callback.on_train_batch_end(
-                    state, model, loss_module, outputs, batch, batch_idx
+            if start_hooks:
+                state = loop.state()
+                for callback in start_hooks:
+                    callback.on_train_batch_start(state, model, loss_module, batch, batch_idx)
+            if ddp is None or loop.ends_window(batch_idx + 1):
+                outputs, total_loss, metrics = _forward(
+                    model, loss_module, connector, batch, autocast
                 )
-                if cb_logs:
-                    logs = dict(cb_logs) if logs is None else {**logs, **cb_logs}
-                    log_callback_train_logs(callback, cb_logs, state)
+                step_end = loop.train_step(total_loss, metrics, optimizers, batch_idx + 1)
+            else:  # inside an accumulation window DDP must not all-reduce
+                with ddp.no_sync():
+                    outputs, total_loss, metrics = _forward(
+                        model, loss_module, connector, batch, autocast
+                    )
+                    step_end = loop.train_step(total_loss, metrics, optimizers, batch_idx + 1)
+            logs: MetricLogs | None = None
+            if end_hooks:
+                state = loop.state(metrics=True)
+                for callback in end_hooks:
+                    cb_logs = callback.on_train_batch_end(
+                        state, model, loss_module, outputs, batch, batch_idx
+                    )
+                    if cb_logs:
+                        logs = dict(cb_logs) if logs is None else {**logs, **cb_logs}
+                        log_callback_train_logs(callback, cb_logs, state)
             step = loop.global_step
             if logs or (step_end and (step % log_every == 0 or step == 1)):  # log_train's test
                 loop.log_train(logs)

@@ -32,6 +32,7 @@ carry it and resume restores it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -189,3 +190,23 @@ class Callback:
 
     def on_fit_end(self, trainer_state: TrainerState, model: nn.Module) -> None:
         """Hook to run once when ``fit`` finishes (flush pending work, close files)."""
+
+
+def callbacks_overriding(callbacks: Sequence[Callback], hook: str) -> list[Callback]:
+    """The callbacks, in list order, whose ``hook`` is not the base class's no-op.
+
+    A loop calls a per-step hook on these only: calling the base no-op has no effect, so
+    skipping it cannot be seen, and when no callback overrides a hook its ``TrainerState``
+    need not be built at all. A hook set on the instance (a test's stand-in) counts as an
+    override too.
+
+    Args:
+        callbacks: The run's callbacks, in hook order.
+        hook: A hook's name, e.g. ``"on_train_batch_start"``.
+    """
+    base = getattr(Callback, hook)
+    return [
+        callback
+        for callback in callbacks
+        if getattr(getattr(callback, hook), "__func__", None) is not base
+    ]
