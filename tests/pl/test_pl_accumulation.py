@@ -100,3 +100,18 @@ def test_two_process_lightning_skips_all_reduce_inside_windows_like_native(tmp_p
     # The window's gradients were averaged: both ranks (different data) hold equal weights.
     first, second = ranks[0]["lightning"][1], ranks[1]["lightning"][1]
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_step_validation_on_a_lightning_without_the_epoch_loop_hook_is_a_clear_error(
+    tmp_path, monkeypatch
+) -> None:
+    from vistrain.pl.engine import LightningEngine
+    from vistrain.pl.fit import build_lightning_trainer
+
+    trainer = build_lightning_trainer(
+        str(tmp_path), check_val_every_n_epoch=None, val_check_interval=2
+    )
+    monkeypatch.delattr(type(trainer.fit_loop.epoch_loop), "_should_check_val_fx")
+    # the check comes before the engine's own state is touched: no engine needed
+    with pytest.raises(RuntimeError, match=r"val_check_interval=2\) needs the epoch loop"):
+        LightningEngine._validate_by_step(None, trainer)  # type: ignore[arg-type]

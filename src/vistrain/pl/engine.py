@@ -195,7 +195,15 @@ class LightningEngine:
         interval = trainer.val_check_interval
         if trainer.check_val_every_n_epoch is not None or not isinstance(interval, int):
             return
-        lightning_decides = epoch_loop._should_check_val_fx
+        lightning_decides = getattr(epoch_loop, "_should_check_val_fx", None)
+        if lightning_decides is None or not hasattr(epoch_loop, "_should_check_val_epoch"):
+            import lightning
+
+            raise RuntimeError(
+                f"step-based validation (val_check_interval={interval}) needs the epoch loop "
+                f"of Lightning 2.x, which this Lightning ({lightning.__version__}) lacks; install "
+                "lightning>=2.2,<3, or validate by epoch (check_val_every_n_epoch)"
+            )
         loop = self.loop
 
         def should_validate(data_fetcher: Any) -> bool:
