@@ -152,3 +152,53 @@ def test_a_term_that_is_not_a_scalar_is_named_in_the_error() -> None:
     module(torch.ones(2), {"y": torch.zeros(2)})
     with pytest.raises(ValueError, match=r"'grows.extra' has shape \(3,\)"):
         module(torch.ones(3), {"y": torch.zeros(3)})
+
+
+@pytest.mark.parametrize(
+    ("weight", "name"), [(1.0, None), (0.5, None), (2.0, "loss"), ({"mse_loss": 3.0}, None)]
+)
+def test_a_one_entry_module_gives_the_first_steps_result_on_later_steps(weight, name) -> None:
+    """Later steps of a one-entry module skip the term loop; they must not differ from it."""
+    conn = LossConnector({"input": pred_key(""), "target": data_key("y")})
+    entry = {"loss": torch.nn.functional.mse_loss, "connector": conn, "weight": weight}
+    if name is not None:
+        entry["name"] = name
+    module = LossModule(entry)
+    pred = torch.tensor([1.0, 2.0], requires_grad=True)
+    results = [module(pred, {"y": torch.zeros(2)}) for _ in range(3)]
+    first_total, first_metrics = results[0]
+    for total, metrics in results[1:]:
+        assert list(metrics) == list(first_metrics)
+        assert all(torch.equal(metrics[k], first_metrics[k]) for k in metrics)
+        assert torch.equal(total, first_total) and total.requires_grad
+        assert metrics["loss"].data_ptr() == total.data_ptr()
+        assert not any(value.requires_grad for value in metrics.values())
+        total.backward()
+    assert torch.equal(pred.grad, 2 * torch.autograd.grad(first_total, pred)[0])  # same graph
+
+
+def test_a_one_entry_module_whose_loss_changes_its_return_type_later_is_still_summed() -> None:
+    """A loss that returns a dict only from its second call on (the YOLOX L1 switch, say)."""
+    calls = []
+
+    def loss(input, target):  # noqa: A002 - the connector's argument names
+        calls.append(1)
+        value = ((input - target) ** 2).mean()
+        return value if len(calls) == 1 else {"a": value, "b": 2 * value}
+
+    conn = LossConnector({"input": pred_key(""), "target": data_key("y")})
+    module = LossModule({"loss": loss, "connector": conn, "name": "det"}, ["b"])
+    pred = torch.tensor([1.0, 2.0], requires_grad=True)
+    _, metrics = module(pred, {"y": torch.zeros(2)})
+    assert set(metrics) == {"det", "loss"}
+    total, metrics = module(pred, {"y": torch.zeros(2)})
+    assert set(metrics) == {"det.a", "det.b", "loss"} and len(calls) == 2
+    assert float(total) == 2.5 and float(metrics["det.b"]) == 5.0  # "b" logged, not summed
+
+
+def test_a_one_entry_module_whose_only_term_is_excluded_is_refused_every_step() -> None:
+    conn = LossConnector({"input": pred_key(""), "target": data_key("y")})
+    module = LossModule({"loss": torch.nn.functional.mse_loss, "connector": conn}, ["mse_loss"])
+    for _ in range(2):
+        with pytest.raises(ValueError, match="no loss to optimise"):
+            module(torch.ones(2), {"y": torch.zeros(2)})

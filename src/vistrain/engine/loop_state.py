@@ -234,7 +234,7 @@ class LoopState:
         self.optimizers = optimizers
         self.lr_schedulers = lr_schedulers
         self.test_dataloaders = test_dataloaders
-        self.loss_module = loss_module
+        self.loss_module = loss_module  # a property: also decides what the guard watches
         self.num_epochs = num_epochs
         self.num_steps = num_steps
         self.log_every_n_steps = log_every_n_steps
@@ -264,6 +264,21 @@ class LoopState:
         self._test_dataloader_list = list(test_dataloaders) or None
         self._num_test_batches = [num_batches(dl) or 0 for dl in test_dataloaders] or None
         self._use_train_dataloader(train_dataloader)
+
+    @property
+    def loss_module(self) -> LossModule | None:
+        """The training loss module (the engines set it when training starts)."""
+        return self._loss_module
+
+    @loss_module.setter
+    def loss_module(self, loss_module: LossModule | None) -> None:
+        self._loss_module = loss_module
+        # LossModule's own forward returns the detached total as metrics["loss"]: the guard
+        # watches that one. A subclass with its own forward makes no such promise, so its
+        # total is detached again. Decided here, once, not per micro-batch.
+        self._metrics_hold_total = (
+            loss_module is not None and type(loss_module).forward is LossModule.forward
+        )
 
     def _use_train_dataloader(self, loader: DataLoader[DictData] | None) -> None:
         self.train_dataloader = loader
@@ -417,21 +432,23 @@ class LoopState:
             # Only before the first window of a fit: every window's step ends by zeroing.
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
-        self.stepper.backward(total_loss, backward)
+        stepper = self.stepper
+        stepper.backward(total_loss, backward)
         self.batches_done = batches_done
         self.metrics = StepMetrics(metrics)
-        loss_module = self.loss_module
-        if loss_module is not None and type(loss_module).forward is LossModule.forward:
-            watched = metrics["loss"]  # LossModule's own detached total: no second detach
-        else:
-            watched = total_loss.detach()
+        watched = metrics["loss"] if self._metrics_hold_total else total_loss.detach()
         self._window_losses.append((watched, metrics, self.current_epoch))
-        if not self.ends_window(batches_done):
-            self.accumulated += 1
-            self.step_end = False
-            return False
-        self._step_window(optimizers)
-        return True
+        accumulate = stepper.accumulate_grad_batches  # ends_window, inline (every micro-batch)
+        if (
+            accumulate == 1
+            or batches_done % accumulate == 0
+            or batches_done == self._num_train_batches
+        ):
+            self._step_window(optimizers)
+            return True
+        self.accumulated += 1
+        self.step_end = False
+        return False
 
     def _step_window(self, optimizers: Sequence[Any]) -> None:
         """Step every optimizer on the window's gradients; count the step."""

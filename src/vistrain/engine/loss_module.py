@@ -139,6 +139,11 @@ class LossModule(nn.Module):
             (d["name"], d["connector"], d["loss"], d.get("weight", 1.0)) for d in self.losses
         ]
         self._tensor_plans = [self._plan(name, name, weight) for name, _, _, weight in self._calls]
+        # A one-entry module (most are) skips the term loop once the first step checked
+        # that its terms are scalars.
+        self._single: tuple[str, LossConnector, Any, Any, tuple[float, bool]] | None = None
+        if len(self._calls) == 1:
+            self._single = (*self._calls[0], self._tensor_plans[0])
         self._checked_first_step = False
 
     def _excluded(self, name: str) -> bool:
@@ -180,13 +185,28 @@ class LossModule(nn.Module):
         Raises:
             ValueError: If no term contributes to the total.
         """
+        single = self._single
+        if single is not None and self._checked_first_step:
+            # One entry (the common case, run every micro-batch): no term loop.
+            name, connector, loss, _, (w, excluded) = single
+            returned = loss(**connector(outputs, batch))
+            if isinstance(returned, Tensor) and not excluded:
+                weighted = returned * w if w != 1.0 else returned
+                detached = weighted.detach()
+                return weighted, {name: detached, "loss": detached}
+            return self._sum_terms((returned,))
+        return self._sum_terms(
+            [loss(**connector(outputs, batch)) for _, connector, loss, _ in self._calls]
+        )
+
+    def _sum_terms(self, returns: Sequence[Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """``forward``'s result from each entry's return value, in definition order."""
         total: Tensor | None = None
         summed = 0
         metrics: dict[str, Tensor] = {}
         detached: Tensor | None = None  # the latest term's, the total when it is the only one
-        for (name, connector, loss, weight), plan in zip(self._calls, self._tensor_plans):
-            returned = loss(**connector(outputs, batch))
-            if isinstance(returned, Tensor):  # the common case, kept short
+        for (name, _, _, weight), plan, returned in zip(self._calls, self._tensor_plans, returns):
+            if isinstance(returned, Tensor):
                 terms: Any = ((name, returned, plan),)
             else:
                 terms = self._dict_terms(returned, name, weight)
