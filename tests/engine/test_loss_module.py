@@ -181,7 +181,7 @@ def test_a_one_entry_module_whose_loss_changes_its_return_type_later_is_still_su
     """A loss that returns a dict only from its second call on (the YOLOX L1 switch, say)."""
     calls = []
 
-    def loss(input, target):  # noqa: A002 - the connector's argument names
+    def loss(input, target):
         calls.append(1)
         value = ((input - target) ** 2).mean()
         return value if len(calls) == 1 else {"a": value, "b": 2 * value}
