@@ -228,3 +228,15 @@ def test_ranks_stop_together_and_agree_on_the_first_bad_step(tmp_path):
     # Rank 0's own loss turns NaN only at step 4 (through the averaged gradients); the
     # merged check names rank 1's step 3 on both ranks, and neither waits for the other.
     assert all("at step 3 (epoch 0)" in message for message in messages), messages
+
+
+def test_names_that_change_inside_a_window_check_the_rows_before_the_change():
+    """The window's rows are counted together; a name change must still see earlier rows."""
+    finite, nan = torch.tensor(1.0), torch.tensor(float("nan"))
+    guard = NonFiniteGuard()
+    guard.observe_window([(finite, {"a": finite}, 0), (finite, {"a": finite, "b": nan}, 0)], 1)
+    with pytest.raises(NonFiniteError, match="value of b at step 1"):
+        guard.check()
+    guard = NonFiniteGuard()
+    with pytest.raises(NonFiniteError, match="value of a at step 2"):
+        guard.observe_window([(finite, {"a": nan}, 0), (finite, {"a": finite, "b": finite}, 0)], 2)

@@ -240,3 +240,45 @@ def test_batch_hooks_reach_overriding_and_instance_set_hooks_in_list_order(tmp_p
     assert [state["global_step"] for state in only_end.states] == [1, 2, 3]
     assert len({id(state) for state in only_end.states}) == 3
     assert all("metrics" in state and state["step_end"] for state in only_end.states)
+
+
+def test_every_batch_end_state_equals_a_fresh_state_and_is_its_own_dict(tmp_path) -> None:
+    """on_train_batch_end's states come from a per-epoch snapshot; they must not go stale.
+
+    Step-based validation changes ``val_logs`` mid-epoch, a loader handed over at an epoch
+    start changes the loader fields, accumulation leaves ``step_end`` False between steps.
+    """
+    short = toy_loader(8, 4)
+    seen: list[dict] = []
+
+    class Compare(Callback):
+        def on_train_epoch_start(self, trainer_state, model, loss_module) -> None:
+            if trainer_state["current_epoch"] == 1:
+                trainer_state["train_module"].set_train_dataloader(short)
+
+        def on_train_batch_end(self, trainer_state, model, loss_module, outputs, batch, batch_idx):
+            fresh = trainer.loop.state(metrics=True)
+            assert list(trainer_state) == list(fresh)
+            assert all(trainer_state[key] is fresh[key] for key in fresh), batch_idx
+            seen.append(dict(trainer_state))
+            trainer_state["global_step"] = -1  # a hook's own copy: no later state sees this
+            return None
+
+    class Validation(Callback):
+        def on_test_epoch_end(self, trainer_state, model):
+            return {"score": float(trainer_state["global_step"])}
+
+    model = ToyModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = make_trainer(
+        tmp_path,
+        [Compare(), Validation()],
+        num_epochs=2,
+        accumulate_grad_batches=2,
+        val_check_interval=1,
+        check_val_every_n_epoch=None,
+    )
+    trainer.fit(model, [opt], None, toy_loss_module())
+    assert [s["step_end"] for s in seen] == [False, True, True, False, True]
+    assert [s["num_train_batches"] for s in seen] == [3, 3, 3, 2, 2]
+    assert [s["val_logs"].get("score") for s in seen] == [None, None, 1.0, 2.0, 2.0]

@@ -320,6 +320,29 @@ class LoopState:
             state["step_skipped"] = self.step_skipped
         return state
 
+    def batch_end_states(self) -> Callable[[], TrainerState]:
+        """``state(metrics=True)`` for every ``on_train_batch_end`` of the epoch that starts.
+
+        What an epoch does not change (its loader, the limits, optimizers, schedulers and the
+        engine; a new loader takes effect at the next epoch) is read once, here; each call
+        copies that and adds the step's position, the latest validation and the metrics.
+        The native loop calls it once per micro-batch, where building the whole dict shows.
+        """
+        template = self.state()
+
+        def make() -> TrainerState:
+            state = template.copy()
+            state["global_step"] = self.global_step
+            state["batches_done"] = self.batches_done
+            state["val_logs"] = self.val_logs
+            if self.metrics is not None:
+                state["metrics"] = self.metrics
+                state["step_end"] = self.step_end
+                state["step_skipped"] = self.step_skipped
+            return state
+
+        return make
+
     # ------------------------------------------------------------------ epochs and data
     def set_train_dataloader(self, dataloader: DataLoader[Any]) -> None:
         """Hand ``dataloader`` over to the next ``epoch_iterator`` call.

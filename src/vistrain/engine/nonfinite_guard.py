@@ -61,9 +61,20 @@ class _Watch:
         self.first_bad: torch.Tensor | None = None  # per value: 1 + first bad row, 0 = none
 
     def add(self, row: Sequence[Any], step: int, fold_every: int) -> None:
+        """Keep one row of ``width`` values, made at ``step``."""
         self.values.extend(row)
-        self.row_steps.append(step)
-        self.kept += 1
+        self.count_rows(1, step, fold_every)
+
+    def count_rows(self, rows: int, step: int, fold_every: int) -> None:
+        """Count the last ``rows`` rows put straight into ``values``, all made at ``step``.
+
+        Folds once ``fold_every`` rows are kept (a window's rows are counted together, so
+        a fold may come up to one window later than ``fold_every``).
+        """
+        if not rows:
+            return
+        self.row_steps.extend((step,) * rows)
+        self.kept += rows
         if self.kept >= fold_every:
             self.fold()
 
@@ -171,16 +182,25 @@ class NonFiniteGuard:
         """
         epoch_starts = self._epoch_starts
         watch = self._losses
+        values = watch.values
+        added = 0  # rows put in ``values`` and not yet counted by ``watch``
         for total_loss, metrics, epoch in rows:
             if not epoch_starts or epoch_starts[-1][1] != epoch:
                 epoch_starts.append((step, epoch))
             keys = tuple(metrics)
             if keys != self._keys:
+                watch.count_rows(added, step, self.FOLD_EVERY)
+                added = 0
                 self.check()
                 self._keys = keys
                 self._names = [TOTAL_LOSS, *keys]
                 watch = self._losses = _Watch(len(keys) + 1)
-            watch.add((total_loss, *metrics.values()), step, self.FOLD_EVERY)
+                values = watch.values
+            # _Watch.add without its call per micro-batch: the rows are counted at once.
+            values.append(total_loss)
+            values.extend(metrics.values())
+            added += 1
+        watch.count_rows(added, step, self.FOLD_EVERY)
 
     def observe_grad_norm(self, grad_norm: torch.Tensor, step: int) -> None:
         """Keep a step's gradient norm (no host sync)."""

@@ -393,6 +393,7 @@ class Trainer:
         # nobody overrides needs no TrainerState); no context is entered where none is needed.
         start_hooks = callbacks_overriding(self.callbacks, "on_train_batch_start")
         end_hooks = callbacks_overriding(self.callbacks, "on_train_batch_end")
+        batch_end_state = loop.batch_end_states()
         optimizers = loop.optimizers
         val_every = self.val_check_interval
         log_every = loop.log_every_n_steps
@@ -422,7 +423,7 @@ class Trainer:
                     step_end = loop.train_step(total_loss, metrics, optimizers, batch_idx + 1)
             logs: MetricLogs | None = None
             if end_hooks:
-                state = loop.state(metrics=True)
+                state = batch_end_state()
                 for callback in end_hooks:
                     cb_logs = callback.on_train_batch_end(
                         state, model, loss_module, outputs, batch, batch_idx
