@@ -157,3 +157,22 @@ def test_bad_options_are_refused_with_the_value_and_the_choices(kwargs, message)
     }
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
         check_step_options(**options)
+
+
+@pytest.mark.parametrize(
+    ("precision", "accumulate", "plain"),
+    [("32", 1, True), ("bf16-mixed", 1, True), ("32", 2, False), ("16-mixed", 1, False)],
+)
+def test_plain_backward_is_claimed_only_where_backward_changes_nothing(
+    precision, accumulate, plain
+) -> None:
+    """Engines call loss.backward() themselves where this says so: it must equal backward()."""
+    stepper = OptimizerStepper(torch.device("cpu"), precision, accumulate)
+    assert stepper.plain_backward is plain
+    grads = []
+    for direct in (False, True):
+        weight = torch.ones(3, requires_grad=True)
+        loss = (weight * torch.arange(3.0)).sum()
+        loss.backward() if direct else stepper.backward(loss)
+        grads.append(weight.grad)
+    assert torch.equal(grads[0], grads[1]) is plain

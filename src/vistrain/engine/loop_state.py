@@ -456,7 +456,10 @@ class LoopState:
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
         stepper = self.stepper
-        stepper.backward(total_loss, backward)
+        if backward is None and stepper.plain_backward:
+            total_loss.backward()  # nothing to divide or scale: no call in between
+        else:
+            stepper.backward(total_loss, backward)
         self.batches_done = batches_done
         self.metrics = StepMetrics(metrics)
         watched = metrics["loss"] if self._metrics_hold_total else total_loss.detach()
@@ -477,7 +480,11 @@ class LoopState:
         """Step every optimizer on the window's gradients; count the step."""
         step = self.global_step + 1
         want_norm = self.scalars is not None and (step % self.log_every_n_steps == 0 or step == 1)
-        hook = self._before_step_hook(optimizers)
+        hooked = self._hook_callbacks  # the callbacks with on_before_optimizer_step, cached
+        if hooked is None or len(self.callbacks) != self._callback_count:
+            hooked = callbacks_overriding(self.callbacks, "on_before_optimizer_step")
+            self._hook_callbacks, self._callback_count = hooked, len(self.callbacks)
+        hook = self._before_step_hook(optimizers, hooked) if hooked else None
         stepped = self.stepper.step(optimizers, before_step=hook, want_norm=want_norm)
         self._zeroed_by_step = True
         if stepped:
@@ -495,17 +502,13 @@ class LoopState:
             for scheduler in self.lr_schedulers:
                 scheduler.step_on_batch(step)
 
-    def _before_step_hook(self, optimizers: Sequence[Any]) -> Callable[[Any], None] | None:
-        """The ``on_before_optimizer_step`` calls for ``stepper.step`` (None: no callback has one).
+    def _before_step_hook(
+        self, optimizers: Sequence[Any], hooked: list[Callback]
+    ) -> Callable[[Any], None]:
+        """The ``on_before_optimizer_step`` calls of ``hooked`` for ``stepper.step``.
 
         Callbacks see the run's own optimizer objects, also when Lightning steps wrappers.
         """
-        hooked = self._hook_callbacks
-        if hooked is None or len(self.callbacks) != self._callback_count:
-            hooked = callbacks_overriding(self.callbacks, "on_before_optimizer_step")
-            self._hook_callbacks, self._callback_count = hooked, len(self.callbacks)
-        if not hooked:
-            return None
         own = {id(wrapper): plain for wrapper, plain in zip(optimizers, self.optimizers)}
         model = self._require_model()
         state = self.state()

@@ -147,6 +147,8 @@ class OptimizerStepper:
         skipped_steps: Optimizer steps skipped because fp16 gradients held inf or nan.
         grad_norm: The total gradient norm of the last step, as a device tensor (no host
             sync), when it was computed (clipping by norm, or ``want_norm``); else None.
+        plain_backward: Whether ``backward(loss)`` is just ``loss.backward()`` (no
+            accumulation, no loss scaling), so a per-step loop may call that instead.
     """
 
     def __init__(
@@ -167,6 +169,8 @@ class OptimizerStepper:
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "16-mixed")
         self._scaling = self.scaler.is_enabled()
+        # backward(loss) would be loss.backward() itself: an engine may call that directly.
+        self.plain_backward = accumulate_grad_batches == 1 and not self._scaling
         dtype = _AUTOCAST_DTYPES.get(precision)
         # One context for the whole run: building a torch.autocast per micro-batch costs
         # more than entering it (its checks run in __init__), and entering keeps no state
