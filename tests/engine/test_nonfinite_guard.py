@@ -29,6 +29,14 @@ from vistrain.zoo.base import apply_overrides
 from vistrain.zoo.toy_classifier import Params as ToyParams
 
 
+@pytest.fixture(params=["read at once", "kept for the fold"])
+def both_paths(request, monkeypatch):
+    """Runs a test both ways the guard finds a bad value: CPU values read as they arrive,
+    and the way of accelerator values (kept, stacked and folded on the device)."""
+    monkeypatch.setattr(NonFiniteGuard, "READ_CPU_VALUES_AT_ONCE", request.param == "read at once")
+    return request.param
+
+
 class PoisonLoss(Callback):
     """Makes the model output ``value`` (NaN) from training step ``at_step`` on (forward hook)."""
 
@@ -67,6 +75,7 @@ def _last_step(folder: str) -> int:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.usefixtures("both_paths")
 def test_nan_loss_stops_at_next_log_step_naming_step_epoch_and_terms(tmp_path, engine):
     # 6 steps per epoch; NaN from step 7 (epoch 1); log steps every 4 -> read at step 8.
     ckpt = CheckpointCallback(save_prefix=str(tmp_path), async_save=False)
@@ -80,6 +89,7 @@ def test_nan_loss_stops_at_next_log_step_naming_step_epoch_and_terms(tmp_path, e
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.usefixtures("both_paths")
 def test_nan_between_log_steps_is_caught_before_the_checkpoint(tmp_path, engine):
     ckpt = CheckpointCallback(save_prefix=str(tmp_path))
     with pytest.raises(NonFiniteError, match="at step 9 \\(epoch 1\\)"):
@@ -108,6 +118,7 @@ def test_nonfinite_weights_never_become_last_or_best(tmp_path, engine):
 
 
 def test_observe_and_fold_read_nothing_from_the_device(monkeypatch):
+    monkeypatch.setattr(NonFiniteGuard, "READ_CPU_VALUES_AT_ONCE", False)  # as on a GPU
     guard = NonFiniteGuard()
     guard.FOLD_EVERY = 2  # fold on the device several times before the check
     finite, inf = torch.tensor(1.0), torch.tensor(float("inf"))
@@ -127,6 +138,23 @@ def test_observe_and_fold_read_nothing_from_the_device(monkeypatch):
     assert "non-finite value of b at step 3 (epoch 0) (later also: total_loss)" in str(err.value)
 
 
+def test_cpu_values_are_read_as_they_arrive_and_not_kept():
+    """On the CPU there is no device to wait for: nothing is kept for a later fold."""
+    guard = NonFiniteGuard()
+    guard.FOLD_EVERY = 10**9  # a kept value would stay kept
+    finite, inf = torch.tensor(1.0), torch.tensor(float("inf"))
+    for step in range(1, 8):
+        one = inf if step >= 5 else finite  # a one-term module: term, "loss" and total alike
+        guard.observe(one, {"a": finite, "b": inf if step >= 3 else finite, "loss": one}, step, 0)
+        guard.observe_grad_norm(torch.tensor(float("nan")) if step == 6 else finite, step)
+        assert guard._losses.values == [] and guard._grad_norm.values == []
+    with pytest.raises(NonFiniteError) as err:
+        guard.check()
+    message = "non-finite value of b at step 3 (epoch 0) (later also: grad_norm, loss, total_loss)"
+    assert message in str(err.value)
+
+
+@pytest.mark.usefixtures("both_paths")
 def test_finite_steps_pass_and_grad_norm_is_named():
     guard = NonFiniteGuard()
     guard.observe(torch.tensor(1.0), {"a": torch.tensor(0.5)}, 1, epoch=0)
@@ -136,6 +164,7 @@ def test_finite_steps_pass_and_grad_norm_is_named():
         guard.check()
 
 
+@pytest.mark.usefixtures("both_paths")
 def test_a_window_is_observed_at_its_step_and_a_new_epoch_inside_it_is_kept():
     guard = NonFiniteGuard()
     guard.FOLD_EVERY = 3  # a fold in the middle of a window
@@ -230,6 +259,7 @@ def test_ranks_stop_together_and_agree_on_the_first_bad_step(tmp_path):
     assert all("at step 3 (epoch 0)" in message for message in messages), messages
 
 
+@pytest.mark.usefixtures("both_paths")
 def test_names_that_change_inside_a_window_check_the_rows_before_the_change():
     """The window's rows are counted together; a name change must still see earlier rows."""
     finite, nan = torch.tensor(1.0), torch.tensor(float("nan"))
