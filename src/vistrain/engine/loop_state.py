@@ -464,12 +464,7 @@ class LoopState:
         self.metrics = StepMetrics(metrics)
         watched = metrics["loss"] if self._metrics_hold_total else total_loss.detach()
         self._window_losses.append((watched, metrics, self.current_epoch))
-        accumulate = stepper.accumulate_grad_batches  # ends_window, inline (every micro-batch)
-        if (
-            accumulate == 1
-            or batches_done % accumulate == 0
-            or batches_done == self._num_train_batches
-        ):
+        if self.ends_window(batches_done):
             self._step_window(optimizers)
             return True
         self.accumulated += 1
