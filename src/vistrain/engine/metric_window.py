@@ -73,7 +73,7 @@ class MetricWindow:
                 self._add_per_key(metrics)
                 return
             self._keys = keys
-            self._on_host = _read_at_once(next(iter(metrics.values())).device)
+            self._on_host = read_at_once(next(iter(metrics.values())).device)
             self._host_sums = [0.0] * len(keys)
         if self._on_host:
             sums = self._host_sums
@@ -153,7 +153,7 @@ class MetricWindow:
         self._counts = {key: int(value) for key, value in counts.items()}
 
 
-def _read_at_once(device: torch.device) -> bool:
+def read_at_once(device: torch.device) -> bool:
     """Whether reading a metric on the host is free: CPU memory, no device to wait for."""
     return device.type == "cpu"
 

@@ -288,7 +288,7 @@ class CountHostReads(TorchFunctionMode):
 @pytest.fixture
 def as_on_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
     """Treat CPU metric tensors as if they lived on a GPU (where a host read waits)."""
-    monkeypatch.setattr(metric_window, "_read_at_once", lambda device: False)
+    monkeypatch.setattr(metric_window, "read_at_once", lambda device: False)
 
 
 @pytest.mark.parametrize("python_number", [False, True])
@@ -328,7 +328,7 @@ def test_resume_mid_window_returns_the_same_averages(
     clock: FakeClock, python_number: bool, on_accelerator: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if on_accelerator:
-        monkeypatch.setattr(metric_window, "_read_at_once", lambda device: False)
+        monkeypatch.setattr(metric_window, "read_at_once", lambda device: False)
 
     def metrics(step: int) -> dict[str, Any]:
         acc = 0.5 * step
@@ -388,7 +388,7 @@ def test_window_sums_mixed_shapes_and_dtypes_and_never_keeps_a_graph(
     on_accelerator: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if on_accelerator:
-        monkeypatch.setattr(metric_window, "_read_at_once", lambda device: False)
+        monkeypatch.setattr(metric_window, "read_at_once", lambda device: False)
     window = metric_window.MetricWindow()
     for step in range(1, 5):
         window.add(
@@ -412,7 +412,7 @@ def test_window_sums_mixed_shapes_and_dtypes_and_never_keeps_a_graph(
     assert not window.snapshot()["a"].requires_grad
 
 
-def test_cpu_metrics_are_read_at_once_and_not_kept() -> None:
+def test_cpu_metrics_areread_at_once_and_not_kept() -> None:
     window = metric_window.MetricWindow()
     for step in range(3):
         window.add({"loss": torch.tensor(float(step)), "acc": torch.tensor(0.5)})
